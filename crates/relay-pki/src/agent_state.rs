@@ -1,0 +1,162 @@
+//! The agent's state directory: its key, its certificate, the CA, and where the edge is.
+//!
+//! Layout (every file written atomically; the key mode 0600):
+//!
+//! ```text
+//! agent.key    the agent's private key, generated on this host, never sent anywhere
+//! agent.crt    the certificate the edge signed for it
+//! ca.crt       the pairing CA (checked against the token's pin when paired)
+//! agent.toml   the agent's name and the edge's tunnel address
+//! ```
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil::{read_private_key_file, write_atomic};
+
+const AGENT_KEY: &str = "agent.key";
+const AGENT_CERT: &str = "agent.crt";
+const CA_CERT: &str = "ca.crt";
+const AGENT_TOML: &str = "agent.toml";
+
+/// Why the agent state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentStateError {
+    /// The directory holds no pairing: `relay-agent pair` was not run.
+    #[error("{0} holds no agent identity; run `relay-agent pair --state-dir {0} --token TOKEN` first")]
+    NotPaired(PathBuf),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: io::Error,
+    },
+    /// A file does not parse.
+    #[error("{0}: corrupt or truncated")]
+    Corrupt(PathBuf),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentToml {
+    name: String,
+    edge_addr: String,
+}
+
+/// The agent's credentials, ready for rustls.
+#[derive(Debug)]
+pub struct AgentIdentity {
+    /// The agent's name (its certificate subject).
+    pub name: String,
+    /// The edge's tunnel address recorded at pairing.
+    pub edge_addr: String,
+    /// `[agent certificate]`.
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    /// The agent's private key.
+    pub key: PrivateKeyDer<'static>,
+    /// The pairing CA, the only root the agent trusts for the edge.
+    pub ca_cert: CertificateDer<'static>,
+}
+
+/// Reads and writes the agent state directory.
+#[derive(Debug)]
+pub struct AgentState;
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AgentStateError + '_ {
+    move |source| AgentStateError::Io { path: path.to_owned(), source }
+}
+
+impl AgentState {
+    /// Stores a fresh pairing: key (0600), certificate, CA and edge address.
+    pub fn save(
+        dir: &Path,
+        name: &str,
+        edge_addr: &str,
+        key_pem: &str,
+        cert_der: &[u8],
+        ca_der: &[u8],
+    ) -> Result<(), AgentStateError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let write = |file: &str, contents: &[u8], mode: u32| {
+            let path = dir.join(file);
+            write_atomic(&path, contents, mode).map_err(io_err(&path))
+        };
+        let toml = toml::to_string(&AgentToml { name: name.to_owned(), edge_addr: edge_addr.to_owned() })
+            .map_err(|e| AgentStateError::Io { path: dir.join(AGENT_TOML), source: io::Error::other(e) })?;
+        write(AGENT_KEY, key_pem.as_bytes(), 0o600)?;
+        write(AGENT_CERT, pem("CERTIFICATE", cert_der).as_bytes(), 0o644)?;
+        write(CA_CERT, pem("CERTIFICATE", ca_der).as_bytes(), 0o644)?;
+        write(AGENT_TOML, toml.as_bytes(), 0o644)?;
+        Ok(())
+    }
+
+    /// Whether `dir` already holds a pairing.
+    pub fn exists(dir: &Path) -> bool {
+        dir.join(AGENT_TOML).exists() || dir.join(AGENT_KEY).exists()
+    }
+
+    /// Loads the pairing, refusing a key file readable by group or others.
+    pub fn load(dir: &Path) -> Result<AgentIdentity, AgentStateError> {
+        let toml_path = dir.join(AGENT_TOML);
+        let text = match fs::read_to_string(&toml_path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(AgentStateError::NotPaired(dir.to_owned())),
+            Err(e) => return Err(io_err(&toml_path)(e)),
+        };
+        let meta: AgentToml = toml::from_str(&text).map_err(|_| AgentStateError::Corrupt(toml_path.clone()))?;
+        let key_path = dir.join(AGENT_KEY);
+        let key_pem = read_private_key_file(&key_path).map_err(io_err(&key_path))?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| AgentStateError::Corrupt(key_path))?;
+        let cert_path = dir.join(AGENT_CERT);
+        let cert = CertificateDer::from_pem_file(&cert_path).map_err(|_| AgentStateError::Corrupt(cert_path))?;
+        let ca_path = dir.join(CA_CERT);
+        let ca_cert = CertificateDer::from_pem_file(&ca_path).map_err(|_| AgentStateError::Corrupt(ca_path))?;
+        Ok(AgentIdentity { name: meta.name, edge_addr: meta.edge_addr, cert_chain: vec![cert], key, ca_cert })
+    }
+}
+
+fn pem(tag: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {tag}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {tag}-----\n"));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{PairingCa, generate_agent_csr};
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn a_saved_pairing_loads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let ca = PairingCa::generate(now, Duration::from_secs(3600)).unwrap();
+        let (key, csr) = generate_agent_csr("bot").unwrap();
+        let issued = ca.sign_agent_csr(&csr, "bot", now, Duration::from_secs(60)).unwrap();
+        AgentState::save(dir.path(), "bot", "127.0.0.1:4433", &key, &issued.cert_der, ca.cert_der()).unwrap();
+        let id = AgentState::load(dir.path()).unwrap();
+        assert_eq!((id.name.as_str(), id.edge_addr.as_str()), ("bot", "127.0.0.1:4433"));
+        assert_eq!(id.cert_chain[0].as_ref(), issued.cert_der.as_slice());
+        assert_eq!(id.ca_cert.as_ref(), ca.cert_der());
+    }
+
+    #[test]
+    fn an_empty_directory_is_not_paired() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(AgentState::load(dir.path()), Err(AgentStateError::NotPaired(_))));
+    }
+}

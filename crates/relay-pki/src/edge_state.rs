@@ -1,0 +1,417 @@
+//! The edge's state directory: the CA, the tunnel certificate, pending tokens and paired agents.
+//!
+//! Layout (every file written atomically; keys mode 0600):
+//!
+//! ```text
+//! ca.crt  ca.key            the pairing CA
+//! edge.crt edge.key         the edge's tunnel (server) certificate, signed by the CA
+//! tokens/<id>.toml          a pending token: agent name, SHA-256 of the secret, expiry
+//! tokens/<id>.spent         a redeemed token (renamed atomically, so only one redeemer wins)
+//! agents/<name>.toml        a paired agent: certificate serial and expiry
+//! ```
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+use crate::ca::{CaError, IssuedAgentCert, PairingCa, validate_agent_name};
+use crate::fsutil::{read_private_key_file, write_atomic};
+use crate::token::{PairingToken, TokenError, secret_hash_hex};
+use crate::{DEFAULT_CA_VALIDITY, DEFAULT_EDGE_CERT_VALIDITY};
+
+const CA_CERT: &str = "ca.crt";
+const CA_KEY: &str = "ca.key";
+const EDGE_CERT: &str = "edge.crt";
+const EDGE_KEY: &str = "edge.key";
+const TOKENS_DIR: &str = "tokens";
+const AGENTS_DIR: &str = "agents";
+
+/// Why the edge state could not be created, opened or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeStateError {
+    /// `init` found an existing CA; re-initialising would orphan every paired agent.
+    #[error("{0} is already initialised (found {CA_KEY}); refusing to replace the pairing CA")]
+    AlreadyInitialized(PathBuf),
+    /// The directory has no CA: `relay-edge init` was not run.
+    #[error("{0} holds no pairing CA; run `relay-edge init --state-dir {0}` first")]
+    NotInitialized(PathBuf),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: io::Error,
+    },
+    /// A certificate or key file does not parse.
+    #[error("{0}: not a valid certificate or key (corrupt or truncated?)")]
+    Corrupt(PathBuf),
+    /// A CA operation failed.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// A token could not be made.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+}
+
+/// Why a pairing request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RedeemError {
+    /// No token with that id exists.
+    #[error("unknown token")]
+    UnknownToken,
+    /// The token's time ran out.
+    #[error("token expired")]
+    Expired,
+    /// The token was already redeemed.
+    #[error("token already used")]
+    Spent,
+    /// The secret does not match.
+    #[error("wrong token secret")]
+    BadSecret,
+    /// The CSR is invalid.
+    #[error("invalid CSR: {0}")]
+    BadCsr(CaError),
+    /// The edge failed internally.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The edge's tunnel credentials, ready for rustls.
+#[derive(Debug)]
+pub struct EdgeTlsMaterial {
+    /// `[edge certificate, CA certificate]`.
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    /// The edge certificate's private key.
+    pub key: PrivateKeyDer<'static>,
+    /// The pairing CA certificate, the only root for agent certificates.
+    pub ca_cert: CertificateDer<'static>,
+}
+
+/// A certificate issued by redeeming a token.
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    /// The agent the certificate names.
+    pub agent_name: String,
+    /// The certificate (DER).
+    pub cert_der: Vec<u8>,
+    /// The CA certificate (DER).
+    pub ca_der: Vec<u8>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRecord {
+    agent: String,
+    secret_sha256: String,
+    expires_at_unix: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentRecord {
+    name: String,
+    serial: String,
+    not_after_unix: u64,
+    paired_at_unix: u64,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> EdgeStateError + '_ {
+    move |source| EdgeStateError::Io { path: path.to_owned(), source }
+}
+
+/// An opened edge state directory.
+#[derive(Debug)]
+pub struct EdgeState {
+    dir: PathBuf,
+    ca: PairingCa,
+}
+
+impl EdgeState {
+    /// Creates the CA and the edge's tunnel certificate for `names` (plus `localhost` and
+    /// `127.0.0.1`). Refuses to overwrite an existing CA.
+    pub fn init(dir: &Path, names: &[String], now: SystemTime) -> Result<Self, EdgeStateError> {
+        if dir.join(CA_KEY).exists() {
+            return Err(EdgeStateError::AlreadyInitialized(dir.to_owned()));
+        }
+        for sub in ["", TOKENS_DIR, AGENTS_DIR] {
+            let path = dir.join(sub);
+            fs::create_dir_all(&path).map_err(io_err(&path))?;
+        }
+        let ca = PairingCa::generate(now, DEFAULT_CA_VALIDITY)?;
+        let (edge_cert, edge_key) = ca.issue_edge_cert(names, now, DEFAULT_EDGE_CERT_VALIDITY)?;
+        let write = |name: &str, contents: &[u8], mode: u32| {
+            let path = dir.join(name);
+            write_atomic(&path, contents, mode).map_err(io_err(&path))
+        };
+        write(CA_KEY, ca.key_pem().as_bytes(), 0o600)?;
+        write(CA_CERT, ca.cert_pem().as_bytes(), 0o644)?;
+        write(EDGE_KEY, edge_key.as_bytes(), 0o600)?;
+        write(EDGE_CERT, edge_cert.as_bytes(), 0o644)?;
+        Ok(Self { dir: dir.to_owned(), ca })
+    }
+
+    /// Opens an initialised state directory, checking key permissions and parsing the CA.
+    pub fn open(dir: &Path) -> Result<Self, EdgeStateError> {
+        let key_path = dir.join(CA_KEY);
+        if !key_path.exists() {
+            return Err(EdgeStateError::NotInitialized(dir.to_owned()));
+        }
+        let key = read_private_key_file(&key_path).map_err(io_err(&key_path))?;
+        let cert_path = dir.join(CA_CERT);
+        let cert = fs::read(&cert_path).map_err(io_err(&cert_path))?;
+        let key = String::from_utf8(key).map_err(|_| EdgeStateError::Corrupt(key_path.clone()))?;
+        let cert = String::from_utf8(cert).map_err(|_| EdgeStateError::Corrupt(cert_path.clone()))?;
+        let ca = PairingCa::from_pem(&cert, &key).map_err(|_| EdgeStateError::Corrupt(dir.join(CA_CERT)))?;
+        for sub in [TOKENS_DIR, AGENTS_DIR] {
+            let path = dir.join(sub);
+            fs::create_dir_all(&path).map_err(io_err(&path))?;
+        }
+        Ok(Self { dir: dir.to_owned(), ca })
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The pairing CA.
+    pub fn ca(&self) -> &PairingCa {
+        &self.ca
+    }
+
+    /// Loads the edge's tunnel certificate chain and key.
+    pub fn tls_material(&self) -> Result<EdgeTlsMaterial, EdgeStateError> {
+        let cert_path = self.dir.join(EDGE_CERT);
+        let key_path = self.dir.join(EDGE_KEY);
+        let cert_pem = fs::read(&cert_path).map_err(io_err(&cert_path))?;
+        let key_pem = read_private_key_file(&key_path).map_err(io_err(&key_path))?;
+        let leaf = CertificateDer::from_pem_slice(&cert_pem).map_err(|_| EdgeStateError::Corrupt(cert_path))?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| EdgeStateError::Corrupt(key_path))?;
+        let ca_cert = CertificateDer::from(self.ca.cert_der().to_vec());
+        Ok(EdgeTlsMaterial { cert_chain: vec![leaf, ca_cert.clone()], key, ca_cert })
+    }
+
+    /// Issues a pairing token for `agent`, valid for `ttl`, naming `edge_addr` as the place to
+    /// redeem it. The edge keeps only a hash of the secret.
+    pub fn create_token(
+        &self,
+        agent: &str,
+        edge_addr: &str,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<PairingToken, EdgeStateError> {
+        validate_agent_name(agent)?;
+        let token = PairingToken::generate(edge_addr.to_owned(), self.ca.pin()?)?;
+        let record = TokenRecord {
+            agent: agent.to_owned(),
+            secret_sha256: token.secret_hash_hex(),
+            expires_at_unix: unix(now.checked_add(ttl).unwrap_or(now)),
+        };
+        let path = self.token_path(&token.token_id, "toml");
+        let text = toml::to_string(&record)
+            .map_err(|e| EdgeStateError::Io { path: path.clone(), source: io::Error::other(e) })?;
+        write_atomic(&path, text.as_bytes(), 0o600).map_err(io_err(&path))?;
+        Ok(token)
+    }
+
+    fn token_path(&self, token_id: &str, ext: &str) -> PathBuf {
+        self.dir.join(TOKENS_DIR).join(format!("{token_id}.{ext}"))
+    }
+
+    fn agent_path(&self, name: &str) -> PathBuf {
+        self.dir.join(AGENTS_DIR).join(format!("{name}.toml"))
+    }
+
+    /// Redeems a token: checks it, signs the CSR, spends the token atomically (a concurrent
+    /// redeemer of the same token gets [`RedeemError::Spent`]), and records the agent.
+    pub fn redeem(
+        &self,
+        token_id: &str,
+        secret: &[u8],
+        csr_der: &[u8],
+        now: SystemTime,
+        validity: Duration,
+    ) -> Result<IssuedCert, RedeemError> {
+        if !PairingToken::is_valid_id(token_id) {
+            return Err(RedeemError::UnknownToken);
+        }
+        let pending = self.token_path(token_id, "toml");
+        let text = match fs::read_to_string(&pending) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(if self.token_path(token_id, "spent").exists() {
+                    RedeemError::Spent
+                } else {
+                    RedeemError::UnknownToken
+                });
+            }
+            Err(e) => return Err(RedeemError::Internal(format!("{}: {e}", pending.display()))),
+        };
+        let record: TokenRecord = toml::from_str(&text)
+            .map_err(|e| RedeemError::Internal(format!("{}: {}", pending.display(), e.message())))?;
+        let presented = secret_hash_hex(secret);
+        if !bool::from(presented.as_bytes().ct_eq(record.secret_hash_bytes())) {
+            return Err(RedeemError::BadSecret);
+        }
+        if unix(now) >= record.expires_at_unix {
+            return Err(RedeemError::Expired);
+        }
+        let issued: IssuedAgentCert =
+            self.ca.sign_agent_csr(csr_der, &record.agent, now, validity).map_err(|e| match e {
+                CaError::BadCsr(_) => RedeemError::BadCsr(e),
+                other => RedeemError::Internal(other.to_string()),
+            })?;
+        // The spend: rename is atomic, so of two concurrent redeemers exactly one succeeds.
+        match fs::rename(&pending, self.token_path(token_id, "spent")) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(RedeemError::Spent),
+            Err(e) => return Err(RedeemError::Internal(format!("{}: {e}", pending.display()))),
+        }
+        let agent = AgentRecord {
+            name: record.agent.clone(),
+            serial: issued.serial_hex,
+            not_after_unix: unix(issued.not_after),
+            paired_at_unix: unix(now),
+        };
+        let path = self.agent_path(&record.agent);
+        let text = toml::to_string(&agent).map_err(|e| RedeemError::Internal(e.to_string()))?;
+        write_atomic(&path, text.as_bytes(), 0o644)
+            .map_err(|e| RedeemError::Internal(format!("{}: {e}", path.display())))?;
+        Ok(IssuedCert { agent_name: record.agent, cert_der: issued.cert_der, ca_der: self.ca.cert_der().to_vec() })
+    }
+
+    /// Whether `name` is a paired agent whose record is readable.
+    pub fn is_paired(&self, name: &str) -> bool {
+        if validate_agent_name(name).is_err() {
+            return false;
+        }
+        fs::read_to_string(self.agent_path(name))
+            .ok()
+            .and_then(|text| toml::from_str::<AgentRecord>(&text).ok())
+            .is_some_and(|record| record.name == name)
+    }
+}
+
+impl TokenRecord {
+    fn secret_hash_bytes(&self) -> &[u8] {
+        self.secret_sha256.as_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::generate_agent_csr;
+
+    const TTL: Duration = Duration::from_secs(900);
+    const VALIDITY: Duration = Duration::from_secs(3600);
+
+    fn state() -> (tempfile::TempDir, EdgeState) {
+        let dir = tempfile::tempdir().unwrap();
+        let state = EdgeState::init(dir.path(), &["edge.example.com".into()], SystemTime::now()).unwrap();
+        (dir, state)
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn init_writes_keys_0600_and_refuses_to_run_twice() {
+        let (dir, _state) = state();
+        assert_eq!(mode(&dir.path().join(CA_KEY)), 0o600);
+        assert_eq!(mode(&dir.path().join(EDGE_KEY)), 0o600);
+        assert!(matches!(
+            EdgeState::init(dir.path(), &[], SystemTime::now()),
+            Err(EdgeStateError::AlreadyInitialized(_))
+        ));
+        let reopened = EdgeState::open(dir.path()).unwrap();
+        reopened.tls_material().unwrap();
+    }
+
+    #[test]
+    fn the_token_record_holds_only_a_hash_of_the_secret() {
+        let (dir, state) = state();
+        let token = state.create_token("bot", "127.0.0.1:4433", TTL, SystemTime::now()).unwrap();
+        let record = fs::read_to_string(dir.path().join(TOKENS_DIR).join(format!("{}.toml", token.token_id))).unwrap();
+        let secret_hex: String = token.secret.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(!record.contains(&secret_hex));
+        assert!(record.contains(&token.secret_hash_hex()));
+    }
+
+    #[test]
+    fn a_token_redeems_once_then_is_spent() {
+        let (_dir, state) = state();
+        let now = SystemTime::now();
+        let token = state.create_token("bot", "127.0.0.1:4433", TTL, now).unwrap();
+        let (_key, csr) = generate_agent_csr("bot").unwrap();
+        let issued = state.redeem(&token.token_id, &token.secret, &csr, now, VALIDITY).unwrap();
+        assert_eq!(issued.agent_name, "bot");
+        assert!(state.is_paired("bot"));
+        assert!(matches!(state.redeem(&token.token_id, &token.secret, &csr, now, VALIDITY), Err(RedeemError::Spent)));
+    }
+
+    #[test]
+    fn expired_wrong_secret_unknown_and_bad_csr_are_refused_without_spending() {
+        let (_dir, state) = state();
+        let now = SystemTime::now();
+        let token = state.create_token("bot", "127.0.0.1:4433", TTL, now).unwrap();
+        let (_key, csr) = generate_agent_csr("bot").unwrap();
+        let later = now + TTL + Duration::from_secs(1);
+        assert!(matches!(
+            state.redeem(&token.token_id, &token.secret, &csr, later, VALIDITY),
+            Err(RedeemError::Expired)
+        ));
+        assert!(matches!(state.redeem(&token.token_id, b"wrong", &csr, now, VALIDITY), Err(RedeemError::BadSecret)));
+        assert!(matches!(
+            state.redeem("00112233aabbccdd", &token.secret, &csr, now, VALIDITY),
+            Err(RedeemError::UnknownToken)
+        ));
+        assert!(matches!(state.redeem("../../ca", &token.secret, &csr, now, VALIDITY), Err(RedeemError::UnknownToken)));
+        assert!(matches!(
+            state.redeem(&token.token_id, &token.secret, b"not a csr", now, VALIDITY),
+            Err(RedeemError::BadCsr(_))
+        ));
+        // None of the refusals spent the token.
+        state.redeem(&token.token_id, &token.secret, &csr, now, VALIDITY).unwrap();
+    }
+
+    #[test]
+    fn concurrent_redeemers_of_one_token_have_exactly_one_winner() {
+        let (_dir, state) = state();
+        let now = SystemTime::now();
+        let token = state.create_token("bot", "127.0.0.1:4433", TTL, now).unwrap();
+        let state = std::sync::Arc::new(state);
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let (state, token) = (state.clone(), token.clone());
+                std::thread::spawn(move || {
+                    let (_key, csr) = generate_agent_csr("bot").unwrap();
+                    state.redeem(&token.token_id, &token.secret, &csr, now, VALIDITY).is_ok()
+                })
+            })
+            .collect();
+        let winners = handles.into_iter().map(|h| h.join().unwrap()).filter(|ok| *ok).count();
+        assert_eq!(winners, 1);
+    }
+
+    #[test]
+    fn a_corrupt_ca_certificate_is_named_in_the_error() {
+        let (dir, _state) = state();
+        fs::write(dir.path().join(CA_CERT), "-----BEGIN CERTIFICATE-----\ntruncated").unwrap();
+        let err = EdgeState::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("ca.crt"), "{err}");
+    }
+}

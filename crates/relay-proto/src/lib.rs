@@ -1,0 +1,57 @@
+//! The acs-relay wire protocol between `relay-edge` and `relay-agent`.
+//!
+//! This crate owns the message types that cross the tunnel, the bounded length-prefixed
+//! bincode codec that carries them, the ALPN and version constants, the stream reset codes, and
+//! the header rules every hop applies (hop-by-hop removal, wire conversion). It does no I/O and
+//! reads no clock: everything here is a pure function of its input, so it is tested exhaustively
+//! without sockets.
+//!
+//! # Streams
+//!
+//! * **Control stream** (opened by the agent right after the handshake): [`ControlMessage`]s.
+//! * **Exchange stream** (opened by the edge, one per webhook or WebSocket session): an
+//!   [`ExchangeHead`] frame, then
+//!   * HTTP: raw request body bytes until the edge finishes its side; the agent answers with an
+//!     [`HttpReply`] frame and then raw response body bytes until it finishes;
+//!   * WebSocket: the agent answers with a [`WsReply`] frame; then both sides send [`WsFrame`]s.
+//! * **Pairing stream** (on a connection with [`PAIRING_ALPN`]): one [`PairRequest`], one
+//!   [`PairResponse`].
+
+pub mod codec;
+pub mod headers;
+pub mod messages;
+
+pub use codec::{DecodeError, EncodeError, FrameDecoder, decode_payload, encode_frame};
+pub use headers::{HeaderError, HeaderList};
+pub use messages::*;
+
+/// ALPN of the tunnel. A protocol change that old peers cannot read gets a new ALPN, so a
+/// mismatched edge and agent fail the handshake with a clear "no application protocol" error.
+pub const TUNNEL_ALPN: &[u8] = b"acs-relay/1";
+
+/// ALPN of the pairing exchange, served on the same address as the tunnel. Connections with this
+/// ALPN need no client certificate and may only redeem a pairing token.
+pub const PAIRING_ALPN: &[u8] = b"acs-relay-pair/1";
+
+/// Version of the messages inside [`TUNNEL_ALPN`], sent in the agent's hello for diagnostics.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Application error codes used to reset a stream or close a connection.
+pub mod code {
+    /// Normal end; nothing went wrong.
+    pub const OK: u32 = 0;
+    /// The peer sent a frame that does not decode or breaks a limit; only this stream is reset.
+    pub const MALFORMED_FRAME: u32 = 0x10;
+    /// The sending side gave up on the exchange (its client went away, a limit was hit).
+    pub const ABORTED: u32 = 0x11;
+    /// The exchange was refused because a limit was reached.
+    pub const REFUSED: u32 = 0x12;
+    /// Connection closed: the agent presented no certificate on the tunnel ALPN.
+    pub const CERTIFICATE_REQUIRED: u32 = 0x20;
+    /// Connection closed: the agent's certificate names no known, paired agent.
+    pub const UNKNOWN_AGENT: u32 = 0x21;
+    /// Connection closed: the peer violated the control protocol.
+    pub const PROTOCOL_VIOLATION: u32 = 0x22;
+    /// Connection closed: the process is shutting down.
+    pub const SHUTDOWN: u32 = 0x23;
+}
