@@ -1,1 +1,80 @@
-//! placeholder
+//! relay-agent: the private half of acs-relay.
+//!
+//! The agent runs next to the bot. It dials *out* to the edge over mutually authenticated QUIC
+//! (so the bot's network accepts no inbound connection), accepts one stream per exchange, and
+//! forwards each to the bot on localhost. [`pair`] enrolls it with a one-time token;
+//! [`Agent::start`] runs it. The binary only parses configuration and calls these.
+
+pub mod config;
+mod forward;
+pub mod pairing;
+mod tunnel;
+
+use std::sync::Arc;
+
+use relay_pki::{AgentState, AgentStateError};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{AgentConfig, AgentSettings, ConfigError};
+pub use pairing::{PairError, Paired, pair};
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The state directory holds no usable pairing.
+    #[error(transparent)]
+    State(#[from] AgentStateError),
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Agent {
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    connected: watch::Receiver<bool>,
+    name: String,
+}
+
+impl Agent {
+    /// Loads the pairing from the state directory and starts keeping a tunnel to the edge.
+    pub async fn start(settings: AgentSettings) -> Result<Self, StartError> {
+        let identity = AgentState::load(&settings.state_dir)?;
+        let edge_addr = settings.edge.clone().unwrap_or_else(|| identity.edge_addr.clone());
+        let name = identity.name.clone();
+        let settings = Arc::new(settings);
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let (connected_tx, connected) = watch::channel(false);
+        let client = Arc::new(tunnel::TunnelClient {
+            forwarder: Arc::new(forward::Forwarder::new(settings.clone())),
+            settings,
+            identity,
+            edge_addr: edge_addr.clone(),
+            shutdown: shutdown.clone(),
+            tasks: tasks.clone(),
+            connected: connected_tx,
+        });
+        tracing::info!(agent = %name, edge = %edge_addr, "agent starting");
+        tasks.spawn(client.run());
+        Ok(Self { shutdown, tasks, connected, name })
+    }
+
+    /// The agent's name from its certificate.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the agent holds a welcomed connection to the edge now.
+    pub fn is_connected(&self) -> bool {
+        *self.connected.borrow()
+    }
+
+    /// Closes the tunnel and waits for every task to end.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}

@@ -1,1 +1,145 @@
-fn main() {}
+//! The `relay-agent` command: parses arguments and configuration, then runs one subcommand.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use relay_agent::{Agent, AgentConfig};
+use relay_transport::QuicSettings;
+
+/// The private half of acs-relay: dials out to the edge and forwards each exchange to the bot
+/// on localhost, so the bot's network accepts no inbound connection.
+#[derive(Debug, Parser)]
+#[command(name = "relay-agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Pair with an edge using a one-time token from `relay-edge pair`.
+    Pair {
+        /// Where to keep the agent's key and certificate.
+        #[arg(long, env = "RELAY_AGENT_STATE_DIR")]
+        state_dir: PathBuf,
+        /// The token printed by `relay-edge pair`.
+        #[arg(long, env = "RELAY_AGENT_TOKEN", hide_env_values = true)]
+        token: String,
+    },
+    /// Run the agent.
+    Run(RunArgs),
+}
+
+/// Settings for `run`; each overrides the config file, and `RELAY_AGENT_*` overrides the file too.
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "RELAY_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// State directory written by `relay-agent pair`.
+    #[arg(long, env = "RELAY_AGENT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// The bot's base URL, e.g. `http://127.0.0.1:8080`.
+    #[arg(long, env = "RELAY_AGENT_UPSTREAM")]
+    upstream: Option<String>,
+    /// Edge tunnel address (`HOST:PORT`), overriding the one recorded at pairing.
+    #[arg(long, env = "RELAY_AGENT_EDGE")]
+    edge: Option<String>,
+    /// How long the bot has to answer (e.g. `30s`).
+    #[arg(long, env = "RELAY_AGENT_BOT_TIMEOUT")]
+    bot_timeout: Option<String>,
+    /// Largest WebSocket message relayed, in bytes.
+    #[arg(long, env = "RELAY_AGENT_MAX_WS_MESSAGE_BYTES")]
+    max_ws_message_bytes: Option<usize>,
+    /// Tunnel idle timeout (e.g. `30s`).
+    #[arg(long, env = "RELAY_AGENT_IDLE_TIMEOUT")]
+    idle_timeout: Option<String>,
+    /// Tunnel keep-alive interval (e.g. `10s`).
+    #[arg(long, env = "RELAY_AGENT_KEEP_ALIVE")]
+    keep_alive: Option<String>,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Pair { state_dir, token } => {
+            let paired = relay_agent::pair(&state_dir, &token, &QuicSettings::default()).await?;
+            eprintln!(
+                "paired as {:?} with the edge at {}; identity stored in {}",
+                paired.agent_name,
+                paired.edge_addr,
+                state_dir.display()
+            );
+        }
+        Command::Run(args) => {
+            init_logging();
+            let flags = AgentConfig {
+                state_dir: args.state_dir,
+                upstream: args.upstream,
+                edge: args.edge,
+                bot_timeout: args.bot_timeout,
+                max_ws_message_bytes: args.max_ws_message_bytes,
+                idle_timeout: args.idle_timeout,
+                keep_alive: args.keep_alive,
+            };
+            let base = match &args.config {
+                Some(path) => AgentConfig::load(path)?,
+                None => AgentConfig::default(),
+            };
+            let settings = base.overlay(flags).resolve()?;
+            let agent = Agent::start(settings).await?;
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            agent.shutdown().await;
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+        return;
+    }
+    let _ = ctrl_c.await;
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            eprintln!("relay-agent: {first} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relay-agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relay-agent: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}

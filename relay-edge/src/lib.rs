@@ -1,1 +1,129 @@
-//! placeholder
+//! relay-edge: the public half of acs-relay.
+//!
+//! The edge accepts ACS webhooks and media WebSockets on its public listener, answers what it
+//! can itself (probes, unknown routes, oversized bodies, no agent), and sends every other
+//! exchange down a mutually authenticated QUIC tunnel that an agent dialled out to it. It also
+//! serves pairing on the tunnel port. [`Edge::start`] builds and runs all of it; the binary only
+//! parses configuration and calls it.
+
+pub mod agents;
+pub mod config;
+mod forward;
+mod public;
+pub mod routes;
+mod tunnel;
+mod websocket;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use relay_pki::{EdgeState, EdgeStateError};
+use relay_transport::{DialError, QuicListener};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{ConfigError, EdgeConfig, EdgeSettings};
+
+use crate::agents::AgentSet;
+
+/// Why the edge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The state directory is missing, unreadable or corrupt.
+    #[error(transparent)]
+    State(#[from] EdgeStateError),
+    /// The public listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The tunnel listener could not bind or its TLS setup failed.
+    #[error("cannot listen for tunnels on {addr}: {source}")]
+    Tunnel {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: DialError,
+    },
+}
+
+/// A running edge.
+#[derive(Debug)]
+pub struct Edge {
+    public_addr: SocketAddr,
+    tunnel_addr: SocketAddr,
+    agents: Arc<AgentSet>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Edge {
+    /// Opens the state directory, binds both listeners and starts serving.
+    pub async fn start(settings: EdgeSettings) -> Result<Self, StartError> {
+        let state = Arc::new(EdgeState::open(&settings.state_dir)?);
+        let tls = state.tls_material()?;
+        let quic = QuicListener::bind(settings.tunnel_listen, tls.cert_chain, tls.key, &tls.ca_cert, &settings.quic)
+            .map_err(|source| StartError::Tunnel { addr: settings.tunnel_listen, source })?;
+        let tunnel_addr =
+            quic.local_addr().map_err(|e| StartError::Listen { addr: settings.tunnel_listen, source: e })?;
+        let public = TcpListener::bind(settings.listen)
+            .await
+            .map_err(|source| StartError::Listen { addr: settings.listen, source })?;
+        let public_addr = public.local_addr().map_err(|source| StartError::Listen { addr: settings.listen, source })?;
+        if !settings.routes_configured {
+            tracing::warn!(
+                "no configuration given: relaying the default ACS routes with NO authentication checks; anyone who can reach {public_addr} can reach the bot"
+            );
+        }
+
+        let settings = Arc::new(settings);
+        let agents = Arc::new(AgentSet::default());
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let tunnel = Arc::new(tunnel::TunnelService {
+            settings: settings.clone(),
+            state,
+            agents: agents.clone(),
+            shutdown: shutdown.clone(),
+            tasks: tasks.clone(),
+        });
+        let front = Arc::new(public::PublicService {
+            settings,
+            agents: agents.clone(),
+            next_request_id: AtomicU64::new(1),
+            shutdown: shutdown.clone(),
+            tasks: tasks.clone(),
+        });
+        tasks.spawn(tunnel.run(quic));
+        tasks.spawn(front.run(public));
+        tracing::info!(%public_addr, %tunnel_addr, "edge listening");
+        Ok(Self { public_addr, tunnel_addr, agents, shutdown, tasks })
+    }
+
+    /// The public listener's address.
+    pub fn public_addr(&self) -> SocketAddr {
+        self.public_addr
+    }
+
+    /// The tunnel listener's address.
+    pub fn tunnel_addr(&self) -> SocketAddr {
+        self.tunnel_addr
+    }
+
+    /// Names of the agents connected now, one entry per connection.
+    pub fn connected_agents(&self) -> Vec<String> {
+        self.agents.names()
+    }
+
+    /// Stops accepting, closes agent connections and waits for every task to end.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}

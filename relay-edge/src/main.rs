@@ -1,1 +1,198 @@
-fn main() {}
+//! The `relay-edge` command: parses arguments and configuration, then runs one subcommand.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use relay_edge::Edge;
+use relay_edge::config::{EdgeConfig, parse_duration};
+use relay_pki::{DEFAULT_TOKEN_TTL, EdgeState};
+
+/// The public half of acs-relay: accepts ACS webhooks and media WebSockets and relays them to
+/// agents over a mutually authenticated QUIC tunnel.
+#[derive(Debug, Parser)]
+#[command(name = "relay-edge", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the pairing CA and the edge's tunnel certificate in a new state directory.
+    Init {
+        /// State directory to create.
+        #[arg(long, env = "RELAY_EDGE_STATE_DIR")]
+        state_dir: PathBuf,
+        /// DNS name or IP address agents use to reach the tunnel (repeatable); `localhost` and
+        /// `127.0.0.1` are always included.
+        #[arg(long = "name", value_name = "HOST")]
+        names: Vec<String>,
+    },
+    /// Issue a one-time pairing token for an agent; prints only the token.
+    Pair {
+        /// The edge's state directory.
+        #[arg(long, env = "RELAY_EDGE_STATE_DIR")]
+        state_dir: PathBuf,
+        /// Name of the agent to pair.
+        #[arg(long)]
+        agent: String,
+        /// Tunnel address agents dial (`HOST:PORT`), written into the token.
+        #[arg(long, value_name = "HOST:PORT")]
+        edge_addr: String,
+        /// How long the token stays valid (e.g. `15m`, `1h`).
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// Run the edge.
+    Run(RunArgs),
+}
+
+/// Settings for `run`; each overrides the config file and `RELAY_EDGE_*` overrides the file too.
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "RELAY_EDGE_CONFIG")]
+    config: Option<PathBuf>,
+    /// State directory made by `relay-edge init`.
+    #[arg(long, env = "RELAY_EDGE_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Public HTTP listener address.
+    #[arg(long, env = "RELAY_EDGE_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Tunnel (QUIC/UDP) listener address.
+    #[arg(long, env = "RELAY_EDGE_TUNNEL_LISTEN")]
+    tunnel_listen: Option<std::net::SocketAddr>,
+    /// Largest request body relayed, in bytes (larger: 413).
+    #[arg(long, env = "RELAY_EDGE_MAX_BODY_BYTES")]
+    max_body_bytes: Option<u64>,
+    /// Largest WebSocket message relayed, in bytes.
+    #[arg(long, env = "RELAY_EDGE_MAX_WS_MESSAGE_BYTES")]
+    max_ws_message_bytes: Option<usize>,
+    /// How long to wait for the agent's answer (e.g. `40s`).
+    #[arg(long, env = "RELAY_EDGE_RESPONSE_TIMEOUT")]
+    response_timeout: Option<String>,
+    /// Validity of agent certificates issued at pairing (e.g. `24h`).
+    #[arg(long, env = "RELAY_EDGE_AGENT_CERT_VALIDITY")]
+    agent_cert_validity: Option<String>,
+    /// Tunnel idle timeout (e.g. `30s`).
+    #[arg(long, env = "RELAY_EDGE_IDLE_TIMEOUT")]
+    idle_timeout: Option<String>,
+    /// Tunnel keep-alive interval (e.g. `10s`).
+    #[arg(long, env = "RELAY_EDGE_KEEP_ALIVE")]
+    keep_alive: Option<String>,
+}
+
+impl RunArgs {
+    fn into_config(self) -> (Option<PathBuf>, EdgeConfig) {
+        let config = EdgeConfig {
+            state_dir: self.state_dir,
+            listen: self.listen,
+            tunnel_listen: self.tunnel_listen,
+            max_body_bytes: self.max_body_bytes,
+            max_ws_message_bytes: self.max_ws_message_bytes,
+            response_timeout: self.response_timeout,
+            agent_cert_validity: self.agent_cert_validity,
+            idle_timeout: self.idle_timeout,
+            keep_alive: self.keep_alive,
+            routes: None,
+        };
+        (self.config, config)
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn parse_edge_addr(text: &str) -> anyhow::Result<()> {
+    let (host, port) = text.rsplit_once(':').with_context(|| format!("--edge-addr {text:?} must be HOST:PORT"))?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        bail!("--edge-addr {text:?} must be HOST:PORT with a numeric port");
+    }
+    Ok(())
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Init { state_dir, names } => {
+            let state = EdgeState::init(&state_dir, &names, SystemTime::now())?;
+            let pin = state.ca().pin()?;
+            eprintln!("initialised {}; CA pin sha256:{}", state_dir.display(), pin.to_hex());
+        }
+        Command::Pair { state_dir, agent, edge_addr, ttl } => {
+            parse_edge_addr(&edge_addr)?;
+            let ttl = match ttl {
+                Some(text) => parse_duration("--ttl", &text)?,
+                None => DEFAULT_TOKEN_TTL,
+            };
+            let state = EdgeState::open(&state_dir)?;
+            let token = state.create_token(&agent, &edge_addr, ttl, SystemTime::now())?;
+            println!("{}", token.encode());
+        }
+        Command::Run(args) => {
+            init_logging();
+            let (file, flags) = args.into_config();
+            let base = match &file {
+                Some(path) => EdgeConfig::load(path)?,
+                None => EdgeConfig::default(),
+            };
+            let settings = base.overlay(flags).resolve()?;
+            let edge = Edge::start(settings).await?;
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            edge.shutdown().await;
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            eprintln!("relay-edge: {first} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relay-edge: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relay-edge: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}

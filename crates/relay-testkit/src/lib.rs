@@ -1,1 +1,17 @@
-//! placeholder
+//! acs-relay test kit: the pieces end-to-end tests and the demo are built from.
+//!
+//! * [`bot`]: a real HTTP + WebSocket echo bot on loopback that records what reaches it;
+//! * [`acs`]: ACS-shaped traffic: Event Grid IncomingCall, callbacks, and a media call that sends
+//!   `AudioData` frames at 50 per second and measures each echo's round trip;
+//! * [`client`]: small HTTP helpers, including bodies generated and hashed on the fly;
+//! * [`stack`]: a real edge + paired agent + bot, in process, on ports from the OS;
+//! * [`wait`]: `eventually`, so tests wait on conditions with deadlines instead of sleeping.
+
+pub mod acs;
+pub mod bot;
+pub mod client;
+pub mod stack;
+pub mod wait;
+
+pub use stack::Stack;
+pub use wait::eventually;

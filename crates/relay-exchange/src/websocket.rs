@@ -1,0 +1,248 @@
+//! Pumping one WebSocket session between a tokio-tungstenite socket and a tunnel stream.
+//!
+//! Both ends run the same pump: on the edge the socket is ACS's, on the agent it is the bot's.
+//! Each direction writes one message at a time and waits for the other side to take it, so a
+//! slow reader slows its writer instead of growing a buffer. Close frames travel with their code
+//! and reason; a socket that vanishes without a close resets the stream, and the far end closes
+//! its socket with 1001 (going away); a malformed frame closes only this session.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use relay_proto::{CloseFrame, WsFrame, code};
+use relay_transport::{BiStream, FrameReadError, FrameReader, write_frame};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame as WireClose;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::CLOSE_LINGER;
+
+/// Bytes a [`WsFrame`] adds around a message: enum tag, length varint, slack.
+const FRAME_OVERHEAD: usize = 16;
+
+/// Longest close reason RFC 6455 allows (125-byte control payload less the 2-byte code).
+const MAX_CLOSE_REASON: usize = 123;
+
+/// How one side of a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SideEnd {
+    /// A close frame passed, with its code if it had one.
+    Closed(Option<u16>),
+    /// The socket or stream ended without a close (peer vanished, connection lost).
+    Lost(String),
+    /// The other end sent a frame that breaks the protocol; this session was closed.
+    Malformed(String),
+    /// The other direction finished and this one did not within [`CLOSE_LINGER`].
+    LingerExpired,
+}
+
+/// What happened in a session, for the exchange log line.
+#[derive(Debug, Clone)]
+pub struct PumpReport {
+    /// Messages from the socket onto the tunnel.
+    pub to_tunnel: u64,
+    /// Messages from the tunnel onto the socket.
+    pub to_socket: u64,
+    /// How the socket → tunnel direction ended.
+    pub socket_side: SideEnd,
+    /// How the tunnel → socket direction ended.
+    pub tunnel_side: SideEnd,
+}
+
+/// Converts a tungstenite message to its wire frame (`None` for raw frames, which reads never
+/// yield).
+pub fn to_frame(msg: Message) -> Option<WsFrame> {
+    Some(match msg {
+        Message::Text(text) => WsFrame::Text(text.as_bytes().to_vec()),
+        Message::Binary(bytes) => WsFrame::Binary(bytes.to_vec()),
+        Message::Ping(bytes) => WsFrame::Ping(bytes.to_vec()),
+        Message::Pong(bytes) => WsFrame::Pong(bytes.to_vec()),
+        Message::Close(close) => {
+            WsFrame::Close(close.map(|c| CloseFrame { code: u16::from(c.code), reason: c.reason.to_string() }))
+        }
+        Message::Frame(_) => return None,
+    })
+}
+
+/// Converts a wire frame from the peer to a message, refusing text that is not UTF-8.
+pub fn to_message(frame: WsFrame) -> Result<Message, std::string::FromUtf8Error> {
+    Ok(match frame {
+        WsFrame::Text(bytes) => Message::Text(String::from_utf8(bytes)?.into()),
+        WsFrame::Binary(bytes) => Message::Binary(bytes.into()),
+        WsFrame::Ping(bytes) => Message::Ping(bytes.into()),
+        WsFrame::Pong(bytes) => Message::Pong(bytes.into()),
+        WsFrame::Close(close) => Message::Close(close.and_then(|c| {
+            let code = CloseCode::from(c.code);
+            // Codes such as 1005/1006 describe a close but may never be sent; drop them.
+            code.is_allowed().then(|| WireClose { code, reason: truncate_reason(c.reason).into() })
+        })),
+    })
+}
+
+fn truncate_reason(mut reason: String) -> String {
+    if reason.len() > MAX_CLOSE_REASON {
+        let mut cut = MAX_CLOSE_REASON;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+    }
+    reason
+}
+
+fn close_message(code: CloseCode, reason: &str) -> Message {
+    Message::Close(Some(WireClose { code, reason: reason.into() }))
+}
+
+/// Relays messages between `ws` and `stream` until both directions end (or one ends and the
+/// other does not follow within [`CLOSE_LINGER`]).
+pub async fn pump<S>(ws: WebSocketStream<S>, stream: BiStream, max_message: usize) -> PumpReport
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    pump_with_linger(ws, stream, max_message, CLOSE_LINGER).await
+}
+
+async fn pump_with_linger<S>(
+    ws: WebSocketStream<S>,
+    stream: BiStream,
+    max_message: usize,
+    linger: Duration,
+) -> PumpReport
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut sink, mut source) = ws.split();
+    let BiStream { mut send, mut recv } = stream;
+    let frame_limit = max_message.saturating_add(FRAME_OVERHEAD);
+    // Atomics rather than plain counters: both directions' futures borrow them, and the
+    // lingering one may be dropped mid-way, yet its count so far still belongs in the report.
+    let to_tunnel = AtomicU64::new(0);
+    let to_socket = AtomicU64::new(0);
+
+    let socket_to_tunnel = async {
+        loop {
+            let msg = match source.next().await {
+                Some(Ok(msg)) => msg,
+                Some(Err(e)) => {
+                    send.reset(code::ABORTED);
+                    return SideEnd::Lost(e.to_string());
+                }
+                None => {
+                    send.reset(code::ABORTED);
+                    return SideEnd::Lost("socket ended without a close frame".into());
+                }
+            };
+            let Some(frame) = to_frame(msg) else { continue };
+            let close_code = match &frame {
+                WsFrame::Close(close) => Some(close.as_ref().map(|c| c.code)),
+                _ => None,
+            };
+            if let Err(e) = write_frame(&mut send, &frame, frame_limit).await {
+                send.reset(code::ABORTED);
+                return SideEnd::Lost(e.to_string());
+            }
+            to_tunnel.fetch_add(1, Ordering::Relaxed);
+            if let Some(code) = close_code {
+                let _ = send.shutdown().await;
+                return SideEnd::Closed(code);
+            }
+        }
+    };
+
+    let tunnel_to_socket = async {
+        let mut reader = FrameReader::new(frame_limit);
+        loop {
+            let frame = match reader.next::<WsFrame, _>(&mut recv).await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => {
+                    let _ = sink.send(close_message(CloseCode::Away, "relay stream ended")).await;
+                    return SideEnd::Lost("tunnel stream ended without a close frame".into());
+                }
+                Err(FrameReadError::Io(e)) => {
+                    let _ = sink.send(close_message(CloseCode::Away, "peer went away")).await;
+                    return SideEnd::Lost(e.to_string());
+                }
+                Err(FrameReadError::Decode(e)) => {
+                    recv.stop(code::MALFORMED_FRAME);
+                    let _ = sink.send(close_message(CloseCode::Error, "relay protocol error")).await;
+                    return SideEnd::Malformed(e.to_string());
+                }
+            };
+            let close_code = match &frame {
+                WsFrame::Close(close) => Some(close.as_ref().map(|c| c.code)),
+                _ => None,
+            };
+            let msg = match to_message(frame) {
+                Ok(msg) => msg,
+                Err(_) => {
+                    recv.stop(code::MALFORMED_FRAME);
+                    let _ = sink.send(close_message(CloseCode::Invalid, "invalid UTF-8 in text message")).await;
+                    return SideEnd::Malformed("text message is not UTF-8".into());
+                }
+            };
+            let sent = sink.send(msg).await;
+            if let Some(code) = close_code {
+                // After a close the socket may already be closing; either way this side is done.
+                return SideEnd::Closed(code);
+            }
+            if let Err(e) = sent {
+                recv.stop(code::ABORTED);
+                return SideEnd::Lost(e.to_string());
+            }
+            to_socket.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+
+    tokio::pin!(socket_to_tunnel, tunnel_to_socket);
+    let (socket_side, tunnel_side) = tokio::select! {
+        socket_side = &mut socket_to_tunnel => {
+            let tunnel_side = tokio::time::timeout(linger, &mut tunnel_to_socket).await.unwrap_or(SideEnd::LingerExpired);
+            (socket_side, tunnel_side)
+        }
+        tunnel_side = &mut tunnel_to_socket => {
+            let socket_side = tokio::time::timeout(linger, &mut socket_to_tunnel).await.unwrap_or(SideEnd::LingerExpired);
+            (socket_side, tunnel_side)
+        }
+    };
+    PumpReport {
+        to_tunnel: to_tunnel.load(Ordering::Relaxed),
+        to_socket: to_socket.load(Ordering::Relaxed),
+        socket_side,
+        tunnel_side,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_convert_both_ways_exactly() {
+        let cases = vec![
+            Message::Text("{\"kind\":\"AudioData\"}".into()),
+            Message::Binary(vec![0u8, 1, 255].into()),
+            Message::Ping(b"p".to_vec().into()),
+            Message::Pong(Vec::new().into()),
+            close_message(CloseCode::Library(4000), "bye"),
+            Message::Close(None),
+        ];
+        for msg in cases {
+            let back = to_message(to_frame(msg.clone()).unwrap()).unwrap();
+            assert_eq!(back, msg);
+        }
+    }
+
+    #[test]
+    fn invalid_text_and_unsendable_close_codes_are_handled() {
+        assert!(to_message(WsFrame::Text(vec![0xff, 0xfe])).is_err());
+        let abnormal = WsFrame::Close(Some(CloseFrame { code: 1006, reason: "x".into() }));
+        assert_eq!(to_message(abnormal).unwrap(), Message::Close(None));
+        let long = WsFrame::Close(Some(CloseFrame { code: 1000, reason: "é".repeat(100) }));
+        let Message::Close(Some(close)) = to_message(long).unwrap() else { panic!("close expected") };
+        assert!(close.reason.len() <= MAX_CLOSE_REASON);
+    }
+}

@@ -1,0 +1,351 @@
+//! The QUIC implementation of the seam: the edge's listener, the agent's dialers, and the
+//! transport settings both use.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+use relay_pki::{CaPin, agent_name_from_cert};
+use relay_proto::{PAIRING_ALPN, TUNNEL_ALPN, code};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+use crate::seam::{BiStream, BoxFuture, ConnectionLost, RecvHalf, SendHalf, TunnelConnection};
+use crate::tls::{self, PinCheck, TlsError};
+
+/// A peer silent this long is gone. ACS media flows every 20 ms, so a live call is never idle;
+/// 30 s rides out a short outage without keeping dead peers around.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Keep-alives well under the idle timeout (a third), so an idle tunnel never times out and NAT
+/// bindings on the agent's egress path stay open (most expire UDP mappings after 30-120 s).
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+/// How long a QUIC + TLS handshake may take. A loopback handshake takes about a millisecond and an
+/// intercontinental one a few hundred; 10 s leaves room for loss and retransmission.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Streams the edge may have open to one agent at once: one per webhook in flight or call in
+/// progress. Far above the 1,000 concurrent calls an agent is sized for, so it is never the limit
+/// in practice, while still bounding what one connection can hold.
+pub const DEFAULT_MAX_EXCHANGE_STREAMS: u32 = 4096;
+
+/// Streams an agent may open to the edge at once: the control stream and one pairing stream;
+/// a small number guards the edge against a misbehaving agent.
+const MAX_AGENT_INITIATED_STREAMS: u32 = 8;
+
+/// Transport settings shared by both ends.
+#[derive(Debug, Clone)]
+pub struct QuicSettings {
+    /// See [`DEFAULT_IDLE_TIMEOUT`].
+    pub idle_timeout: Duration,
+    /// See [`DEFAULT_KEEP_ALIVE`].
+    pub keep_alive: Duration,
+    /// See [`DEFAULT_HANDSHAKE_TIMEOUT`].
+    pub handshake_timeout: Duration,
+    /// See [`DEFAULT_MAX_EXCHANGE_STREAMS`].
+    pub max_exchange_streams: u32,
+}
+
+impl Default for QuicSettings {
+    fn default() -> Self {
+        Self {
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            keep_alive: DEFAULT_KEEP_ALIVE,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_exchange_streams: DEFAULT_MAX_EXCHANGE_STREAMS,
+        }
+    }
+}
+
+impl QuicSettings {
+    fn transport(&self, incoming_bidi: u32) -> TransportConfig {
+        let mut transport = TransportConfig::default();
+        // An idle timeout that does not fit QUIC's varint is clamped to the largest it allows.
+        let idle = IdleTimeout::try_from(self.idle_timeout).unwrap_or(IdleTimeout::from(VarInt::MAX));
+        transport
+            .max_idle_timeout(Some(idle))
+            .keep_alive_interval(Some(self.keep_alive))
+            .max_concurrent_bidi_streams(VarInt::from_u32(incoming_bidi))
+            .max_concurrent_uni_streams(VarInt::from_u32(0));
+        transport
+    }
+}
+
+/// What a peer that completed the handshake is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerKind {
+    /// An agent on the tunnel ALPN with a certificate from the pairing CA.
+    Agent {
+        /// The agent name from its certificate.
+        name: String,
+    },
+    /// A client on the pairing ALPN (no certificate); it may only redeem a token.
+    Pairing,
+}
+
+/// Why an incoming connection was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// TLS failed: for an agent, usually a certificate not issued by this edge's CA, or expired.
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
+    /// The handshake did not complete in time.
+    #[error("handshake timed out")]
+    Timeout,
+    /// The client asked for the tunnel without presenting a certificate.
+    #[error("no client certificate on the tunnel protocol")]
+    CertificateRequired,
+    /// The certificate verified but names no valid agent.
+    #[error("client certificate names no agent: {0}")]
+    BadAgentCertificate(String),
+    /// No application protocol we serve was negotiated.
+    #[error("unexpected application protocol")]
+    UnknownAlpn,
+}
+
+/// Why dialling the edge failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The local UDP socket could not be opened.
+    #[error("cannot open a UDP socket: {0}")]
+    Bind(io::Error),
+    /// The TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The edge address's host is not a valid TLS server name.
+    #[error("{0:?} is not a valid server name")]
+    ServerName(String),
+    /// quinn refused to start the connection.
+    #[error("cannot connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The handshake failed (refused certificate, wrong protocol, connection refused).
+    #[error("handshake with {addr} failed: {reason}")]
+    Handshake {
+        /// The address dialled.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// No answer within the handshake timeout (nothing listening, or UDP blocked).
+    #[error("no answer from {0} within the handshake timeout")]
+    Timeout(SocketAddr),
+    /// The edge presented a CA that does not match the pin in the pairing token.
+    #[error("the edge at {0} does not match the CA pin in the token")]
+    PinMismatch(SocketAddr),
+}
+
+/// A QUIC tunnel connection.
+///
+/// A client connection needs no handle on its endpoint: quinn's endpoint driver runs for as long
+/// as any connection of it is alive.
+struct QuicConnection {
+    conn: quinn::Connection,
+}
+
+impl SendHalf for quinn::SendStream {
+    fn reset(&mut self, code: u32) {
+        // Resetting an already finished or reset stream is harmless.
+        let _ = quinn::SendStream::reset(self, VarInt::from_u32(code));
+    }
+}
+
+impl RecvHalf for quinn::RecvStream {
+    fn stop(&mut self, code: u32) {
+        let _ = quinn::RecvStream::stop(self, VarInt::from_u32(code));
+    }
+}
+
+fn lost(err: quinn::ConnectionError) -> ConnectionLost {
+    ConnectionLost(err.to_string())
+}
+
+impl TunnelConnection for QuicConnection {
+    fn open_bi(&self) -> BoxFuture<'_, Result<BiStream, ConnectionLost>> {
+        Box::pin(async move {
+            let (send, recv) = self.conn.open_bi().await.map_err(lost)?;
+            Ok(BiStream { send: Box::new(send), recv: Box::new(recv) })
+        })
+    }
+
+    fn accept_bi(&self) -> BoxFuture<'_, Result<BiStream, ConnectionLost>> {
+        Box::pin(async move {
+            let (send, recv) = self.conn.accept_bi().await.map_err(lost)?;
+            Ok(BiStream { send: Box::new(send), recv: Box::new(recv) })
+        })
+    }
+
+    fn closed(&self) -> BoxFuture<'_, ConnectionLost> {
+        Box::pin(async move { lost(self.conn.closed().await) })
+    }
+
+    fn close(&self, code: u32, reason: &str) {
+        self.conn.close(VarInt::from_u32(code), reason.as_bytes());
+    }
+
+    fn remote_addr(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+
+    fn transport(&self) -> &'static str {
+        "quic"
+    }
+}
+
+/// The edge's QUIC listener, serving the tunnel and pairing ALPNs on one UDP port.
+#[derive(Debug)]
+pub struct QuicListener {
+    endpoint: quinn::Endpoint,
+    handshake_timeout: Duration,
+}
+
+impl QuicListener {
+    /// Binds `addr` with the edge's certificate chain, key and the pairing CA.
+    pub fn bind(
+        addr: SocketAddr,
+        cert_chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        ca: &CertificateDer<'static>,
+        settings: &QuicSettings,
+    ) -> Result<Self, DialError> {
+        let tls = tls::edge_server_config(cert_chain, key, ca)?;
+        let crypto = QuicServerConfig::try_from(tls).map_err(|e| DialError::Tls(TlsError::BadRoot(e.to_string())))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(Arc::new(settings.transport(MAX_AGENT_INITIATED_STREAMS)));
+        let endpoint = quinn::Endpoint::server(server, addr).map_err(DialError::Bind)?;
+        Ok(Self { endpoint, handshake_timeout: settings.handshake_timeout })
+    }
+
+    /// The bound address (with the real port when bound to port 0).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The next incoming connection attempt, or `None` once the listener is closed.
+    pub async fn accept(&self) -> Option<IncomingTunnel> {
+        let incoming = self.endpoint.accept().await?;
+        Some(IncomingTunnel { incoming, handshake_timeout: self.handshake_timeout })
+    }
+
+    /// Closes every connection and stops accepting.
+    pub fn close(&self, code: u32, reason: &str) {
+        self.endpoint.close(VarInt::from_u32(code), reason.as_bytes());
+    }
+}
+
+/// A connection attempt, not yet authenticated. Run [`IncomingTunnel::handshake`] on its own task
+/// so one slow peer never delays others.
+#[derive(Debug)]
+pub struct IncomingTunnel {
+    incoming: quinn::Incoming,
+    handshake_timeout: Duration,
+}
+
+impl IncomingTunnel {
+    /// The address the attempt comes from.
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.incoming.remote_address()
+    }
+
+    /// Completes the handshake and classifies the peer. A tunnel peer without a certificate is
+    /// closed here with [`code::CERTIFICATE_REQUIRED`].
+    pub async fn handshake(self) -> Result<(Arc<dyn TunnelConnection>, PeerKind), HandshakeError> {
+        let connecting = self.incoming.accept().map_err(|e| HandshakeError::Tls(e.to_string()))?;
+        let conn = match tokio::time::timeout(self.handshake_timeout, connecting).await {
+            Err(_) => return Err(HandshakeError::Timeout),
+            Ok(Err(e)) => return Err(HandshakeError::Tls(e.to_string())),
+            Ok(Ok(conn)) => conn,
+        };
+        let alpn =
+            conn.handshake_data().and_then(|data| data.downcast::<HandshakeData>().ok()).and_then(|data| data.protocol);
+        let kind = match alpn.as_deref() {
+            Some(p) if p == TUNNEL_ALPN => {
+                let certs = conn
+                    .peer_identity()
+                    .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+                    .filter(|certs| !certs.is_empty());
+                let Some(leaf) = certs.as_ref().and_then(|certs| certs.first()) else {
+                    conn.close(VarInt::from_u32(code::CERTIFICATE_REQUIRED), b"client certificate required");
+                    return Err(HandshakeError::CertificateRequired);
+                };
+                match agent_name_from_cert(leaf) {
+                    Ok(name) => PeerKind::Agent { name },
+                    Err(e) => {
+                        conn.close(VarInt::from_u32(code::UNKNOWN_AGENT), b"certificate names no agent");
+                        return Err(HandshakeError::BadAgentCertificate(e.to_string()));
+                    }
+                }
+            }
+            Some(p) if p == PAIRING_ALPN => PeerKind::Pairing,
+            _ => {
+                conn.close(VarInt::from_u32(code::PROTOCOL_VIOLATION), b"unknown protocol");
+                return Err(HandshakeError::UnknownAlpn);
+            }
+        };
+        Ok((Arc::new(QuicConnection { conn }), kind))
+    }
+}
+
+/// The host part of `host:port` (brackets removed for IPv6), for the TLS server name.
+pub fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+async fn dial(
+    addr: SocketAddr,
+    server_name: &str,
+    client: rustls::ClientConfig,
+    settings: &QuicSettings,
+) -> Result<quinn::Connection, DialError> {
+    let bind: SocketAddr =
+        if addr.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(DialError::Bind)?;
+    let crypto = QuicClientConfig::try_from(client).map_err(|e| DialError::Tls(TlsError::BadRoot(e.to_string())))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(settings.transport(settings.max_exchange_streams)));
+    endpoint.set_default_client_config(config);
+    let name = ServerName::try_from(server_name.to_owned())
+        .map_err(|_| DialError::ServerName(server_name.to_owned()))?
+        .to_str()
+        .into_owned();
+    let connecting = endpoint.connect(addr, &name)?;
+    match tokio::time::timeout(settings.handshake_timeout, connecting).await {
+        Err(_) => Err(DialError::Timeout(addr)),
+        Ok(Err(e)) => Err(DialError::Handshake { addr, reason: e.to_string() }),
+        Ok(Ok(conn)) => Ok(conn),
+    }
+}
+
+/// Dials the edge's tunnel with the agent's certificate; the edge must prove itself with a
+/// certificate from the pairing CA for `server_name`.
+pub async fn dial_tunnel(
+    addr: SocketAddr,
+    server_name: &str,
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    ca: &CertificateDer<'static>,
+    settings: &QuicSettings,
+) -> Result<Arc<dyn TunnelConnection>, DialError> {
+    let client = tls::agent_client_config(cert_chain, key, ca)?;
+    let conn = dial(addr, server_name, client, settings).await?;
+    Ok(Arc::new(QuicConnection { conn }))
+}
+
+/// Dials the edge's pairing ALPN, trusting only a CA that matches `pin`.
+pub async fn dial_pairing(
+    addr: SocketAddr,
+    server_name: &str,
+    pin: CaPin,
+    settings: &QuicSettings,
+) -> Result<Arc<dyn TunnelConnection>, DialError> {
+    let check = PinCheck::default();
+    let client = tls::pairing_client_config(pin, check.clone())?;
+    match dial(addr, server_name, client, settings).await {
+        Ok(conn) => Ok(Arc::new(QuicConnection { conn })),
+        Err(_) if check.mismatched() => Err(DialError::PinMismatch(addr)),
+        Err(err) => Err(err),
+    }
+}

@@ -1,0 +1,242 @@
+//! The agent's settings: defaults, the TOML file, and the layering of file < environment < flag.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+use relay_transport::QuicSettings;
+use serde::Deserialize;
+
+/// How long the bot has to answer a webhook (response head) or a WebSocket upgrade before the
+/// agent answers 504 for it. ACS expects callbacks to be acknowledged quickly; 30 s is the usual
+/// proxy default and far beyond what a healthy bot needs.
+pub const DEFAULT_BOT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the edge has, after opening a stream, to send the exchange head.
+pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// First reconnection delay after the tunnel drops.
+pub const DEFAULT_RECONNECT_INITIAL: Duration = Duration::from_millis(100);
+
+/// Longest reconnection delay. Capped at 2 s so an agent is back within about two seconds of the
+/// edge returning; jitter (each delay is drawn from half to all of the current step) keeps a
+/// hundred agents from arriving in the same instant.
+pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(2);
+
+/// Why the configuration is unusable. Each message is one line naming what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("{path}: line {line}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// A value is malformed.
+    #[error("invalid setting {key}: {message}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A required setting has no value.
+    #[error("missing setting {0}: set it in the config file, the environment or on the command line")]
+    Missing(&'static str),
+}
+
+/// Agent settings as they appear in a file or on the command line; every field optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// State directory written by `relay-agent pair`.
+    pub state_dir: Option<PathBuf>,
+    /// The bot's base URL (`http://127.0.0.1:8080`).
+    pub upstream: Option<String>,
+    /// Edge tunnel address overriding the one recorded at pairing (`host:port`).
+    pub edge: Option<String>,
+    /// How long the bot has to answer (`"30s"`).
+    pub bot_timeout: Option<String>,
+    /// Largest WebSocket message relayed, in bytes.
+    pub max_ws_message_bytes: Option<usize>,
+    /// Tunnel idle timeout (`"30s"`).
+    pub idle_timeout: Option<String>,
+    /// Tunnel keep-alive interval (`"10s"`).
+    pub keep_alive: Option<String>,
+}
+
+/// Fully resolved agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    /// See [`AgentConfig::state_dir`].
+    pub state_dir: PathBuf,
+    /// The bot's base URL: scheme `http`, an authority, no path.
+    pub upstream: Uri,
+    /// See [`AgentConfig::edge`].
+    pub edge: Option<String>,
+    /// See [`DEFAULT_BOT_TIMEOUT`].
+    pub bot_timeout: Duration,
+    /// See [`DEFAULT_HEAD_TIMEOUT`].
+    pub head_timeout: Duration,
+    /// See [`relay_exchange::DEFAULT_MAX_WS_MESSAGE`].
+    pub max_ws_message_bytes: usize,
+    /// See [`DEFAULT_RECONNECT_INITIAL`].
+    pub reconnect_initial: Duration,
+    /// See [`DEFAULT_RECONNECT_MAX`].
+    pub reconnect_max: Duration,
+    /// QUIC transport settings.
+    pub quic: QuicSettings,
+}
+
+/// Checks and normalises the bot's base URL.
+pub fn parse_upstream(text: &str) -> Result<Uri, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid { key: "upstream", message };
+    let uri: Uri = text.parse().map_err(|e| invalid(format!("{text:?}: {e}")))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(invalid(format!("{text:?}: only http:// upstreams are supported (the bot is on localhost)")));
+    }
+    let authority = uri.authority().ok_or_else(|| invalid(format!("{text:?}: no host")))?;
+    if uri.path() != "/" && !uri.path().is_empty() {
+        return Err(invalid(format!("{text:?}: give the bot's base URL without a path")));
+    }
+    Uri::builder()
+        .scheme("http")
+        .authority(authority.as_str())
+        .path_and_query("/")
+        .build()
+        .map_err(|e| invalid(e.to_string()))
+}
+
+fn parse_duration(key: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    let value = humantime::parse_duration(text.trim())
+        .map_err(|e| ConfigError::Invalid { key, message: format!("{text:?}: {e} (use e.g. 90s, 15m, 24h)") })?;
+    if value.is_zero() {
+        return Err(ConfigError::Invalid { key, message: "must be greater than zero".into() });
+    }
+    Ok(value)
+}
+
+impl AgentSettings {
+    /// Settings with every default.
+    pub fn new(state_dir: PathBuf, upstream: Uri) -> Self {
+        Self {
+            state_dir,
+            upstream,
+            edge: None,
+            bot_timeout: DEFAULT_BOT_TIMEOUT,
+            head_timeout: DEFAULT_HEAD_TIMEOUT,
+            max_ws_message_bytes: relay_exchange::DEFAULT_MAX_WS_MESSAGE,
+            reconnect_initial: DEFAULT_RECONNECT_INITIAL,
+            reconnect_max: DEFAULT_RECONNECT_MAX,
+            quic: QuicSettings::default(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads and parses a TOML file, rejecting unknown keys with their name and line.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses TOML text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            line: e.span().map_or(1, |span| text.get(..span.start).map_or(1, |b| b.matches('\n').count() + 1)),
+            message: e.message().replace('\n', " "),
+        })
+    }
+
+    /// `other` wins wherever it has a value.
+    pub fn overlay(self, other: AgentConfig) -> AgentConfig {
+        AgentConfig {
+            state_dir: other.state_dir.or(self.state_dir),
+            upstream: other.upstream.or(self.upstream),
+            edge: other.edge.or(self.edge),
+            bot_timeout: other.bot_timeout.or(self.bot_timeout),
+            max_ws_message_bytes: other.max_ws_message_bytes.or(self.max_ws_message_bytes),
+            idle_timeout: other.idle_timeout.or(self.idle_timeout),
+            keep_alive: other.keep_alive.or(self.keep_alive),
+        }
+    }
+
+    /// Validates and applies defaults.
+    pub fn resolve(self) -> Result<AgentSettings, ConfigError> {
+        let state_dir = self.state_dir.ok_or(ConfigError::Missing("state_dir"))?;
+        let upstream = parse_upstream(self.upstream.as_deref().ok_or(ConfigError::Missing("upstream"))?)?;
+        let mut settings = AgentSettings::new(state_dir, upstream);
+        settings.edge = self.edge;
+        if let Some(text) = &self.bot_timeout {
+            settings.bot_timeout = parse_duration("bot_timeout", text)?;
+        }
+        if let Some(max) = self.max_ws_message_bytes {
+            if max == 0 || max > relay_proto::codec::MAX_FRAME_LEN_CEILING - 1024 * 1024 {
+                return Err(ConfigError::Invalid {
+                    key: "max_ws_message_bytes",
+                    message: "must be between 1 and 16 MiB".into(),
+                });
+            }
+            settings.max_ws_message_bytes = max;
+        }
+        if let Some(text) = &self.idle_timeout {
+            settings.quic.idle_timeout = parse_duration("idle_timeout", text)?;
+        }
+        if let Some(text) = &self.keep_alive {
+            settings.quic.keep_alive = parse_duration("keep_alive", text)?;
+        }
+        if settings.quic.keep_alive >= settings.quic.idle_timeout {
+            return Err(ConfigError::Invalid {
+                key: "keep_alive",
+                message: "must be shorter than idle_timeout".into(),
+            });
+        }
+        Ok(settings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_must_be_a_plain_http_base_url() {
+        assert_eq!(parse_upstream("http://127.0.0.1:8080").unwrap().to_string(), "http://127.0.0.1:8080/");
+        assert_eq!(parse_upstream("http://localhost:3978/").unwrap().authority().unwrap().as_str(), "localhost:3978");
+        for bad in ["https://bot:443", "127.0.0.1:8080", "http://bot/api", "not a url"] {
+            assert!(parse_upstream(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_key_is_rejected_with_its_name_and_line() {
+        let err = AgentConfig::parse("upstream = \"http://x:1\"\n\nupstrem = 1\n", Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("upstrem") && err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file =
+            AgentConfig::parse("state_dir = \"/s\"\nupstream = \"http://127.0.0.1:1\"\n", Path::new("f")).unwrap();
+        let flags = AgentConfig { upstream: Some("http://127.0.0.1:2".into()), ..Default::default() };
+        let settings = file.overlay(flags).resolve().unwrap();
+        assert_eq!(settings.upstream.port_u16(), Some(2));
+        assert_eq!(settings.bot_timeout, DEFAULT_BOT_TIMEOUT);
+    }
+}

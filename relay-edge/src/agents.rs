@@ -1,0 +1,123 @@
+//! The set of connected agents and how a new exchange picks one.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use relay_transport::TunnelConnection;
+
+/// One connected, authenticated agent.
+pub struct ConnectedAgent {
+    /// Unique per edge process, to remove exactly this connection when it ends.
+    pub id: u64,
+    /// The agent name from its certificate.
+    pub name: String,
+    /// Where it connected from.
+    pub remote: SocketAddr,
+    /// The tunnel connection.
+    pub conn: Arc<dyn TunnelConnection>,
+    in_flight: AtomicUsize,
+    draining: AtomicBool,
+}
+
+impl std::fmt::Debug for ConnectedAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectedAgent")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("remote", &self.remote)
+            .finish()
+    }
+}
+
+impl ConnectedAgent {
+    /// Marks the agent as draining: it receives no new exchanges.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Counts an exchange as in flight on this agent until the guard drops.
+    pub fn begin_exchange(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self.clone())
+    }
+}
+
+/// An exchange in flight on an agent; dropping it ends the count.
+#[derive(Debug)]
+pub struct InFlight(Arc<ConnectedAgent>);
+
+impl InFlight {
+    /// The agent carrying the exchange.
+    pub fn agent(&self) -> &Arc<ConnectedAgent> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The connected agents.
+#[derive(Debug, Default)]
+pub struct AgentSet {
+    agents: Mutex<Vec<Arc<ConnectedAgent>>>,
+    next_id: AtomicU64,
+}
+
+impl AgentSet {
+    fn lock(&self) -> MutexGuard<'_, Vec<Arc<ConnectedAgent>>> {
+        // A panic while holding this lock cannot leave the Vec inconsistent, so recover it.
+        self.agents.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Adds a connection that completed hello.
+    pub fn insert(&self, name: String, remote: SocketAddr, conn: Arc<dyn TunnelConnection>) -> Arc<ConnectedAgent> {
+        let agent = Arc::new(ConnectedAgent {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            name,
+            remote,
+            conn,
+            in_flight: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+        });
+        self.lock().push(agent.clone());
+        agent
+    }
+
+    /// Removes the connection with `id`.
+    pub fn remove(&self, id: u64) {
+        self.lock().retain(|agent| agent.id != id);
+    }
+
+    /// The agent for a new exchange: the one with the fewest exchanges in flight among those not
+    /// draining, ties broken at random so equal agents share load.
+    pub fn pick(&self) -> Option<Arc<ConnectedAgent>> {
+        let agents = self.lock();
+        let candidates: Vec<&Arc<ConnectedAgent>> =
+            agents.iter().filter(|a| !a.draining.load(Ordering::SeqCst)).collect();
+        let least = candidates.iter().map(|a| a.in_flight.load(Ordering::SeqCst)).min()?;
+        let best: Vec<&&Arc<ConnectedAgent>> =
+            candidates.iter().filter(|a| a.in_flight.load(Ordering::SeqCst) == least).collect();
+        best.get(fastrand::usize(..best.len())).map(|a| Arc::clone(a))
+    }
+
+    /// Whether any agent can take exchanges.
+    pub fn ready(&self) -> bool {
+        self.lock().iter().any(|a| !a.draining.load(Ordering::SeqCst))
+    }
+
+    /// Names of connected agents (one entry per connection).
+    pub fn names(&self) -> Vec<String> {
+        self.lock().iter().map(|a| a.name.clone()).collect()
+    }
+
+    /// Closes every connection (shutdown).
+    pub fn close_all(&self, code: u32, reason: &str) {
+        for agent in self.lock().drain(..) {
+            agent.conn.close(code, reason);
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! The edge's settings: defaults, the TOML file, and the layering of file < environment < flag.
+//!
+//! Every setting exists once, in [`EdgeConfig`] (all optional, as written in a file or given on
+//! the command line). [`EdgeConfig::overlay`] layers one source over another, and
+//! [`EdgeConfig::resolve`] validates the result into [`EdgeSettings`] with every default applied.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use relay_transport::QuicSettings;
+use serde::Deserialize;
+
+use crate::routes::{Route, RouteConfig, default_routes};
+
+/// Public listener default: ACS delivers to HTTPS/WSS, normally terminated by an ingress in
+/// front of the edge, which forwards to this port.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
+
+/// Tunnel (QUIC, UDP) listener default.
+pub const DEFAULT_TUNNEL_LISTEN: &str = "0.0.0.0:4433";
+
+/// Largest request body relayed. ACS events are a few KiB; 4 MiB is generous for webhooks while
+/// bounding what one request can push through the tunnel. Larger bodies get `413` at the edge.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
+
+/// How long the edge waits for the agent's answer head. The agent gives the bot 30 s and then
+/// answers 504 itself, so this only fires when the agent itself is stuck; it sits just above.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(40);
+
+/// How long an exchange may wait for a stream slot on the agent's connection before it is
+/// answered `503`. Slots free up in milliseconds unless the agent is overloaded.
+pub const DEFAULT_OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `Retry-After` on `503` when no agent can take a request. Event Grid and ACS retry on their
+/// own schedule; 5 s tells well-behaved clients that an agent usually returns within seconds.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// How long an agent has, after its handshake, to send its hello on the control stream.
+pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the configuration is unusable. Each message is one line naming what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (unknown key, wrong type, ...).
+    #[error("{path}: line {line}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the problem.
+        line: usize,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("invalid setting {key}: {message}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A required setting has no value from any source.
+    #[error("missing setting {0}: set it in the config file, the environment or on the command line")]
+    Missing(&'static str),
+}
+
+/// Edge settings as they appear in a file or on the command line; every field optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// State directory made by `relay-edge init`.
+    pub state_dir: Option<PathBuf>,
+    /// Public HTTP listener (`ip:port`).
+    pub listen: Option<SocketAddr>,
+    /// Tunnel QUIC listener (`ip:port`, UDP).
+    pub tunnel_listen: Option<SocketAddr>,
+    /// Largest request body relayed, in bytes.
+    pub max_body_bytes: Option<u64>,
+    /// Largest WebSocket message relayed, in bytes.
+    pub max_ws_message_bytes: Option<usize>,
+    /// How long to wait for the agent's answer (`"40s"`).
+    pub response_timeout: Option<String>,
+    /// Validity of agent certificates issued at pairing (`"24h"`).
+    pub agent_cert_validity: Option<String>,
+    /// Tunnel idle timeout (`"30s"`).
+    pub idle_timeout: Option<String>,
+    /// Tunnel keep-alive interval (`"10s"`).
+    pub keep_alive: Option<String>,
+    /// Relayed routes; the three ACS endpoints when absent.
+    #[serde(rename = "route")]
+    pub routes: Option<Vec<RouteConfig>>,
+}
+
+/// Fully resolved edge settings.
+#[derive(Debug, Clone)]
+pub struct EdgeSettings {
+    /// See [`EdgeConfig::state_dir`].
+    pub state_dir: PathBuf,
+    /// See [`EdgeConfig::listen`].
+    pub listen: SocketAddr,
+    /// See [`EdgeConfig::tunnel_listen`].
+    pub tunnel_listen: SocketAddr,
+    /// See [`DEFAULT_MAX_BODY_BYTES`].
+    pub max_body_bytes: u64,
+    /// See [`relay_exchange::DEFAULT_MAX_WS_MESSAGE`].
+    pub max_ws_message_bytes: usize,
+    /// See [`DEFAULT_RESPONSE_TIMEOUT`].
+    pub response_timeout: Duration,
+    /// See [`DEFAULT_OPEN_STREAM_TIMEOUT`].
+    pub open_stream_timeout: Duration,
+    /// See [`DEFAULT_RETRY_AFTER`].
+    pub retry_after: Duration,
+    /// See [`DEFAULT_HELLO_TIMEOUT`].
+    pub hello_timeout: Duration,
+    /// See [`relay_pki::DEFAULT_AGENT_CERT_VALIDITY`].
+    pub agent_cert_validity: Duration,
+    /// QUIC transport settings.
+    pub quic: QuicSettings,
+    /// Relayed routes.
+    pub routes: Vec<Route>,
+    /// Whether routes came from configuration (false: defaults, no checks configured).
+    pub routes_configured: bool,
+}
+
+impl EdgeSettings {
+    /// Settings with every default, for `state_dir`, listening on the given addresses.
+    pub fn new(state_dir: PathBuf, listen: SocketAddr, tunnel_listen: SocketAddr) -> Self {
+        Self {
+            state_dir,
+            listen,
+            tunnel_listen,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_ws_message_bytes: relay_exchange::DEFAULT_MAX_WS_MESSAGE,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            open_stream_timeout: DEFAULT_OPEN_STREAM_TIMEOUT,
+            retry_after: DEFAULT_RETRY_AFTER,
+            hello_timeout: DEFAULT_HELLO_TIMEOUT,
+            agent_cert_validity: relay_pki::DEFAULT_AGENT_CERT_VALIDITY,
+            quic: QuicSettings::default(),
+            routes: default_routes(),
+            routes_configured: false,
+        }
+    }
+}
+
+/// Parses a duration such as `90s`, `15m`, `24h` or `7d`.
+pub fn parse_duration(key: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    let value = humantime::parse_duration(text.trim())
+        .map_err(|e| ConfigError::Invalid { key, message: format!("{text:?}: {e} (use e.g. 90s, 15m, 24h, 7d)") })?;
+    if value.is_zero() {
+        return Err(ConfigError::Invalid { key, message: "must be greater than zero".into() });
+    }
+    Ok(value)
+}
+
+/// 1-based line of a byte offset in `text`.
+pub fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset).map_or(1, |before| before.lines().count().max(1) + usize::from(before.ends_with('\n')))
+}
+
+impl EdgeConfig {
+    /// Reads and parses a TOML file, rejecting unknown keys with their name and line.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses TOML text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            line: e.span().map_or(1, |span| line_of(text, span.start)),
+            message: e.message().replace('\n', " "),
+        })
+    }
+
+    /// `other` wins wherever it has a value.
+    pub fn overlay(self, other: EdgeConfig) -> EdgeConfig {
+        EdgeConfig {
+            state_dir: other.state_dir.or(self.state_dir),
+            listen: other.listen.or(self.listen),
+            tunnel_listen: other.tunnel_listen.or(self.tunnel_listen),
+            max_body_bytes: other.max_body_bytes.or(self.max_body_bytes),
+            max_ws_message_bytes: other.max_ws_message_bytes.or(self.max_ws_message_bytes),
+            response_timeout: other.response_timeout.or(self.response_timeout),
+            agent_cert_validity: other.agent_cert_validity.or(self.agent_cert_validity),
+            idle_timeout: other.idle_timeout.or(self.idle_timeout),
+            keep_alive: other.keep_alive.or(self.keep_alive),
+            routes: other.routes.or(self.routes),
+        }
+    }
+
+    /// Validates and applies defaults.
+    pub fn resolve(self) -> Result<EdgeSettings, ConfigError> {
+        let state_dir = self.state_dir.ok_or(ConfigError::Missing("state_dir"))?;
+        let default_addr = |text: &str| {
+            text.parse::<SocketAddr>().map_err(|e| ConfigError::Invalid { key: "listen", message: e.to_string() })
+        };
+        let listen = match self.listen {
+            Some(addr) => addr,
+            None => default_addr(DEFAULT_LISTEN)?,
+        };
+        let tunnel_listen = match self.tunnel_listen {
+            Some(addr) => addr,
+            None => default_addr(DEFAULT_TUNNEL_LISTEN)?,
+        };
+        let mut settings = EdgeSettings::new(state_dir, listen, tunnel_listen);
+        if let Some(max) = self.max_body_bytes {
+            settings.max_body_bytes = max;
+        }
+        if let Some(max) = self.max_ws_message_bytes {
+            if max == 0 || max > relay_proto::codec::MAX_FRAME_LEN_CEILING - 1024 * 1024 {
+                return Err(ConfigError::Invalid {
+                    key: "max_ws_message_bytes",
+                    message: "must be between 1 and 16 MiB".into(),
+                });
+            }
+            settings.max_ws_message_bytes = max;
+        }
+        if let Some(text) = &self.response_timeout {
+            settings.response_timeout = parse_duration("response_timeout", text)?;
+        }
+        if let Some(text) = &self.agent_cert_validity {
+            settings.agent_cert_validity = parse_duration("agent_cert_validity", text)?;
+        }
+        if let Some(text) = &self.idle_timeout {
+            settings.quic.idle_timeout = parse_duration("idle_timeout", text)?;
+        }
+        if let Some(text) = &self.keep_alive {
+            settings.quic.keep_alive = parse_duration("keep_alive", text)?;
+        }
+        if settings.quic.keep_alive >= settings.quic.idle_timeout {
+            return Err(ConfigError::Invalid {
+                key: "keep_alive",
+                message: "must be shorter than idle_timeout".into(),
+            });
+        }
+        if let Some(routes) = &self.routes {
+            settings.routes = routes
+                .iter()
+                .map(|r| r.build().map_err(|message| ConfigError::Invalid { key: "route", message }))
+                .collect::<Result<_, _>>()?;
+            settings.routes_configured = true;
+        }
+        Ok(settings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_key_is_rejected_with_its_name_and_line() {
+        let err =
+            EdgeConfig::parse("listen = \"127.0.0.1:1\"\nlisten_adress = \"x\"\n", Path::new("edge.toml")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("listen_adress") && text.contains("line 2"), "{text}");
+        assert!(!text.contains('\n'));
+    }
+
+    #[test]
+    fn later_sources_win_and_defaults_fill_the_rest() {
+        let file =
+            EdgeConfig::parse("state_dir = \"/a\"\nmax_body_bytes = 10\nlisten = \"127.0.0.1:1\"", Path::new("f"))
+                .unwrap();
+        let flags = EdgeConfig { max_body_bytes: Some(20), ..Default::default() };
+        let settings = file.overlay(flags).resolve().unwrap();
+        assert_eq!(settings.max_body_bytes, 20);
+        assert_eq!(settings.listen, "127.0.0.1:1".parse().unwrap());
+        assert_eq!(settings.tunnel_listen, DEFAULT_TUNNEL_LISTEN.parse().unwrap());
+        assert_eq!(settings.state_dir, PathBuf::from("/a"));
+        assert_eq!(settings.routes.len(), 3);
+    }
+
+    #[test]
+    fn bad_values_are_one_line_errors() {
+        let bad = EdgeConfig { state_dir: Some("/a".into()), keep_alive: Some("45s".into()), ..Default::default() };
+        assert!(bad.resolve().unwrap_err().to_string().contains("keep_alive"));
+        let bad =
+            EdgeConfig { state_dir: Some("/a".into()), response_timeout: Some("soon".into()), ..Default::default() };
+        assert!(bad.resolve().unwrap_err().to_string().contains("response_timeout"));
+        assert!(matches!(EdgeConfig::default().resolve(), Err(ConfigError::Missing("state_dir"))));
+    }
+
+    #[test]
+    fn durations_accept_the_documented_forms() {
+        for (text, secs) in [("90s", 90), ("15m", 900), ("24h", 86_400), ("7d", 604_800)] {
+            assert_eq!(parse_duration("x", text).unwrap(), Duration::from_secs(secs));
+        }
+        assert!(parse_duration("x", "0s").is_err());
+    }
+}

@@ -1,0 +1,302 @@
+//! Relaying one webhook: request head and body down a new stream, the agent's answer back.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use relay_exchange::body::{BodyCopyError, RelayBody, body_from_stream, copy_body_to_stream};
+use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
+use relay_proto::headers::{from_wire, strip_hop_by_hop, to_wire};
+use relay_proto::{ExchangeHead, ExchangeKind, FailureKind, HttpReply, code};
+use relay_transport::{BiStream, FrameReadError, read_frame, write_frame};
+use tracing::{info, warn};
+
+use crate::agents::InFlight;
+use crate::public::{PublicService, edge_answer};
+use crate::routes::Route;
+
+/// Request headers as they leave the edge: hop-by-hop removed, `Host` replaced by
+/// `X-Forwarded-Host`, and `X-Forwarded-For`/`-Proto` describing the client.
+pub(crate) fn forwarded_headers(original: &HeaderMap, peer: SocketAddr) -> HeaderMap {
+    let mut headers = original.clone();
+    strip_hop_by_hop(&mut headers);
+    let host = headers.remove(header::HOST);
+    let peer_ip = peer.ip().to_string();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {peer_ip}"),
+        _ => peer_ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", value);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Some(host) = host {
+        headers.insert("x-forwarded-host", host);
+    }
+    headers
+}
+
+/// The head frame for an exchange.
+pub(crate) fn exchange_head<B>(
+    req: &Request<B>,
+    kind: ExchangeKind,
+    peer: SocketAddr,
+    request_id: u64,
+    headers: &HeaderMap,
+) -> ExchangeHead {
+    ExchangeHead {
+        request_id,
+        kind,
+        method: req.method().as_str().to_owned(),
+        path_and_query: req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| req.uri().path().to_owned(), |pq| pq.as_str().to_owned()),
+        headers: to_wire(headers),
+        client_addr: peer.to_string(),
+        affinity_key: req.headers().get("x-ms-call-correlation-id").and_then(|v| v.to_str().ok()).map(str::to_owned),
+    }
+}
+
+/// Picks an agent and opens a stream to it, or says why not (as the `503` to send).
+pub(crate) async fn open_exchange(service: &PublicService) -> Result<(InFlight, BiStream), &'static str> {
+    // Two tries: an agent whose connection just died is removed when its session notices; the
+    // second pick then finds another agent if there is one.
+    for _ in 0..2 {
+        let Some(agent) = service.agents.pick() else { return Err("no agent connected") };
+        let in_flight = agent.begin_exchange();
+        match tokio::time::timeout(service.settings.open_stream_timeout, agent.conn.open_bi()).await {
+            Ok(Ok(stream)) => return Ok((in_flight, stream)),
+            Ok(Err(e)) => {
+                warn!(agent = %agent.name, "cannot open an exchange stream: {e}");
+                service.agents.remove(agent.id);
+            }
+            Err(_) => return Err("agent busy: no stream slot free"),
+        }
+    }
+    Err("no agent reachable")
+}
+
+/// One log line per exchange, written when the exchange ends (response body finished or
+/// abandoned), so the byte counts are final.
+pub(crate) struct ExchangeLog {
+    pub request_id: u64,
+    pub route: String,
+    pub method: String,
+    pub agent: String,
+    pub status: u16,
+    pub started: Instant,
+    pub bytes_in: Arc<AtomicU64>,
+    pub bytes_out: u64,
+}
+
+impl Drop for ExchangeLog {
+    fn drop(&mut self) {
+        info!(
+            request_id = self.request_id,
+            route = %self.route,
+            method = %self.method,
+            status = self.status,
+            bytes_in = self.bytes_in.load(Ordering::Relaxed),
+            bytes_out = self.bytes_out,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            agent = %self.agent,
+            "exchange"
+        );
+    }
+}
+
+pub(crate) async fn relay_http(
+    service: &Arc<PublicService>,
+    req: Request<Incoming>,
+    route: &Route,
+    peer: SocketAddr,
+    request_id: u64,
+) -> Response<RelayBody> {
+    let started = Instant::now();
+    let limit = service.settings.max_body_bytes;
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return edge_answer(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+    }
+    let (in_flight, stream) = match open_exchange(service).await {
+        Ok(opened) => opened,
+        Err(why) => return service.unavailable(why),
+    };
+    let agent = in_flight.agent().name.clone();
+    let BiStream { mut send, mut recv } = stream;
+    let headers = forwarded_headers(req.headers(), peer);
+    let head = exchange_head(&req, ExchangeKind::Http, peer, request_id, &headers);
+    let mut log = ExchangeLog {
+        request_id,
+        route: route.name.clone(),
+        method: req.method().to_string(),
+        agent: agent.clone(),
+        status: 0,
+        started,
+        bytes_in: Arc::new(AtomicU64::new(0)),
+        bytes_out: 0,
+    };
+    if let Err(e) = write_frame(&mut send, &head, DEFAULT_MAX_HEAD_LEN).await {
+        warn!(request_id, agent = %agent, "could not send the request head: {e}");
+        log.status = 503;
+        return service.unavailable("agent connection lost");
+    }
+
+    // The body streams on its own task while we wait for the answer: a bot may answer before
+    // reading everything, and a large body must not wait for an answer to be sent.
+    let bytes_in = log.bytes_in.clone();
+    let mut body_task = tokio::spawn(async move {
+        let body = CountingBody { inner: req.into_body(), count: bytes_in };
+        copy_body_to_stream(body, &mut send, Some(limit)).await
+    });
+    // Wait for the answer while the body copies; a failed copy may answer first.
+    let waited = {
+        let reply = tokio::time::timeout(
+            service.settings.response_timeout,
+            read_frame::<HttpReply, _>(&mut recv, DEFAULT_MAX_HEAD_LEN),
+        );
+        tokio::pin!(reply);
+        let mut body_done = false;
+        loop {
+            tokio::select! {
+                copied = &mut body_task, if !body_done => {
+                    body_done = true;
+                    match copied {
+                        Ok(Err(BodyCopyError::TooLarge { .. })) => {
+                            break Err((StatusCode::PAYLOAD_TOO_LARGE, "request body too large"));
+                        }
+                        Ok(Err(BodyCopyError::Source(e))) => {
+                            warn!(request_id, "client request body failed: {e}");
+                            break Err((StatusCode::BAD_REQUEST, "request body incomplete"));
+                        }
+                        // Copied, or the agent stopped reading: its answer (or failure) comes on `recv`.
+                        Ok(Ok(_)) | Ok(Err(BodyCopyError::Sink(_))) | Err(_) => {}
+                    }
+                }
+                reply = &mut reply => break Ok(reply),
+            }
+        }
+    };
+    let reply = match waited {
+        Ok(reply) => reply,
+        Err((status, text)) => {
+            recv.stop(code::ABORTED);
+            log.status = status.as_u16();
+            return edge_answer(status, text);
+        }
+    };
+    let (status, response) = match reply {
+        Ok(Ok(Some(HttpReply::Response(head)))) => match (StatusCode::from_u16(head.status), from_wire(head.headers)) {
+            (Ok(status), Ok(mut headers)) => {
+                strip_hop_by_hop(&mut headers);
+                let mut response = Response::new(body_from_stream(recv));
+                *response.status_mut() = status;
+                *response.headers_mut() = headers;
+                (status, response)
+            }
+            _ => {
+                recv.stop(code::MALFORMED_FRAME);
+                warn!(request_id, agent = %agent, "agent sent an invalid response head; stream reset");
+                (StatusCode::BAD_GATEWAY, edge_answer(StatusCode::BAD_GATEWAY, "invalid response from agent"))
+            }
+        },
+        Ok(Ok(Some(HttpReply::Failed(failure)))) => {
+            warn!(request_id, agent = %agent, "agent could not deliver: {:?}: {}", failure.kind, failure.detail);
+            match failure.kind {
+                FailureKind::BotTimeout => (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    edge_answer(StatusCode::GATEWAY_TIMEOUT, "bot did not answer in time"),
+                ),
+                FailureKind::Draining => (StatusCode::SERVICE_UNAVAILABLE, service.unavailable("agent draining")),
+                FailureKind::BotUnreachable | FailureKind::InvalidRequest => {
+                    (StatusCode::BAD_GATEWAY, edge_answer(StatusCode::BAD_GATEWAY, "bot unreachable"))
+                }
+            }
+        }
+        Ok(Ok(None)) | Ok(Err(FrameReadError::Io(_))) => {
+            warn!(request_id, agent = %agent, "agent stream ended before an answer");
+            (StatusCode::BAD_GATEWAY, edge_answer(StatusCode::BAD_GATEWAY, "agent lost before answering"))
+        }
+        Ok(Err(FrameReadError::Decode(e))) => {
+            recv.stop(code::MALFORMED_FRAME);
+            warn!(request_id, agent = %agent, "malformed answer from agent: {e}; stream reset");
+            (StatusCode::BAD_GATEWAY, edge_answer(StatusCode::BAD_GATEWAY, "invalid response from agent"))
+        }
+        Err(_) => {
+            recv.stop(code::ABORTED);
+            warn!(request_id, agent = %agent, "no answer from agent within {:?}", service.settings.response_timeout);
+            (StatusCode::GATEWAY_TIMEOUT, edge_answer(StatusCode::GATEWAY_TIMEOUT, "no answer in time"))
+        }
+    };
+    log.status = status.as_u16();
+    let (parts, body) = response.into_parts();
+    Response::from_parts(parts, LoggedBody { inner: body, log, _in_flight: in_flight }.boxed())
+}
+
+/// Counts request body bytes as they pass, for the exchange log.
+struct CountingBody {
+    inner: Incoming,
+    count: Arc<AtomicU64>,
+}
+
+impl hyper::body::Body for CountingBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+/// The response body, carrying the exchange's log line and in-flight count until it ends.
+struct LoggedBody {
+    inner: RelayBody,
+    log: ExchangeLog,
+    _in_flight: InFlight,
+}
+
+impl LoggedBody {
+    fn boxed(self) -> RelayBody {
+        http_body_util::BodyExt::boxed_unsync(self)
+    }
+}
+
+impl hyper::body::Body for LoggedBody {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.log.bytes_out += data.len() as u64;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,124 @@
+//! The public listener: probes, routing, and the edge's own answers (404, 405, 413, 503).
+//! Relayed exchanges continue in [`crate::forward`].
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use relay_exchange::body::{RelayBody, full};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+
+use crate::agents::AgentSet;
+use crate::config::EdgeSettings;
+use crate::routes;
+
+/// State shared by every public request.
+pub(crate) struct PublicService {
+    pub settings: Arc<EdgeSettings>,
+    pub agents: Arc<AgentSet>,
+    pub next_request_id: AtomicU64,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+/// A short plain-text answer from the edge itself.
+pub(crate) fn edge_answer(status: StatusCode, text: &str) -> Response<RelayBody> {
+    let mut response = Response::new(full(format!("{text}\n")));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+impl PublicService {
+    /// `503` with `Retry-After`, so Event Grid and ACS retry instead of giving up.
+    pub(crate) fn unavailable(&self, text: &str) -> Response<RelayBody> {
+        let mut response = edge_answer(StatusCode::SERVICE_UNAVAILABLE, text);
+        let secs = self.settings.retry_after.as_secs().max(1);
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        response
+    }
+
+    /// Accepts connections until shutdown.
+    pub async fn run(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let accepted = tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, peer) = match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and similar: keep serving the connections we have.
+                    debug!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let this = self.clone();
+            self.tasks.spawn(async move { this.serve_connection(stream, peer).await });
+        }
+    }
+
+    async fn serve_connection(self: Arc<Self>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+        let this = self.clone();
+        let service = service_fn(move |req| {
+            let this = this.clone();
+            async move { Ok::<_, Infallible>(this.handle(req, peer).await) }
+        });
+        let conn =
+            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    debug!(%peer, "public connection ended: {e}");
+                }
+            }
+            () = self.shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }
+
+    async fn handle(self: &Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<RelayBody> {
+        let path = req.uri().path();
+        match path {
+            "/healthz" => return edge_answer(StatusCode::OK, "ok"),
+            "/readyz" => {
+                return if self.agents.ready() {
+                    edge_answer(StatusCode::OK, "ready")
+                } else {
+                    self.unavailable("no agent connected")
+                };
+            }
+            _ => {}
+        }
+        let Some(route) = routes::find(&self.settings.routes, path).cloned() else {
+            return edge_answer(StatusCode::NOT_FOUND, "not found");
+        };
+        if !route.methods.contains(req.method()) {
+            let mut response = edge_answer(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+            let allow: Vec<&str> = route.methods.iter().map(Method::as_str).collect();
+            if let Ok(value) = HeaderValue::from_str(&allow.join(", ")) {
+                response.headers_mut().insert(header::ALLOW, value);
+            }
+            return response;
+        }
+        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        if route.websocket {
+            crate::websocket::relay_upgrade(self, req, &route, peer, request_id).await
+        } else {
+            crate::forward::relay_http(self, req, &route, peer, request_id).await
+        }
+    }
+}

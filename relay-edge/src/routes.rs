@@ -1,0 +1,140 @@
+//! Which public paths the edge relays, and how. Anything not matched here is answered `404` at
+//! the edge and never reaches an agent.
+
+use http::Method;
+use serde::Deserialize;
+
+/// How a route's path is matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathPattern {
+    /// The path must be exactly this.
+    Exact(String),
+    /// The path must start with this (configured as `"/prefix/*"`; stored without the `*`).
+    Prefix(String),
+}
+
+impl PathPattern {
+    /// Parses `"/exact"` or `"/prefix/*"`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if !text.starts_with('/') {
+            return Err(format!("route path {text:?} must start with '/'"));
+        }
+        match text.strip_suffix('*') {
+            Some(prefix) if prefix.ends_with('/') => Ok(Self::Prefix(prefix.to_owned())),
+            Some(_) => Err(format!("route path {text:?}: '*' is only allowed as a whole last segment (\"/prefix/*\")")),
+            None if text.contains('*') => Err(format!("route path {text:?}: '*' is only allowed at the end")),
+            None => Ok(Self::Exact(text.to_owned())),
+        }
+    }
+
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            Self::Exact(exact) => path == exact,
+            Self::Prefix(prefix) => path.starts_with(prefix.as_str()),
+        }
+    }
+}
+
+/// A relayed route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The path as configured, for logs and metrics.
+    pub name: String,
+    /// How the path matches.
+    pub pattern: PathPattern,
+    /// Methods accepted (others get `405`). WebSocket routes accept `GET` upgrades only.
+    pub methods: Vec<Method>,
+    /// Whether this is a WebSocket (media) route.
+    pub websocket: bool,
+}
+
+/// A route as written in the configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// `"/exact"` or `"/prefix/*"`.
+    pub path: String,
+    /// Accepted methods; default `["POST"]` for webhooks.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// A WebSocket route.
+    #[serde(default)]
+    pub websocket: bool,
+}
+
+impl RouteConfig {
+    /// Validates and converts to a [`Route`].
+    pub fn build(&self) -> Result<Route, String> {
+        let pattern = PathPattern::parse(&self.path)?;
+        let methods = if self.websocket {
+            if self.methods.iter().any(|m| !m.eq_ignore_ascii_case("GET")) {
+                return Err(format!("route {:?}: a WebSocket route accepts GET only", self.path));
+            }
+            vec![Method::GET]
+        } else if self.methods.is_empty() {
+            vec![Method::POST]
+        } else {
+            self.methods
+                .iter()
+                .map(|m| {
+                    Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                        .map_err(|_| format!("route {:?}: invalid method {m:?}", self.path))
+                })
+                .collect::<Result<_, _>>()?
+        };
+        Ok(Route { name: self.path.clone(), pattern, methods, websocket: self.websocket })
+    }
+}
+
+/// The three ACS endpoints: Event Grid's IncomingCall, Call Automation callbacks, media.
+pub fn default_routes() -> Vec<Route> {
+    vec![
+        Route {
+            name: "/api/incomingCall".into(),
+            pattern: PathPattern::Exact("/api/incomingCall".into()),
+            methods: vec![Method::POST],
+            websocket: false,
+        },
+        Route {
+            name: "/api/callbacks/*".into(),
+            pattern: PathPattern::Prefix("/api/callbacks/".into()),
+            methods: vec![Method::POST],
+            websocket: false,
+        },
+        Route {
+            name: "/ws".into(),
+            pattern: PathPattern::Exact("/ws".into()),
+            methods: vec![Method::GET],
+            websocket: true,
+        },
+    ]
+}
+
+/// The first route whose pattern matches `path`.
+pub fn find<'a>(routes: &'a [Route], path: &str) -> Option<&'a Route> {
+    routes.iter().find(|route| route.pattern.matches(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_routes_match_the_acs_endpoints_only() {
+        let routes = default_routes();
+        assert_eq!(find(&routes, "/api/incomingCall").unwrap().name, "/api/incomingCall");
+        assert_eq!(find(&routes, "/api/callbacks/abc/def").unwrap().name, "/api/callbacks/*");
+        assert!(find(&routes, "/ws").unwrap().websocket);
+        for other in ["/", "/api/incomingCall/x", "/api/callbacks", "/wsx", "/admin"] {
+            assert!(find(&routes, other).is_none(), "{other}");
+        }
+    }
+
+    #[test]
+    fn route_patterns_reject_misplaced_wildcards() {
+        assert!(PathPattern::parse("api").is_err());
+        assert!(PathPattern::parse("/a*").is_err());
+        assert!(PathPattern::parse("/a/*/b").is_err());
+        assert_eq!(PathPattern::parse("/a/*").unwrap(), PathPattern::Prefix("/a/".into()));
+    }
+}

@@ -1,0 +1,191 @@
+//! The edge's tunnel listener: authenticates agents, serves pairing, and keeps the agent set
+//! current as agents connect and leave.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use relay_pki::{EdgeState, RedeemError};
+use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
+use relay_proto::{ControlMessage, PairRefusal, PairRequest, PairResponse, code};
+use relay_transport::{
+    FrameReadError, FrameReader, IncomingTunnel, PeerKind, QuicListener, TunnelConnection, read_frame, write_frame,
+};
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::agents::AgentSet;
+use crate::config::EdgeSettings;
+
+/// After answering a pairing request, how long to wait for the agent to read it and close; the
+/// connection is closed regardless afterwards.
+const PAIRING_LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+
+pub(crate) struct TunnelService {
+    pub settings: Arc<EdgeSettings>,
+    pub state: Arc<EdgeState>,
+    pub agents: Arc<AgentSet>,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+impl TunnelService {
+    /// Accepts connections until shutdown.
+    pub async fn run(self: Arc<Self>, listener: QuicListener) {
+        loop {
+            let incoming = tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                incoming = listener.accept() => incoming,
+            };
+            let Some(incoming) = incoming else { break };
+            let this = self.clone();
+            self.tasks.spawn(async move { this.handle(incoming).await });
+        }
+        self.agents.close_all(code::SHUTDOWN, "edge shutting down");
+        listener.close(code::SHUTDOWN, "edge shutting down");
+    }
+
+    async fn handle(self: Arc<Self>, incoming: IncomingTunnel) {
+        let remote = incoming.remote_addr();
+        match incoming.handshake().await {
+            Ok((conn, PeerKind::Agent { name })) => self.agent_session(conn, name).await,
+            Ok((conn, PeerKind::Pairing)) => self.pairing_session(conn).await,
+            Err(e) => warn!(%remote, "tunnel handshake refused: {e}"),
+        }
+    }
+
+    async fn agent_session(&self, conn: Arc<dyn TunnelConnection>, name: String) {
+        let remote = conn.remote_addr();
+        if !self.state.is_paired(&name) {
+            warn!(agent = %name, %remote, "refusing agent: its certificate is valid but no such agent is paired here");
+            conn.close(code::UNKNOWN_AGENT, "unknown agent");
+            return;
+        }
+        let hello = tokio::time::timeout(self.settings.hello_timeout, async {
+            let mut control = conn.accept_bi().await.map_err(|e| e.to_string())?;
+            match read_frame::<ControlMessage, _>(&mut control.recv, DEFAULT_MAX_HEAD_LEN).await {
+                Ok(Some(ControlMessage::Hello(hello))) => Ok((control, hello)),
+                Ok(_) => Err("first control message was not a hello".to_owned()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await;
+        let (mut control, hello) = match hello {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => {
+                warn!(agent = %name, %remote, "closing agent connection: {e}");
+                conn.close(code::PROTOCOL_VIOLATION, "expected hello");
+                return;
+            }
+            Err(_) => {
+                warn!(agent = %name, %remote, "closing agent connection: no hello within {:?}", self.settings.hello_timeout);
+                conn.close(code::PROTOCOL_VIOLATION, "hello timeout");
+                return;
+            }
+        };
+        let welcome =
+            ControlMessage::Welcome { agent_name: name.clone(), software_version: env!("CARGO_PKG_VERSION").into() };
+        if let Err(e) = write_frame(&mut control.send, &welcome, DEFAULT_MAX_HEAD_LEN).await {
+            warn!(agent = %name, %remote, "agent left before welcome: {e}");
+            return;
+        }
+        let agent = self.agents.insert(name.clone(), remote, conn.clone());
+        info!(
+            agent = %name,
+            %remote,
+            transport = conn.transport(),
+            version = %hello.software_version,
+            protocol = hello.protocol_version,
+            "agent connected"
+        );
+
+        let mut reader = FrameReader::new(DEFAULT_MAX_HEAD_LEN);
+        let reason = loop {
+            tokio::select! {
+                lost = conn.closed() => break lost.0,
+                () = self.shutdown.cancelled() => break "edge shutting down".to_owned(),
+                msg = reader.next::<ControlMessage, _>(&mut control.recv) => match msg {
+                    Ok(Some(ControlMessage::Drain)) => {
+                        agent.set_draining();
+                        info!(agent = %name, %remote, "agent draining: no new exchanges go to it");
+                    }
+                    Ok(Some(other)) => {
+                        warn!(agent = %name, %remote, "unexpected control message {other:?}; ignored");
+                    }
+                    // The agent ended its control stream: it is leaving; wait for the close.
+                    Ok(None) => {
+                        agent.set_draining();
+                        break conn.closed().await.0;
+                    }
+                    // The stream failed because the connection did: report the connection's reason.
+                    Err(FrameReadError::Io(_)) => break conn.closed().await.0,
+                    Err(FrameReadError::Decode(e)) => {
+                        conn.close(code::PROTOCOL_VIOLATION, "bad control frame");
+                        break format!("bad control frame: {e}");
+                    }
+                },
+            }
+        };
+        self.agents.remove(agent.id);
+        info!(agent = %name, %remote, "agent disconnected: {reason}");
+    }
+
+    async fn pairing_session(&self, conn: Arc<dyn TunnelConnection>) {
+        let remote = conn.remote_addr();
+        let request = tokio::time::timeout(self.settings.hello_timeout, async {
+            let mut stream = conn.accept_bi().await.map_err(|e| e.to_string())?;
+            match read_frame::<PairRequest, _>(&mut stream.recv, DEFAULT_MAX_HEAD_LEN).await {
+                Ok(Some(request)) => Ok((stream, request)),
+                Ok(None) => Err("no pairing request".to_owned()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await;
+        let (mut stream, request) = match request {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => {
+                warn!(%remote, "pairing attempt failed: {e}");
+                conn.close(code::PROTOCOL_VIOLATION, "bad pairing request");
+                return;
+            }
+            Err(_) => {
+                warn!(%remote, "pairing attempt timed out");
+                conn.close(code::PROTOCOL_VIOLATION, "pairing timeout");
+                return;
+            }
+        };
+        let state = self.state.clone();
+        let validity = self.settings.agent_cert_validity;
+        let token_id = request.token_id.clone();
+        // Signing and the atomic spend touch the disk: keep them off the async workers.
+        let outcome = tokio::task::spawn_blocking(move || {
+            state.redeem(&request.token_id, &request.secret, &request.csr_der, SystemTime::now(), validity)
+        })
+        .await
+        .unwrap_or_else(|e| Err(RedeemError::Internal(e.to_string())));
+        let response = match outcome {
+            Ok(issued) => {
+                info!(%remote, agent = %issued.agent_name, token = %token_id, "agent paired: certificate issued");
+                PairResponse::Issued { agent_name: issued.agent_name, cert_der: issued.cert_der, ca_der: issued.ca_der }
+            }
+            Err(e) => {
+                warn!(%remote, token = %token_id, "pairing refused: {e}");
+                PairResponse::Refused(match e {
+                    RedeemError::UnknownToken => PairRefusal::UnknownToken,
+                    RedeemError::Expired => PairRefusal::Expired,
+                    RedeemError::Spent => PairRefusal::Spent,
+                    RedeemError::BadSecret => PairRefusal::BadSecret,
+                    RedeemError::BadCsr(_) => PairRefusal::BadCsr,
+                    RedeemError::Internal(_) => PairRefusal::Internal,
+                })
+            }
+        };
+        if write_frame(&mut stream.send, &response, DEFAULT_MAX_HEAD_LEN).await.is_ok() {
+            let _ = stream.send.shutdown().await;
+            // Let the agent read the answer and close first; closing now could discard it.
+            let _ = tokio::time::timeout(PAIRING_LINGER, conn.closed()).await;
+        }
+        conn.close(code::OK, "pairing done");
+    }
+}
