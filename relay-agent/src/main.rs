@@ -60,12 +60,6 @@ struct RunArgs {
     keep_alive: Option<String>,
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-}
-
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Pair { state_dir, token } => {
@@ -78,7 +72,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
         }
         Command::Run(args) => {
-            init_logging();
+            relay_cli::init_logging();
             let flags = AgentConfig {
                 state_dir: args.state_dir,
                 upstream: args.upstream,
@@ -94,7 +88,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             let settings = base.overlay(flags).resolve()?;
             let agent = Agent::start(settings).await?;
-            shutdown_signal().await;
+            relay_cli::shutdown_signal().await;
             tracing::info!("shutting down");
             agent.shutdown().await;
         }
@@ -102,44 +96,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-        return;
-    }
-    let _ = ctrl_c.await;
-}
-
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
-            eprintln!("relay-agent: {first} (see --help)");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("relay-agent: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("relay-agent: {}", format!("{e:#}").replace('\n', " "));
-            ExitCode::FAILURE
-        }
-    }
+    relay_cli::main("relay-agent", |cli: Cli| run(cli.command))
 }

@@ -103,12 +103,6 @@ impl RunArgs {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-}
-
 fn parse_edge_addr(text: &str) -> anyhow::Result<()> {
     let (host, port) = text.rsplit_once(':').with_context(|| format!("--edge-addr {text:?} must be HOST:PORT"))?;
     if host.is_empty() || port.parse::<u16>().is_err() {
@@ -135,7 +129,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("{}", token.encode());
         }
         Command::Run(args) => {
-            init_logging();
+            relay_cli::init_logging();
             let (file, flags) = args.into_config();
             let base = match &file {
                 Some(path) => EdgeConfig::load(path)?,
@@ -143,7 +137,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             let settings = base.overlay(flags).resolve()?;
             let edge = Edge::start(settings).await?;
-            shutdown_signal().await;
+            relay_cli::shutdown_signal().await;
             tracing::info!("shutting down");
             edge.shutdown().await;
         }
@@ -151,48 +145,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = ctrl_c.await;
-}
-
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            // --help and --version.
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
-            eprintln!("relay-edge: {first} (see --help)");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("relay-edge: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("relay-edge: {}", format!("{e:#}").replace('\n', " "));
-            ExitCode::FAILURE
-        }
-    }
+    relay_cli::main("relay-edge", |cli: Cli| run(cli.command))
 }

@@ -1,0 +1,72 @@
+//! The `relay-agent` command line against a real edge: exit codes and one-line errors.
+
+// Test code: a panic is a failed assertion.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::net::SocketAddr;
+use std::process::{Command, Output};
+use std::time::SystemTime;
+
+use relay_edge::{Edge, EdgeSettings};
+use relay_pki::{DEFAULT_TOKEN_TTL, EdgeState};
+
+fn agent(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_relay-agent")).args(args).env_remove("RUST_LOG").output().unwrap()
+}
+
+fn one_line_error(output: &Output) -> String {
+    assert!(!output.status.success(), "expected failure, got {:?}", output.status);
+    let stderr = String::from_utf8(output.stderr.clone()).unwrap();
+    assert_eq!(stderr.trim_end().lines().count(), 1, "error must be one line, got: {stderr:?}");
+    assert!(stderr.starts_with("relay-agent: "), "{stderr:?}");
+    stderr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pair_succeeds_once_then_reports_the_spent_token_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge_dir = dir.path().join("edge");
+    let state = EdgeState::init(&edge_dir, &[], SystemTime::now()).unwrap();
+    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let edge = Edge::start(EdgeSettings::new(edge_dir.clone(), loopback, loopback)).await.unwrap();
+    let token = state
+        .create_token("cli-agent", &edge.tunnel_addr().to_string(), DEFAULT_TOKEN_TTL, SystemTime::now())
+        .unwrap()
+        .encode();
+
+    let agent_dir = dir.path().join("agent");
+    let first = {
+        let (dir, token) = (agent_dir.clone(), token.clone());
+        tokio::task::spawn_blocking(move || agent(&["pair", "--state-dir", dir.to_str().unwrap(), "--token", &token]))
+            .await
+            .unwrap()
+    };
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let stderr = String::from_utf8(first.stderr).unwrap();
+    assert!(stderr.contains("cli-agent") && !stderr.contains(&token), "{stderr}");
+
+    let second = {
+        let dir = dir.path().join("agent2");
+        tokio::task::spawn_blocking(move || agent(&["pair", "--state-dir", dir.to_str().unwrap(), "--token", &token]))
+            .await
+            .unwrap()
+    };
+    assert!(one_line_error(&second).contains("already used"));
+    edge.shutdown().await;
+}
+
+#[test]
+fn bad_input_gets_a_one_line_error_and_a_non_zero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().to_str().unwrap();
+    assert!(one_line_error(&agent(&["pair", "--state-dir", state, "--token", "hello"])).contains("invalid token"));
+    assert!(
+        one_line_error(&agent(&["run", "--state-dir", state, "--upstream", "http://127.0.0.1:1"]))
+            .contains("relay-agent pair")
+    );
+    assert!(
+        one_line_error(&agent(&["run", "--state-dir", state, "--upstream", "https://bot:443"])).contains("upstream")
+    );
+    assert!(one_line_error(&agent(&["run", "--state-dir", state])).contains("upstream"));
+    assert!(one_line_error(&agent(&["pair", "--state-dir", state])).contains("--token"));
+}

@@ -1,0 +1,70 @@
+//! A malformed frame from a peer resets one stream, never the connection.
+
+use std::time::Duration;
+
+use bytes::BufMut;
+use http::StatusCode;
+use relay_pki::AgentState;
+use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
+use relay_proto::{ControlMessage, ExchangeHead, Hello, HttpReply, PROTOCOL_VERSION, ResponseHead};
+use relay_testkit::client::{post_json, send_collect};
+use relay_testkit::{Stack, eventually};
+use relay_transport::{dial_tunnel, read_frame, write_frame};
+use tokio::io::AsyncWriteExt;
+
+#[tokio::test]
+async fn a_malformed_answer_resets_that_exchange_only_and_the_connection_keeps_serving() {
+    let stack = Stack::start_without_agent(|_| {}).await.unwrap();
+    let dir = stack.pair_agent("fake").await.unwrap();
+    let id = AgentState::load(&dir).unwrap();
+    // A hand-driven agent speaking the protocol, which can misbehave on purpose.
+    let conn =
+        dial_tunnel(stack.edge.tunnel_addr(), "localhost", id.cert_chain, id.key, &id.ca_cert, &Default::default())
+            .await
+            .unwrap();
+    let mut control = conn.open_bi().await.unwrap();
+    let hello = Hello {
+        agent_name: "fake".into(),
+        software_version: "test".into(),
+        protocol_version: PROTOCOL_VERSION,
+        capabilities: vec![],
+        labels: vec![],
+    };
+    write_frame(&mut control.send, &ControlMessage::Hello(hello), DEFAULT_MAX_HEAD_LEN).await.unwrap();
+    let welcome: ControlMessage = read_frame(&mut control.recv, DEFAULT_MAX_HEAD_LEN).await.unwrap().unwrap();
+    assert!(matches!(welcome, ControlMessage::Welcome { .. }));
+    stack.wait_connected(1).await.unwrap();
+
+    let serving = conn.clone();
+    let fake_agent = tokio::spawn(async move {
+        for _ in 0..2 {
+            let mut stream = serving.accept_bi().await.unwrap();
+            let head: ExchangeHead = read_frame(&mut stream.recv, DEFAULT_MAX_HEAD_LEN).await.unwrap().unwrap();
+            if head.path_and_query.contains("garbage") {
+                // A length prefix followed by bytes that are no HttpReply.
+                let mut junk = bytes::BytesMut::new();
+                junk.put_u32(6);
+                junk.put_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+                stream.send.write_all(&junk).await.unwrap();
+            } else {
+                let reply = HttpReply::Response(ResponseHead {
+                    status: 200,
+                    headers: vec![("content-length".into(), b"4".to_vec())],
+                });
+                write_frame(&mut stream.send, &reply, DEFAULT_MAX_HEAD_LEN).await.unwrap();
+                stream.send.write_all(b"fine").await.unwrap();
+            }
+            stream.send.shutdown().await.unwrap();
+        }
+    });
+
+    let bad = send_collect(stack.public(), post_json(stack.public(), "/api/callbacks/garbage", "[]")).await.unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_GATEWAY);
+    let good = send_collect(stack.public(), post_json(stack.public(), "/api/callbacks/ok", "[]")).await.unwrap();
+    assert_eq!(good.status(), StatusCode::OK);
+    assert_eq!(&good.body()[..], b"fine");
+    assert_eq!(stack.edge.connected_agents(), ["fake"], "the connection must survive a malformed frame");
+    tokio::time::timeout(Duration::from_secs(10), fake_agent).await.unwrap().unwrap();
+    assert!(eventually(Duration::from_secs(1), || async { stack.edge.connected_agents().len() == 1 }).await);
+    stack.shutdown().await;
+}
