@@ -36,6 +36,10 @@ pub const DEFAULT_OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(5);
 /// own schedule; 5 s tells well-behaved clients that an agent usually returns within seconds.
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
 
+/// How long a client has to send a complete request head. ACS sends its head in one packet; 10 s
+/// tolerates a slow mobile link while stopping slow-loris clients from holding connections.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long an agent has, after its handshake, to send its hello on the control stream.
 pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -95,6 +99,8 @@ pub struct EdgeConfig {
     pub idle_timeout: Option<String>,
     /// Tunnel keep-alive interval (`"10s"`).
     pub keep_alive: Option<String>,
+    /// How long a client has to send a request head (`"10s"`).
+    pub header_read_timeout: Option<String>,
     /// Relayed routes; the three ACS endpoints when absent.
     #[serde(rename = "route")]
     pub routes: Option<Vec<RouteConfig>>,
@@ -121,6 +127,8 @@ pub struct EdgeSettings {
     pub retry_after: Duration,
     /// See [`DEFAULT_HELLO_TIMEOUT`].
     pub hello_timeout: Duration,
+    /// See [`DEFAULT_HEADER_READ_TIMEOUT`].
+    pub header_read_timeout: Duration,
     /// See [`relay_pki::DEFAULT_AGENT_CERT_VALIDITY`].
     pub agent_cert_validity: Duration,
     /// QUIC transport settings.
@@ -144,6 +152,7 @@ impl EdgeSettings {
             open_stream_timeout: DEFAULT_OPEN_STREAM_TIMEOUT,
             retry_after: DEFAULT_RETRY_AFTER,
             hello_timeout: DEFAULT_HELLO_TIMEOUT,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             agent_cert_validity: relay_pki::DEFAULT_AGENT_CERT_VALIDITY,
             quic: QuicSettings::default(),
             routes: default_routes(),
@@ -196,6 +205,7 @@ impl EdgeConfig {
             agent_cert_validity: other.agent_cert_validity.or(self.agent_cert_validity),
             idle_timeout: other.idle_timeout.or(self.idle_timeout),
             keep_alive: other.keep_alive.or(self.keep_alive),
+            header_read_timeout: other.header_read_timeout.or(self.header_read_timeout),
             routes: other.routes.or(self.routes),
         }
     }
@@ -238,6 +248,9 @@ impl EdgeConfig {
         }
         if let Some(text) = &self.keep_alive {
             settings.quic.keep_alive = parse_duration("keep_alive", text)?;
+        }
+        if let Some(text) = &self.header_read_timeout {
+            settings.header_read_timeout = parse_duration("header_read_timeout", text)?;
         }
         if settings.quic.keep_alive >= settings.quic.idle_timeout {
             return Err(ConfigError::Invalid {

@@ -120,7 +120,8 @@ pub(crate) async fn relay_http(
     let limit = service.settings.max_body_bytes;
     let declared =
         req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit) {
+    if let Some(len) = declared.filter(|len| *len > limit) {
+        info!(request_id, route = %route.name, status = 413, bytes_declared = len, limit, "request body over the limit");
         return edge_answer(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
     }
     let (in_flight, stream) = match open_exchange(service).await {

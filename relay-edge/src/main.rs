@@ -83,6 +83,9 @@ struct RunArgs {
     /// Tunnel keep-alive interval (e.g. `10s`).
     #[arg(long, env = "RELAY_EDGE_KEEP_ALIVE")]
     keep_alive: Option<String>,
+    /// How long a client has to send a request head (e.g. `10s`).
+    #[arg(long, env = "RELAY_EDGE_HEADER_READ_TIMEOUT")]
+    header_read_timeout: Option<String>,
 }
 
 impl RunArgs {
@@ -97,6 +100,7 @@ impl RunArgs {
             agent_cert_validity: self.agent_cert_validity,
             idle_timeout: self.idle_timeout,
             keep_alive: self.keep_alive,
+            header_read_timeout: self.header_read_timeout,
             routes: None,
         };
         (self.config, config)

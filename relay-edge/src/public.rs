@@ -38,8 +38,10 @@ pub(crate) fn edge_answer(status: StatusCode, text: &str) -> Response<RelayBody>
 }
 
 impl PublicService {
-    /// `503` with `Retry-After`, so Event Grid and ACS retry instead of giving up.
+    /// `503` with `Retry-After`, so Event Grid and ACS retry instead of giving up. Logged: an
+    /// operator must see that ACS traffic is being turned away.
     pub(crate) fn unavailable(&self, text: &str) -> Response<RelayBody> {
+        tracing::warn!("answering 503 at the edge: {text}");
         let mut response = edge_answer(StatusCode::SERVICE_UNAVAILABLE, text);
         let secs = self.settings.retry_after.as_secs().max(1);
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -74,8 +76,11 @@ impl PublicService {
             let this = this.clone();
             async move { Ok::<_, Infallible>(this.handle(req, peer).await) }
         });
-        let conn =
-            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).with_upgrades();
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.settings.header_read_timeout)
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
         tokio::pin!(conn);
         tokio::select! {
             result = conn.as_mut() => {

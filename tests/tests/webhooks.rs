@@ -204,3 +204,17 @@ async fn after_an_agent_restart_readiness_returns_and_traffic_flows_again() {
     assert_eq!(bodies, [b"[1]".to_vec(), b"[3]".to_vec()], "the request sent during the gap must not be delivered");
     stack.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_request_head_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stack = Stack::start_with(|s| s.header_read_timeout = Duration::from_millis(300)).await.unwrap();
+    let mut slow = tokio::net::TcpStream::connect(stack.public()).await.unwrap();
+    slow.write_all(b"POST /api/incomingCall HTTP/1.1\r\nHost: relay\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    // The edge must end the connection itself; the deadline only bounds the test.
+    let ended = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buf)).await;
+    assert!(ended.is_ok(), "the edge kept a half-sent request open");
+    assert_eq!(stack.bot.hits(), 0);
+    stack.shutdown().await;
+}

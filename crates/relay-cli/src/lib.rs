@@ -48,8 +48,10 @@ where
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // The project's errors carry their cause in their own message, so print only the top
+        // one: `{:#}` would repeat each cause once more.
         Err(e) => {
-            eprintln!("{program}: {}", format!("{e:#}").replace('\n', " "));
+            eprintln!("{program}: {}", e.to_string().replace('\n', " "));
             ExitCode::FAILURE
         }
     }

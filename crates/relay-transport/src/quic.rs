@@ -211,7 +211,7 @@ impl QuicListener {
         settings: &QuicSettings,
     ) -> Result<Self, DialError> {
         let tls = tls::edge_server_config(cert_chain, key, ca)?;
-        let crypto = QuicServerConfig::try_from(tls).map_err(|e| DialError::Tls(TlsError::BadRoot(e.to_string())))?;
+        let crypto = QuicServerConfig::try_from(tls).map_err(|e| DialError::Tls(TlsError::Quic(e.to_string())))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(Arc::new(settings.transport(MAX_AGENT_INITIATED_STREAMS)));
         let endpoint = quinn::Endpoint::server(server, addr).map_err(DialError::Bind)?;
@@ -303,7 +303,7 @@ async fn dial(
     let bind: SocketAddr =
         if addr.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
     let mut endpoint = quinn::Endpoint::client(bind).map_err(DialError::Bind)?;
-    let crypto = QuicClientConfig::try_from(client).map_err(|e| DialError::Tls(TlsError::BadRoot(e.to_string())))?;
+    let crypto = QuicClientConfig::try_from(client).map_err(|e| DialError::Tls(TlsError::Quic(e.to_string())))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(Arc::new(settings.transport(settings.max_exchange_streams)));
     endpoint.set_default_client_config(config);

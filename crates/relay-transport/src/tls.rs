@@ -28,6 +28,9 @@ pub enum TlsError {
     /// The CA certificate could not be used as a trust root.
     #[error("the pairing CA certificate is not a usable trust root: {0}")]
     BadRoot(String),
+    /// The TLS configuration cannot carry QUIC (no TLS 1.3 or no QUIC-capable cipher suite).
+    #[error("TLS configuration unusable for QUIC: {0}")]
+    Quic(String),
 }
 
 /// The one crypto provider used everywhere.
