@@ -27,40 +27,73 @@ pub(crate) struct TunnelClient {
     pub connected: watch::Sender<bool>,
 }
 
-/// A delay drawn uniformly from half to all of `step`, so agents that lost the same edge at the
-/// same moment spread out.
-fn jittered(step: Duration) -> Duration {
-    let half = step / 2;
-    half + half.mul_f64(fastrand::f64())
+/// How one connection attempt ended.
+enum Session {
+    /// The edge welcomed us and the connection later ended, for this reason.
+    Ended(String),
+    /// We never got a welcomed connection, for this reason.
+    Failed(String),
+}
+
+/// Reconnection delays: exponential from `initial` to `max`, reset by a welcomed session, each
+/// drawn from half to all of the current step so agents that lost one edge together spread out.
+#[derive(Debug)]
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    step: Duration,
+    /// Attempts since the last welcomed session.
+    failures: u64,
+}
+
+impl Backoff {
+    fn new(initial: Duration, max: Duration) -> Self {
+        Self { initial, max, step: initial, failures: 0 }
+    }
+
+    /// The delay before the next attempt, given how the last one ended.
+    fn after(&mut self, outcome: &Session) -> Duration {
+        match outcome {
+            Session::Ended(_) => {
+                self.step = self.initial;
+                self.failures = 0;
+            }
+            Session::Failed(_) => self.failures += 1,
+        }
+        let half = self.step / 2;
+        let delay = half + half.mul_f64(fastrand::f64());
+        if matches!(outcome, Session::Failed(_)) {
+            self.step = (self.step * 2).min(self.max);
+        }
+        delay
+    }
 }
 
 impl TunnelClient {
-    /// Keeps a connection to the edge until shutdown.
+    /// Keeps a connection to the edge until shutdown. Every reconnection waits a jittered delay;
+    /// the delay grows after each attempt that did not end in a welcomed connection and starts
+    /// over after one that did, so an edge that refuses us is never hammered.
     pub async fn run(self: Arc<Self>) {
-        let mut step = self.settings.reconnect_initial;
-        let mut attempt: u64 = 0;
+        let mut backoff = Backoff::new(self.settings.reconnect_initial, self.settings.reconnect_max);
         while !self.shutdown.is_cancelled() {
-            attempt += 1;
-            match self.connect().await {
-                Ok(conn) => {
-                    step = self.settings.reconnect_initial;
-                    attempt = 0;
-                    let reason = self.serve(conn).await;
-                    let _ = self.connected.send(false);
-                    if self.shutdown.is_cancelled() {
-                        break;
-                    }
-                    warn!(edge = %self.edge_addr, "tunnel lost: {reason}; reconnecting");
+            let outcome = match self.connect().await {
+                Ok(conn) => self.serve(conn).await,
+                Err(e) => Session::Failed(format!("cannot connect to the edge: {e}")),
+            };
+            let _ = self.connected.send(false);
+            if self.shutdown.is_cancelled() {
+                break;
+            }
+            let delay = backoff.after(&outcome);
+            match outcome {
+                Session::Ended(reason) => warn!(edge = %self.edge_addr, "tunnel lost: {reason}; reconnecting"),
+                Session::Failed(reason) => {
+                    warn!(edge = %self.edge_addr, attempt = backoff.failures, retry_in_ms = delay.as_millis() as u64, "{reason}");
                 }
-                Err(e) => {
-                    let delay = jittered(step);
-                    warn!(edge = %self.edge_addr, attempt, retry_in_ms = delay.as_millis() as u64, "cannot connect to the edge: {e}");
-                    tokio::select! {
-                        () = self.shutdown.cancelled() => break,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                    step = (step * 2).min(self.settings.reconnect_max);
-                }
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                () = tokio::time::sleep(delay) => {}
             }
         }
     }
@@ -89,8 +122,8 @@ impl TunnelClient {
         Err(last)
     }
 
-    /// Runs one connection: hello, then exchanges until it ends. Returns why it ended.
-    async fn serve(&self, conn: Arc<dyn TunnelConnection>) -> String {
+    /// Runs one connection: hello, then exchanges until it ends.
+    async fn serve(&self, conn: Arc<dyn TunnelConnection>) -> Session {
         let hello = ControlMessage::Hello(Hello {
             agent_name: self.identity.name.clone(),
             software_version: env!("CARGO_PKG_VERSION").into(),
@@ -110,8 +143,11 @@ impl TunnelClient {
         .await;
         let (control, name) = match greeting {
             Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => return format!("{e} ({})", conn.closed_reason_now()),
-            Err(_) => return "no welcome from the edge in time".into(),
+            Ok(Err(e)) => return Session::Failed(format!("{e} ({})", conn.closed_reason_now())),
+            Err(_) => {
+                conn.close(code::PROTOCOL_VIOLATION, "no welcome");
+                return Session::Failed("no welcome from the edge in time".into());
+            }
         };
         let _ = self.connected.send(true);
         info!(edge = %self.edge_addr, remote = %conn.remote_addr(), agent = %name, transport = conn.transport(), "connected to the edge");
@@ -121,7 +157,7 @@ impl TunnelClient {
             let stream = tokio::select! {
                 () = self.shutdown.cancelled() => {
                     conn.close(code::SHUTDOWN, "agent shutting down");
-                    return "agent shutting down".into();
+                    return Session::Ended("agent shutting down".into());
                 }
                 stream = conn.accept_bi() => stream,
             };
@@ -131,7 +167,7 @@ impl TunnelClient {
                     let head_timeout = self.settings.head_timeout;
                     self.tasks.spawn(async move { handle_exchange(forwarder, stream, head_timeout).await });
                 }
-                Err(lost) => return lost.0,
+                Err(lost) => return Session::Ended(lost.0),
             }
         }
     }
@@ -178,5 +214,44 @@ impl ClosedReason for Arc<dyn TunnelConnection> {
         // The connection is usually already closed here (the edge refused us with a reason).
         futures_util::FutureExt::now_or_never(self.closed())
             .map_or_else(|| "connection still open".to_owned(), |lost| lost.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INITIAL: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(2);
+
+    #[test]
+    fn failed_attempts_back_off_exponentially_up_to_the_cap() {
+        let mut backoff = Backoff::new(INITIAL, MAX);
+        let mut ceiling = INITIAL;
+        for _ in 0..20 {
+            let delay = backoff.after(&Session::Failed("refused".into()));
+            assert!(delay >= ceiling / 2 && delay <= ceiling, "{delay:?} outside [{:?}, {ceiling:?}]", ceiling / 2);
+            ceiling = (ceiling * 2).min(MAX);
+        }
+        assert_eq!(backoff.failures, 20);
+    }
+
+    #[test]
+    fn a_refused_connection_never_reconnects_without_a_delay() {
+        let mut backoff = Backoff::new(INITIAL, MAX);
+        for _ in 0..10 {
+            assert!(backoff.after(&Session::Failed("handshake refused".into())) >= INITIAL / 2);
+        }
+    }
+
+    #[test]
+    fn a_welcomed_session_resets_the_backoff() {
+        let mut backoff = Backoff::new(INITIAL, MAX);
+        for _ in 0..10 {
+            backoff.after(&Session::Failed("down".into()));
+        }
+        let delay = backoff.after(&Session::Ended("edge restarted".into()));
+        assert!(delay <= INITIAL && delay >= INITIAL / 2);
+        assert_eq!(backoff.failures, 0);
     }
 }

@@ -135,8 +135,6 @@ pub struct EdgeSettings {
     pub quic: QuicSettings,
     /// Relayed routes.
     pub routes: Vec<Route>,
-    /// Whether routes came from configuration (false: defaults, no checks configured).
-    pub routes_configured: bool,
 }
 
 impl EdgeSettings {
@@ -156,7 +154,6 @@ impl EdgeSettings {
             agent_cert_validity: relay_pki::DEFAULT_AGENT_CERT_VALIDITY,
             quic: QuicSettings::default(),
             routes: default_routes(),
-            routes_configured: false,
         }
     }
 }
@@ -263,7 +260,6 @@ impl EdgeConfig {
                 .iter()
                 .map(|r| r.build().map_err(|message| ConfigError::Invalid { key: "route", message }))
                 .collect::<Result<_, _>>()?;
-            settings.routes_configured = true;
         }
         Ok(settings)
     }

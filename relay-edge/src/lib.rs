@@ -75,11 +75,11 @@ impl Edge {
             .await
             .map_err(|source| StartError::Listen { addr: settings.listen, source })?;
         let public_addr = public.local_addr().map_err(|source| StartError::Listen { addr: settings.listen, source })?;
-        if !settings.routes_configured {
-            tracing::warn!(
-                "no configuration given: relaying the default ACS routes with NO authentication checks; anyone who can reach {public_addr} can reach the bot"
-            );
-        }
+        // Admission checks (ACS JWT, Event Grid, shared secret, source IP) are not built yet.
+        tracing::warn!(
+            "relaying {} route(s) with NO authentication checks: anyone who can reach {public_addr} can reach the bot",
+            settings.routes.len()
+        );
 
         let settings = Arc::new(settings);
         let agents = Arc::new(AgentSet::default());

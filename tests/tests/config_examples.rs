@@ -12,7 +12,6 @@ fn every_example_config_parses_and_resolves() {
         if name.starts_with("edge") && name.ends_with(".toml") {
             let settings = relay_edge::EdgeConfig::load(&path).unwrap().resolve().unwrap();
             assert_eq!(settings.routes.len(), 3, "{name}");
-            assert!(settings.routes_configured);
             seen += 1;
         } else if name.starts_with("agent") && name.ends_with(".toml") {
             relay_agent::AgentConfig::load(&path).unwrap().resolve().unwrap();
