@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::Uri;
+pub use relay_cli::config::ConfigError;
+use relay_cli::config::{load_toml, parse_duration, parse_toml};
 use relay_transport::QuicSettings;
 use serde::Deserialize;
 
@@ -22,40 +24,6 @@ pub const DEFAULT_RECONNECT_INITIAL: Duration = Duration::from_millis(100);
 /// edge returning; jitter (each delay is drawn from half to all of the current step) keeps a
 /// hundred agents from arriving in the same instant.
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(2);
-
-/// Why the configuration is unusable. Each message is one line naming what to fix.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML for this schema.
-    #[error("{path}: line {line}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line.
-        line: usize,
-        /// What is wrong, naming the key.
-        message: String,
-    },
-    /// A value is malformed.
-    #[error("invalid setting {key}: {message}")]
-    Invalid {
-        /// The key.
-        key: &'static str,
-        /// What is wrong.
-        message: String,
-    },
-    /// A required setting has no value.
-    #[error("missing setting {0}: set it in the config file, the environment or on the command line")]
-    Missing(&'static str),
-}
 
 /// Agent settings as they appear in a file or on the command line; every field optional.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -119,15 +87,6 @@ pub fn parse_upstream(text: &str) -> Result<Uri, ConfigError> {
         .map_err(|e| invalid(e.to_string()))
 }
 
-fn parse_duration(key: &'static str, text: &str) -> Result<Duration, ConfigError> {
-    let value = humantime::parse_duration(text.trim())
-        .map_err(|e| ConfigError::Invalid { key, message: format!("{text:?}: {e} (use e.g. 90s, 15m, 24h)") })?;
-    if value.is_zero() {
-        return Err(ConfigError::Invalid { key, message: "must be greater than zero".into() });
-    }
-    Ok(value)
-}
-
 impl AgentSettings {
     /// Settings with every default.
     pub fn new(state_dir: PathBuf, upstream: Uri) -> Self {
@@ -148,18 +107,12 @@ impl AgentSettings {
 impl AgentConfig {
     /// Reads and parses a TOML file, rejecting unknown keys with their name and line.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::parse(&text, path)
+        load_toml(path)
     }
 
     /// Parses TOML text; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            line: e.span().map_or(1, |span| text.get(..span.start).map_or(1, |b| b.matches('\n').count() + 1)),
-            message: e.message().replace('\n', " "),
-        })
+        parse_toml(text, path)
     }
 
     /// `other` wins wherever it has a value.

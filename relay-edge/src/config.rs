@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use relay_cli::config::{ConfigError, parse_duration};
+use relay_cli::config::{load_toml, parse_toml};
 use relay_transport::QuicSettings;
 use serde::Deserialize;
 
@@ -42,40 +44,6 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long an agent has, after its handshake, to send its hello on the control stream.
 pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Why the configuration is unusable. Each message is one line naming what to fix.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML for this schema (unknown key, wrong type, ...).
-    #[error("{path}: line {line}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line of the problem.
-        line: usize,
-        /// What is wrong, naming the key.
-        message: String,
-    },
-    /// A value is out of range or malformed.
-    #[error("invalid setting {key}: {message}")]
-    Invalid {
-        /// The key.
-        key: &'static str,
-        /// What is wrong.
-        message: String,
-    },
-    /// A required setting has no value from any source.
-    #[error("missing setting {0}: set it in the config file, the environment or on the command line")]
-    Missing(&'static str),
-}
 
 /// Edge settings as they appear in a file or on the command line; every field optional.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -158,36 +126,15 @@ impl EdgeSettings {
     }
 }
 
-/// Parses a duration such as `90s`, `15m`, `24h` or `7d`.
-pub fn parse_duration(key: &'static str, text: &str) -> Result<Duration, ConfigError> {
-    let value = humantime::parse_duration(text.trim())
-        .map_err(|e| ConfigError::Invalid { key, message: format!("{text:?}: {e} (use e.g. 90s, 15m, 24h, 7d)") })?;
-    if value.is_zero() {
-        return Err(ConfigError::Invalid { key, message: "must be greater than zero".into() });
-    }
-    Ok(value)
-}
-
-/// 1-based line of a byte offset in `text`.
-pub fn line_of(text: &str, offset: usize) -> usize {
-    text.get(..offset).map_or(1, |before| before.lines().count().max(1) + usize::from(before.ends_with('\n')))
-}
-
 impl EdgeConfig {
     /// Reads and parses a TOML file, rejecting unknown keys with their name and line.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::parse(&text, path)
+        load_toml(path)
     }
 
     /// Parses TOML text; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            line: e.span().map_or(1, |span| line_of(text, span.start)),
-            message: e.message().replace('\n', " "),
-        })
+        parse_toml(text, path)
     }
 
     /// `other` wins wherever it has a value.
@@ -300,13 +247,5 @@ mod tests {
             EdgeConfig { state_dir: Some("/a".into()), response_timeout: Some("soon".into()), ..Default::default() };
         assert!(bad.resolve().unwrap_err().to_string().contains("response_timeout"));
         assert!(matches!(EdgeConfig::default().resolve(), Err(ConfigError::Missing("state_dir"))));
-    }
-
-    #[test]
-    fn durations_accept_the_documented_forms() {
-        for (text, secs) in [("90s", 90), ("15m", 900), ("24h", 86_400), ("7d", 604_800)] {
-            assert_eq!(parse_duration("x", text).unwrap(), Duration::from_secs(secs));
-        }
-        assert!(parse_duration("x", "0s").is_err());
     }
 }

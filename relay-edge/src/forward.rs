@@ -90,7 +90,7 @@ pub(crate) struct ExchangeLog {
     pub status: u16,
     pub started: Instant,
     pub bytes_in: Arc<AtomicU64>,
-    pub bytes_out: u64,
+    pub bytes_out: Arc<AtomicU64>,
 }
 
 impl Drop for ExchangeLog {
@@ -101,7 +101,7 @@ impl Drop for ExchangeLog {
             method = %self.method,
             status = self.status,
             bytes_in = self.bytes_in.load(Ordering::Relaxed),
-            bytes_out = self.bytes_out,
+            bytes_out = self.bytes_out.load(Ordering::Relaxed),
             duration_ms = self.started.elapsed().as_millis() as u64,
             agent = %self.agent,
             "exchange"
@@ -140,7 +140,7 @@ pub(crate) async fn relay_http(
         status: 0,
         started,
         bytes_in: Arc::new(AtomicU64::new(0)),
-        bytes_out: 0,
+        bytes_out: Arc::new(AtomicU64::new(0)),
     };
     if let Err(e) = write_frame(&mut send, &head, DEFAULT_MAX_HEAD_LEN).await {
         warn!(request_id, agent = %agent, "could not send the request head: {e}");
@@ -152,7 +152,7 @@ pub(crate) async fn relay_http(
     // reading everything, and a large body must not wait for an answer to be sent.
     let bytes_in = log.bytes_in.clone();
     let mut body_task = tokio::spawn(async move {
-        let body = CountingBody { inner: req.into_body(), count: bytes_in };
+        let body = CountingBody { inner: req.into_body(), count: bytes_in, _hold: () };
         copy_body_to_stream(body, &mut send, Some(limit)).await
     });
     // Wait for the answer while the body copies; a failed copy may answer first.
@@ -236,18 +236,26 @@ pub(crate) async fn relay_http(
     };
     log.status = status.as_u16();
     let (parts, body) = response.into_parts();
-    Response::from_parts(parts, LoggedBody { inner: body, log, _in_flight: in_flight }.boxed())
+    // The log line and the in-flight count live until the response body ends or is dropped.
+    let count = log.bytes_out.clone();
+    let body = CountingBody { inner: body, count, _hold: (log, in_flight) };
+    Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
 }
 
-/// Counts request body bytes as they pass, for the exchange log.
-struct CountingBody {
-    inner: Incoming,
+/// A body that counts the data bytes passing through it, holding `_hold` until it is dropped.
+struct CountingBody<B, H> {
+    inner: B,
     count: Arc<AtomicU64>,
+    _hold: H,
 }
 
-impl hyper::body::Body for CountingBody {
+impl<B, H> hyper::body::Body for CountingBody<B, H>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+    H: Unpin,
+{
     type Data = bytes::Bytes;
-    type Error = hyper::Error;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
@@ -258,37 +266,6 @@ impl hyper::body::Body for CountingBody {
             && let Some(data) = frame.data_ref()
         {
             self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
-        }
-        polled
-    }
-}
-
-/// The response body, carrying the exchange's log line and in-flight count until it ends.
-struct LoggedBody {
-    inner: RelayBody,
-    log: ExchangeLog,
-    _in_flight: InFlight,
-}
-
-impl LoggedBody {
-    fn boxed(self) -> RelayBody {
-        http_body_util::BodyExt::boxed_unsync(self)
-    }
-}
-
-impl hyper::body::Body for LoggedBody {
-    type Data = bytes::Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.log.bytes_out += data.len() as u64;
         }
         polled
     }

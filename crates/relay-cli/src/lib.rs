@@ -1,6 +1,9 @@
 //! What both acs-relay binaries do around their subcommands: parse arguments with clap, report
 //! every error as one line on stderr with a non-zero exit, set up logging from `RUST_LOG`, and
-//! wait for SIGTERM or SIGINT. Binaries stay thin: parse, build the pieces, run.
+//! wait for SIGTERM or SIGINT; and the configuration plumbing both use ([`config`]). Binaries
+//! stay thin: parse, build the pieces, run.
+
+pub mod config;
 
 use std::future::Future;
 use std::process::ExitCode;

@@ -1,0 +1,101 @@
+//! Configuration plumbing both binaries share: reading a TOML file strictly (unknown keys are
+//! errors naming the key and line), parsing durations, and the one error type for all of it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+/// Why a configuration is unusable. Each message is one line naming what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {error}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (unknown key, wrong type, ...).
+    #[error("{path}: line {line}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the problem.
+        line: usize,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("invalid setting {key}: {message}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A required setting has no value from any source.
+    #[error("missing setting {0}: set it in the config file, the environment or on the command line")]
+    Missing(&'static str),
+}
+
+/// Reads and parses a TOML file into `T`.
+pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
+    parse_toml(&text, path)
+}
+
+/// Parses TOML text into `T`; `path` names it in errors.
+pub fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        line: e.span().map_or(1, |span| line_of(text, span.start)),
+        message: e.message().replace('\n', " "),
+    })
+}
+
+/// 1-based line of a byte offset in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset).map_or(1, |before| before.matches('\n').count() + 1)
+}
+
+/// Parses a positive duration such as `90s`, `15m`, `24h` or `7d`.
+pub fn parse_duration(key: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    let value = humantime::parse_duration(text.trim())
+        .map_err(|e| ConfigError::Invalid { key, message: format!("{text:?}: {e} (use e.g. 90s, 15m, 24h, 7d)") })?;
+    if value.is_zero() {
+        return Err(ConfigError::Invalid { key, message: "must be greater than zero".into() });
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Sample {
+        listen: Option<String>,
+    }
+
+    #[test]
+    fn an_unknown_key_is_a_one_line_error_with_its_name_and_line() {
+        let err = parse_toml::<Sample>("listen = \"x\"\n\nlisten_adress = \"y\"\n", Path::new("f.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen_adress") && err.contains("line 3") && err.starts_with("f.toml"), "{err}");
+        assert!(!err.contains('\n'));
+    }
+
+    #[test]
+    fn durations_accept_the_documented_forms_and_refuse_zero() {
+        for (text, secs) in [("90s", 90), ("15m", 900), ("24h", 86_400), ("7d", 604_800)] {
+            assert_eq!(parse_duration("x", text).unwrap(), Duration::from_secs(secs));
+        }
+        assert!(parse_duration("x", "0s").is_err());
+        assert!(parse_duration("x", "soon").unwrap_err().to_string().contains("invalid setting x"));
+    }
+}
