@@ -49,8 +49,9 @@ impl Agent {
         let (connected_tx, connected) = watch::channel(false);
         let client = Arc::new(tunnel::TunnelClient {
             forwarder: Arc::new(forward::Forwarder::new(settings.clone())),
+            state_dir: Some(settings.state_dir.clone()),
             settings,
-            identity,
+            identity: std::sync::RwLock::new(identity),
             edge_addr: edge_addr.clone(),
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),

@@ -63,6 +63,7 @@ fn refusal_text(refusal: PairRefusal) -> &'static str {
         PairRefusal::BadSecret => "the token's secret is wrong (was the token altered?)",
         PairRefusal::BadCsr => "the edge rejected the certificate request",
         PairRefusal::Internal => "the edge failed to issue a certificate; see the edge's log",
+        PairRefusal::RateLimited => "too many failed pairing attempts from this address; wait a minute and retry",
     }
 }
 

@@ -4,11 +4,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use relay_pki::AgentIdentity;
+use std::sync::RwLock;
+use std::time::SystemTime;
+
+use relay_pki::{AgentIdentity, AgentState, agent_name_from_cert, cert_validity, generate_agent_csr, renewal_due};
 use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
-use relay_proto::{ControlMessage, ExchangeHead, ExchangeKind, Hello, PROTOCOL_VERSION, code};
+use relay_proto::{ControlMessage, ExchangeHead, ExchangeKind, Hello, PROTOCOL_VERSION, RenewOutcome, code};
 use relay_transport::quic::host_of;
-use relay_transport::{BiStream, FrameReadError, TunnelConnection, dial_tunnel, read_frame, write_frame};
+use relay_transport::{BiStream, FrameReadError, FrameReader, TunnelConnection, dial_tunnel, read_frame, write_frame};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -17,9 +22,22 @@ use tracing::{info, warn};
 use crate::config::AgentSettings;
 use crate::forward::Forwarder;
 
+/// How long the edge has to answer a renewal request.
+const RENEW_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Shortest wait before retrying a failed renewal; the retry interval is a tenth of the
+/// certificate's remaining life, but never less than this nor more than [`RENEW_RETRY_MAX`].
+const RENEW_RETRY_MIN: Duration = Duration::from_secs(1);
+
+/// Longest wait before retrying a failed renewal.
+const RENEW_RETRY_MAX: Duration = Duration::from_secs(300);
+
 pub(crate) struct TunnelClient {
     pub settings: Arc<AgentSettings>,
-    pub identity: AgentIdentity,
+    /// The current key and certificate; replaced by renewals, read by every new connection.
+    pub identity: RwLock<AgentIdentity>,
+    /// Where renewals are stored (`None` when running from a bundle: renewals live in memory).
+    pub state_dir: Option<std::path::PathBuf>,
     pub edge_addr: String,
     pub forwarder: Arc<Forwarder>,
     pub shutdown: CancellationToken,
@@ -98,7 +116,24 @@ impl TunnelClient {
         }
     }
 
+    /// The certificate chain, key and CA to dial with, refusing a certificate that has expired.
+    fn credentials(
+        &self,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, CertificateDer<'static>), String> {
+        let identity = self.identity.read().map_err(|_| "identity lock poisoned".to_owned())?;
+        if let Some((_, not_after)) = identity.cert_chain.first().and_then(|c| cert_validity(c).ok())
+            && SystemTime::now() >= not_after
+        {
+            return Err(format!(
+                "this agent's certificate expired at {}; it must be paired again (relay-agent pair)",
+                humantime::format_rfc3339_seconds(not_after)
+            ));
+        }
+        Ok((identity.cert_chain.clone(), identity.key.clone_key(), identity.ca_cert.clone()))
+    }
+
     async fn connect(&self) -> Result<Arc<dyn TunnelConnection>, String> {
+        let (cert_chain, key, ca_cert) = self.credentials()?;
         let addrs: Vec<_> = tokio::net::lookup_host(&self.edge_addr)
             .await
             .map_err(|e| format!("cannot resolve {}: {e}", self.edge_addr))?
@@ -108,9 +143,9 @@ impl TunnelClient {
             let dialled = dial_tunnel(
                 addr,
                 host_of(&self.edge_addr),
-                self.identity.cert_chain.clone(),
-                self.identity.key.clone_key(),
-                &self.identity.ca_cert,
+                cert_chain.clone(),
+                key.clone_key(),
+                &ca_cert,
                 &self.settings.quic,
             )
             .await;
@@ -123,9 +158,10 @@ impl TunnelClient {
     }
 
     /// Runs one connection: hello, then exchanges until it ends.
-    async fn serve(&self, conn: Arc<dyn TunnelConnection>) -> Session {
+    async fn serve(self: &Arc<Self>, conn: Arc<dyn TunnelConnection>) -> Session {
+        let agent_name = self.identity.read().map(|id| id.name.clone()).unwrap_or_default();
         let hello = ControlMessage::Hello(Hello {
-            agent_name: self.identity.name.clone(),
+            agent_name,
             software_version: env!("CARGO_PKG_VERSION").into(),
             protocol_version: PROTOCOL_VERSION,
             capabilities: Vec::new(),
@@ -151,8 +187,8 @@ impl TunnelClient {
         };
         let _ = self.connected.send(true);
         info!(edge = %self.edge_addr, remote = %conn.remote_addr(), agent = %name, transport = conn.transport(), "connected to the edge");
-        // The control stream stays open for the life of the connection.
-        let _control = control;
+        // The control stream stays open for the life of the connection; renewals use it.
+        let renewal = AbortOnDrop(tokio::spawn(renew_loop(self.clone(), control)));
         loop {
             let stream = tokio::select! {
                 () = self.shutdown.cancelled() => {
@@ -167,10 +203,105 @@ impl TunnelClient {
                     let head_timeout = self.settings.head_timeout;
                     self.tasks.spawn(async move { handle_exchange(forwarder, stream, head_timeout).await });
                 }
-                Err(lost) => return Session::Ended(lost.0),
+                Err(lost) => {
+                    drop(renewal);
+                    return Session::Ended(lost.0);
+                }
             }
         }
     }
+}
+
+/// Aborts a task when dropped, so a connection's helper tasks end with it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Renews the agent's certificate over `control` whenever two thirds of its life have passed,
+/// until the connection ends. New certificates are stored atomically and used by the next
+/// connection; this one, and every exchange on it, carries on untouched.
+async fn renew_loop(client: Arc<TunnelClient>, mut control: BiStream) {
+    let mut reader = FrameReader::new(DEFAULT_MAX_HEAD_LEN);
+    loop {
+        let validity =
+            client.identity.read().ok().and_then(|id| id.cert_chain.first().and_then(|c| cert_validity(c).ok()));
+        let Some((not_before, not_after)) = validity else {
+            warn!("cannot read this agent's certificate validity; not renewing");
+            return;
+        };
+        let now = SystemTime::now();
+        if !renewal_due(not_before, not_after, now) {
+            let lifetime = not_after.duration_since(not_before).unwrap_or_default();
+            let due = not_before + lifetime.mul_f64(2.0 / 3.0);
+            tokio::time::sleep(due.duration_since(now).unwrap_or_default()).await;
+            continue;
+        }
+        match renew_once(&client, &mut control, &mut reader).await {
+            Ok(until) => info!(valid_until = %humantime::format_rfc3339_seconds(until), "certificate renewed"),
+            Err(Renewal::ConnectionGone(e)) => {
+                warn!("renewal interrupted, will retry on the next connection: {e}");
+                return;
+            }
+            Err(Renewal::Failed(e)) => {
+                let left = not_after.duration_since(SystemTime::now()).unwrap_or_default();
+                let retry = (left / 10).clamp(RENEW_RETRY_MIN, RENEW_RETRY_MAX);
+                warn!(retry_in_s = retry.as_secs(), "certificate renewal failed: {e}");
+                tokio::time::sleep(retry).await;
+            }
+        }
+    }
+}
+
+enum Renewal {
+    /// The control stream or connection failed; a new connection will retry.
+    ConnectionGone(String),
+    /// The edge refused, or the result could not be stored; retry later on this connection.
+    Failed(String),
+}
+
+async fn renew_once(
+    client: &TunnelClient,
+    control: &mut BiStream,
+    reader: &mut FrameReader,
+) -> Result<SystemTime, Renewal> {
+    let name = client
+        .identity
+        .read()
+        .map(|id| id.name.clone())
+        .map_err(|_| Renewal::Failed("identity lock poisoned".into()))?;
+    let (key_pem, csr_der) = generate_agent_csr(&name).map_err(|e| Renewal::Failed(e.to_string()))?;
+    write_frame(&mut control.send, &ControlMessage::Renew { csr_der }, DEFAULT_MAX_HEAD_LEN)
+        .await
+        .map_err(|e| Renewal::ConnectionGone(e.to_string()))?;
+    let answer = tokio::time::timeout(RENEW_ANSWER_TIMEOUT, reader.next::<ControlMessage, _>(&mut control.recv))
+        .await
+        .map_err(|_| Renewal::ConnectionGone("no renewal answer in time".into()))?
+        .map_err(|e| Renewal::ConnectionGone(e.to_string()))?;
+    let cert_der = match answer {
+        Some(ControlMessage::Renewed(RenewOutcome::Issued { cert_der })) => cert_der,
+        Some(ControlMessage::Renewed(RenewOutcome::Refused(reason))) => {
+            return Err(Renewal::Failed(format!("the edge refused: {reason}")));
+        }
+        Some(other) => return Err(Renewal::ConnectionGone(format!("unexpected control message {other:?}"))),
+        None => return Err(Renewal::ConnectionGone("control stream ended".into())),
+    };
+    if agent_name_from_cert(&cert_der).ok().as_deref() != Some(name.as_str()) {
+        return Err(Renewal::Failed("the renewed certificate names another agent".into()));
+    }
+    let (_, not_after) = cert_validity(&cert_der).map_err(|e| Renewal::Failed(e.to_string()))?;
+    if let Some(dir) = &client.state_dir {
+        AgentState::save_renewed(dir, &key_pem, &cert_der).map_err(|e| Renewal::Failed(e.to_string()))?;
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| Renewal::Failed(e.to_string()))?;
+    if let Ok(mut identity) = client.identity.write() {
+        identity.cert_chain = vec![CertificateDer::from(cert_der)];
+        identity.key = key;
+    }
+    Ok(not_after)
 }
 
 /// Reads one exchange head and hands the exchange to the forwarder. A malformed head resets this

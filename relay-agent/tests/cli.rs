@@ -30,7 +30,7 @@ async fn pair_succeeds_once_then_reports_the_spent_token_in_one_line() {
     let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let edge = Edge::start(EdgeSettings::new(edge_dir.clone(), loopback, loopback)).await.unwrap();
     let token = state
-        .create_token("cli-agent", &edge.tunnel_addr().to_string(), DEFAULT_TOKEN_TTL, SystemTime::now())
+        .create_token("cli-agent", &edge.tunnel_addr().to_string(), DEFAULT_TOKEN_TTL, SystemTime::now(), false)
         .unwrap()
         .encode();
 

@@ -16,6 +16,11 @@ pub struct ConnectedAgent {
     pub remote: SocketAddr,
     /// The tunnel connection.
     pub conn: Arc<dyn TunnelConnection>,
+    /// When it connected, seconds since the Unix epoch.
+    pub connected_at_unix: u64,
+    /// Serial of the certificate this connection stands on: the one it authenticated with, or
+    /// the last one renewed over it (the renewal proved the new key over this connection).
+    serial: Mutex<String>,
     in_flight: AtomicUsize,
     draining: AtomicBool,
 }
@@ -34,6 +39,18 @@ impl ConnectedAgent {
     /// Marks the agent as draining: it receives no new exchanges.
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// The serial this connection stands on now.
+    pub fn serial(&self) -> String {
+        self.serial.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Records a certificate renewed over this connection.
+    pub fn set_serial(&self, serial: String) {
+        if let Ok(mut current) = self.serial.lock() {
+            *current = serial;
+        }
     }
 
     /// Counts an exchange as in flight on this agent until the guard drops.
@@ -74,12 +91,22 @@ impl AgentSet {
     }
 
     /// Adds a connection that completed hello.
-    pub fn insert(&self, name: String, remote: SocketAddr, conn: Arc<dyn TunnelConnection>) -> Arc<ConnectedAgent> {
+    pub fn insert(
+        &self,
+        name: String,
+        serial: String,
+        remote: SocketAddr,
+        conn: Arc<dyn TunnelConnection>,
+    ) -> Arc<ConnectedAgent> {
+        let connected_at_unix =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let agent = Arc::new(ConnectedAgent {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             name,
             remote,
             conn,
+            connected_at_unix,
+            serial: Mutex::new(serial),
             in_flight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
         });
@@ -107,6 +134,11 @@ impl AgentSet {
     /// Whether any agent can take exchanges.
     pub fn ready(&self) -> bool {
         self.lock().iter().any(|a| !a.draining.load(Ordering::SeqCst))
+    }
+
+    /// Every connection, for status reports and revocation checks.
+    pub fn snapshot(&self) -> Vec<Arc<ConnectedAgent>> {
+        self.lock().clone()
     }
 
     /// Names of connected agents (one entry per connection).

@@ -9,8 +9,11 @@
 pub mod agents;
 pub mod config;
 mod forward;
+pub mod listing;
 mod public;
+mod registry;
 pub mod routes;
+pub mod status;
 mod tunnel;
 mod websocket;
 
@@ -67,8 +70,10 @@ impl Edge {
     pub async fn start(settings: EdgeSettings) -> Result<Self, StartError> {
         let state = Arc::new(EdgeState::open(&settings.state_dir)?);
         let tls = state.tls_material()?;
-        let quic = QuicListener::bind(settings.tunnel_listen, tls.cert_chain, tls.key, &tls.ca_cert, &settings.quic)
-            .map_err(|source| StartError::Tunnel { addr: settings.tunnel_listen, source })?;
+        let quic = Arc::new(
+            QuicListener::bind(settings.tunnel_listen, tls.cert_chain, tls.key, &tls.ca_cert, &settings.quic)
+                .map_err(|source| StartError::Tunnel { addr: settings.tunnel_listen, source })?,
+        );
         let tunnel_addr =
             quic.local_addr().map_err(|e| StartError::Listen { addr: settings.tunnel_listen, source: e })?;
         let public = TcpListener::bind(settings.listen)
@@ -85,12 +90,19 @@ impl Edge {
         let agents = Arc::new(AgentSet::default());
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let registry = registry::Registry {
+            state: state.clone(),
+            agents: agents.clone(),
+            listener: quic.clone(),
+            shutdown: shutdown.clone(),
+        };
         let tunnel = Arc::new(tunnel::TunnelService {
             settings: settings.clone(),
             state,
             agents: agents.clone(),
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
+            listener: quic,
         });
         let front = Arc::new(public::PublicService {
             settings,
@@ -99,7 +111,8 @@ impl Edge {
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
         });
-        tasks.spawn(tunnel.run(quic));
+        tasks.spawn(tunnel.run());
+        tasks.spawn(registry.run());
         tasks.spawn(front.run(public));
         tracing::info!(%public_addr, %tunnel_addr, "edge listening");
         Ok(Self { public_addr, tunnel_addr, agents, shutdown, tasks })
@@ -118,6 +131,11 @@ impl Edge {
     /// Names of the agents connected now, one entry per connection.
     pub fn connected_agents(&self) -> Vec<String> {
         self.agents.names()
+    }
+
+    /// Live agent connections, as the status file reports them.
+    pub fn connections(&self) -> Vec<status::ConnectionStatus> {
+        registry::connection_status(&self.agents)
     }
 
     /// Stops accepting, closes agent connections and waits for every task to end.

@@ -37,14 +37,39 @@ enum Command {
         #[arg(long, env = "RELAY_EDGE_STATE_DIR")]
         state_dir: PathBuf,
         /// Name of the agent to pair.
-        #[arg(long)]
-        agent: String,
+        #[arg(long, required_unless_present = "cancel")]
+        agent: Option<String>,
         /// Tunnel address agents dial (`HOST:PORT`), written into the token.
-        #[arg(long, value_name = "HOST:PORT")]
-        edge_addr: String,
+        #[arg(long, value_name = "HOST:PORT", required_unless_present = "cancel")]
+        edge_addr: Option<String>,
         /// How long the token stays valid (e.g. `15m`, `1h`).
         #[arg(long)]
         ttl: Option<String>,
+        /// Pair a name that is paired already; its current certificate stops working once the
+        /// new one is issued.
+        #[arg(long)]
+        replace: bool,
+        /// Cancel every pending token for this agent instead of issuing one.
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["agent", "edge_addr", "ttl", "replace"])]
+        cancel: Option<String>,
+    },
+    /// Revoke an agent: its certificates are refused and its live connections closed.
+    Revoke {
+        /// The edge's state directory.
+        #[arg(long, env = "RELAY_EDGE_STATE_DIR")]
+        state_dir: PathBuf,
+        /// The agent to revoke.
+        #[arg(long)]
+        agent: String,
+    },
+    /// List agents: state, certificate, and (with a running edge) live connections.
+    Agents {
+        /// The edge's state directory.
+        #[arg(long, env = "RELAY_EDGE_STATE_DIR")]
+        state_dir: PathBuf,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Run the edge.
     Run(RunArgs),
@@ -122,15 +147,29 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let pin = state.ca().pin()?;
             eprintln!("initialised {}; CA pin sha256:{}", state_dir.display(), pin.to_hex());
         }
-        Command::Pair { state_dir, agent, edge_addr, ttl } => {
+        Command::Pair { state_dir, cancel: Some(agent), .. } => {
+            let cancelled = EdgeState::open(&state_dir)?.cancel_tokens(&agent)?;
+            eprintln!("cancelled {cancelled} pending token(s) for {agent:?}");
+        }
+        Command::Pair { state_dir, agent, edge_addr, ttl, replace, cancel: None } => {
+            let (Some(agent), Some(edge_addr)) = (agent, edge_addr) else {
+                bail!("--agent and --edge-addr are required")
+            };
             parse_edge_addr(&edge_addr)?;
             let ttl = match ttl {
                 Some(text) => parse_duration("--ttl", &text)?,
                 None => DEFAULT_TOKEN_TTL,
             };
             let state = EdgeState::open(&state_dir)?;
-            let token = state.create_token(&agent, &edge_addr, ttl, SystemTime::now())?;
+            let token = state.create_token(&agent, &edge_addr, ttl, SystemTime::now(), replace)?;
             println!("{}", token.encode());
+        }
+        Command::Revoke { state_dir, agent } => {
+            EdgeState::open(&state_dir)?.revoke(&agent, SystemTime::now())?;
+            eprintln!("revoked {agent:?}; a running edge closes its connections within seconds");
+        }
+        Command::Agents { state_dir, json } => {
+            print!("{}", relay_edge::listing::list(&state_dir, json, SystemTime::now())?);
         }
         Command::Run(args) => {
             relay_cli::init_logging();

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use relay_pki::{EdgeState, RedeemError};
+use relay_pki::{AgentRefusal, EdgeState, RedeemError, RenewError, cert_serial_hex};
 use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
-use relay_proto::{ControlMessage, PairRefusal, PairRequest, PairResponse, code};
+use relay_proto::{ControlMessage, PairRefusal, PairRequest, PairResponse, RenewOutcome, code};
 use relay_transport::{
     FrameReadError, FrameReader, IncomingTunnel, PeerKind, QuicListener, TunnelConnection, read_frame, write_frame,
 };
@@ -15,8 +15,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::agents::AgentSet;
+use crate::agents::{AgentSet, ConnectedAgent};
 use crate::config::EdgeSettings;
+
+/// Longest wait, at shutdown, for closed agent connections to finish draining.
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// After answering a pairing request, how long to wait for the agent to read it and close; the
 /// connection is closed regardless afterwards.
@@ -28,38 +31,55 @@ pub(crate) struct TunnelService {
     pub agents: Arc<AgentSet>,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
+    pub listener: Arc<QuicListener>,
 }
 
 impl TunnelService {
     /// Accepts connections until shutdown.
-    pub async fn run(self: Arc<Self>, listener: QuicListener) {
+    pub async fn run(self: Arc<Self>) {
         loop {
             let incoming = tokio::select! {
                 () = self.shutdown.cancelled() => break,
-                incoming = listener.accept() => incoming,
+                incoming = self.listener.accept() => incoming,
             };
             let Some(incoming) = incoming else { break };
             let this = self.clone();
             self.tasks.spawn(async move { this.handle(incoming).await });
         }
         self.agents.close_all(code::SHUTDOWN, "edge shutting down");
-        listener.close(code::SHUTDOWN, "edge shutting down");
+        self.listener.close(code::SHUTDOWN, "edge shutting down");
+        // Bounded: QUIC drains a closed connection within three probe timeouts.
+        let _ = tokio::time::timeout(SHUTDOWN_DRAIN, self.listener.wait_idle()).await;
     }
 
     async fn handle(self: Arc<Self>, incoming: IncomingTunnel) {
         let remote = incoming.remote_addr();
         match incoming.handshake().await {
-            Ok((conn, PeerKind::Agent { name })) => self.agent_session(conn, name).await,
+            Ok((conn, PeerKind::Agent { name, serial })) => self.agent_session(conn, name, serial).await,
             Ok((conn, PeerKind::Pairing)) => self.pairing_session(conn).await,
+            Err(e) if e.to_string().contains("Expired") => {
+                warn!(%remote, "refused an agent whose certificate has expired: it must be paired again (relay-agent pair)");
+            }
             Err(e) => warn!(%remote, "tunnel handshake refused: {e}"),
         }
     }
 
-    async fn agent_session(&self, conn: Arc<dyn TunnelConnection>, name: String) {
+    async fn agent_session(&self, conn: Arc<dyn TunnelConnection>, name: String, serial: String) {
         let remote = conn.remote_addr();
-        if !self.state.is_paired(&name) {
-            warn!(agent = %name, %remote, "refusing agent: its certificate is valid but no such agent is paired here");
-            conn.close(code::UNKNOWN_AGENT, "unknown agent");
+        let state = self.state.clone();
+        let (check_name, check_serial) = (name.clone(), serial.clone());
+        let checked =
+            tokio::task::spawn_blocking(move || state.check_agent(&check_name, &check_serial, SystemTime::now()))
+                .await
+                .unwrap_or_else(|e| Err(AgentRefusal::Corrupt { name: name.clone(), reason: e.to_string() }));
+        if let Err(refusal) = checked {
+            warn!(agent = %name, %remote, "refusing agent: {refusal}");
+            let reason = match refusal {
+                AgentRefusal::Revoked(_) | AgentRefusal::NotCurrent { .. } => "certificate revoked",
+                AgentRefusal::Expired(_) => "certificate expired: pair again",
+                _ => "unknown agent",
+            };
+            conn.close(code::UNKNOWN_AGENT, reason);
             return;
         }
         let hello = tokio::time::timeout(self.settings.hello_timeout, async {
@@ -90,7 +110,7 @@ impl TunnelService {
             warn!(agent = %name, %remote, "agent left before welcome: {e}");
             return;
         }
-        let agent = self.agents.insert(name.clone(), remote, conn.clone());
+        let agent = self.agents.insert(name.clone(), serial, remote, conn.clone());
         info!(
             agent = %name,
             %remote,
@@ -109,6 +129,12 @@ impl TunnelService {
                     Ok(Some(ControlMessage::Drain)) => {
                         agent.set_draining();
                         info!(agent = %name, %remote, "agent draining: no new exchanges go to it");
+                    }
+                    Ok(Some(ControlMessage::Renew { csr_der })) => {
+                        let outcome = self.renew(&agent, csr_der).await;
+                        if let Err(e) = write_frame(&mut control.send, &ControlMessage::Renewed(outcome), DEFAULT_MAX_HEAD_LEN).await {
+                            break format!("control stream failed: {e}");
+                        }
                     }
                     Ok(Some(other)) => {
                         warn!(agent = %name, %remote, "unexpected control message {other:?}; ignored");
@@ -129,6 +155,28 @@ impl TunnelService {
         };
         self.agents.remove(agent.id);
         info!(agent = %name, %remote, "agent disconnected: {reason}");
+    }
+
+    /// Signs a renewed certificate for a connected agent and moves the connection onto it.
+    async fn renew(&self, agent: &Arc<ConnectedAgent>, csr_der: Vec<u8>) -> RenewOutcome {
+        let state = self.state.clone();
+        let (name, validity) = (agent.name.clone(), self.settings.agent_cert_validity);
+        let renewed = tokio::task::spawn_blocking(move || state.renew(&name, &csr_der, SystemTime::now(), validity))
+            .await
+            .unwrap_or_else(|e| Err(RenewError::Internal(e.to_string())));
+        match renewed.and_then(|issued| {
+            Ok((cert_serial_hex(&issued.cert_der).map_err(|e| RenewError::Internal(e.to_string()))?, issued))
+        }) {
+            Ok((serial, issued)) => {
+                info!(agent = %agent.name, remote = %agent.remote, %serial, "agent certificate renewed");
+                agent.set_serial(serial);
+                RenewOutcome::Issued { cert_der: issued.cert_der }
+            }
+            Err(e) => {
+                warn!(agent = %agent.name, remote = %agent.remote, "certificate renewal refused: {e}");
+                RenewOutcome::Refused(e.to_string())
+            }
+        }
     }
 
     async fn pairing_session(&self, conn: Arc<dyn TunnelConnection>) {

@@ -24,7 +24,7 @@ fn init_creates_private_keys_and_refuses_to_run_twice() {
     let state = dir.path().join("state");
     let out = edge(&["init", "--state-dir", state.to_str().unwrap(), "--name", "edge.example.com"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for key in ["ca.key", "edge.key"] {
+    for key in ["ca.key", "edge.pem"] {
         let mode = std::fs::metadata(state.join(key)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{key}");
     }

@@ -19,7 +19,7 @@ async fn a_token_pairs_once_and_a_second_use_is_refused() {
     assert_eq!(paired.agent_name, "bot-a");
     let again = relay_agent::pair(&pair_dir(&stack, "a2"), &token, &Default::default()).await.unwrap_err();
     assert!(matches!(again, PairError::Refused(PairRefusal::Spent)), "{again}");
-    assert!(!pair_dir(&stack, "a2").join("agent.crt").exists(), "a refused pairing stores nothing");
+    assert!(!pair_dir(&stack, "a2").join("identity.pem").exists(), "a refused pairing stores nothing");
     stack.shutdown().await;
 }
 
@@ -28,7 +28,7 @@ async fn the_agent_key_is_private_and_the_certificate_names_the_agent() {
     use std::os::unix::fs::PermissionsExt;
     let stack = Stack::start_without_agent(|_| {}).await.unwrap();
     let dir = stack.pair_agent("bot-b").await.unwrap();
-    let mode = std::fs::metadata(dir.join("agent.key")).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(dir.join("identity.pem")).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let identity = relay_pki::AgentState::load(&dir).unwrap();
     assert_eq!(relay_pki::agent_name_from_cert(&identity.cert_chain[0]).unwrap(), "bot-b");
@@ -42,7 +42,7 @@ async fn an_expired_token_is_refused() {
     let state = EdgeState::open(&stack.edge_settings.state_dir).unwrap();
     let issued_long_ago = SystemTime::now() - Duration::from_secs(3600);
     let token = state
-        .create_token("bot-c", &stack.edge.tunnel_addr().to_string(), Duration::from_secs(60), issued_long_ago)
+        .create_token("bot-c", &stack.edge.tunnel_addr().to_string(), Duration::from_secs(60), issued_long_ago, false)
         .unwrap();
     let err = relay_agent::pair(&pair_dir(&stack, "c"), &token.encode(), &Default::default()).await.unwrap_err();
     assert!(matches!(err, PairError::Refused(PairRefusal::Expired)), "{err}");

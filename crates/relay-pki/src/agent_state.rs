@@ -3,8 +3,9 @@
 //! Layout (every file written atomically; the key mode 0600):
 //!
 //! ```text
-//! agent.key    the agent's private key, generated on this host, never sent anywhere
-//! agent.crt    the certificate the edge signed for it
+//! identity.pem the agent's private key (generated on this host, never sent anywhere) and the
+//!              certificate the edge signed for it, in one file (mode 0600) so a renewal
+//!              replaces both at once
 //! ca.crt       the pairing CA (checked against the token's pin when paired)
 //! agent.toml   the agent's name and the edge's tunnel address
 //! ```
@@ -19,8 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsutil::{read_private_key_file, write_atomic};
 
-const AGENT_KEY: &str = "agent.key";
-const AGENT_CERT: &str = "agent.crt";
+const IDENTITY: &str = "identity.pem";
 const CA_CERT: &str = "ca.crt";
 const AGENT_TOML: &str = "agent.toml";
 
@@ -90,16 +90,22 @@ impl AgentState {
         };
         let toml = toml::to_string(&AgentToml { name: name.to_owned(), edge_addr: edge_addr.to_owned() })
             .map_err(|e| AgentStateError::Io { path: dir.join(AGENT_TOML), source: io::Error::other(e) })?;
-        write(AGENT_KEY, key_pem.as_bytes(), 0o600)?;
-        write(AGENT_CERT, pem("CERTIFICATE", cert_der).as_bytes(), 0o644)?;
+        write(IDENTITY, identity_pem(key_pem, cert_der).as_bytes(), 0o600)?;
         write(CA_CERT, pem("CERTIFICATE", ca_der).as_bytes(), 0o644)?;
         write(AGENT_TOML, toml.as_bytes(), 0o644)?;
         Ok(())
     }
 
+    /// Replaces the key and certificate after a renewal, atomically: a crash leaves either the
+    /// old pair or the new one.
+    pub fn save_renewed(dir: &Path, key_pem: &str, cert_der: &[u8]) -> Result<(), AgentStateError> {
+        let path = dir.join(IDENTITY);
+        write_atomic(&path, identity_pem(key_pem, cert_der).as_bytes(), 0o600).map_err(io_err(&path))
+    }
+
     /// Whether `dir` already holds a pairing.
     pub fn exists(dir: &Path) -> bool {
-        dir.join(AGENT_TOML).exists() || dir.join(AGENT_KEY).exists()
+        dir.join(AGENT_TOML).exists() || dir.join(IDENTITY).exists()
     }
 
     /// Loads the pairing, refusing a key file readable by group or others.
@@ -111,15 +117,18 @@ impl AgentState {
             Err(e) => return Err(io_err(&toml_path)(e)),
         };
         let meta: AgentToml = toml::from_str(&text).map_err(|_| AgentStateError::Corrupt(toml_path.clone()))?;
-        let key_path = dir.join(AGENT_KEY);
-        let key_pem = read_private_key_file(&key_path).map_err(io_err(&key_path))?;
-        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| AgentStateError::Corrupt(key_path))?;
-        let cert_path = dir.join(AGENT_CERT);
-        let cert = CertificateDer::from_pem_file(&cert_path).map_err(|_| AgentStateError::Corrupt(cert_path))?;
+        let path = dir.join(IDENTITY);
+        let identity = read_private_key_file(&path).map_err(io_err(&path))?;
+        let key = PrivateKeyDer::from_pem_slice(&identity).map_err(|_| AgentStateError::Corrupt(path.clone()))?;
+        let cert = CertificateDer::from_pem_slice(&identity).map_err(|_| AgentStateError::Corrupt(path))?;
         let ca_path = dir.join(CA_CERT);
         let ca_cert = CertificateDer::from_pem_file(&ca_path).map_err(|_| AgentStateError::Corrupt(ca_path))?;
         Ok(AgentIdentity { name: meta.name, edge_addr: meta.edge_addr, cert_chain: vec![cert], key, ca_cert })
     }
+}
+
+fn identity_pem(key_pem: &str, cert_der: &[u8]) -> String {
+    format!("{key_pem}{}", pem("CERTIFICATE", cert_der))
 }
 
 fn pem(tag: &str, der: &[u8]) -> String {

@@ -174,7 +174,10 @@ impl PairingCa {
         params.distinguished_name = dn;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.not_before = to_offset(now.checked_sub(CLOCK_SKEW_ALLOWANCE).ok_or(CaError::TimeOutOfRange)?);
+        // Back-date for clock skew, but by no more than a tenth of the validity, so the
+        // renewal point (two thirds of the lifetime) stays near two thirds of `validity`.
+        let skew = CLOCK_SKEW_ALLOWANCE.min(validity / 10);
+        params.not_before = to_offset(now.checked_sub(skew).ok_or(CaError::TimeOutOfRange)?);
         let not_after = now.checked_add(validity).ok_or(CaError::TimeOutOfRange)?;
         params.not_after = to_offset(not_after);
         let serial = serial()?;
@@ -216,6 +219,55 @@ pub fn generate_agent_csr(agent_name_hint: &str) -> Result<(String, Vec<u8>), Ca
     params.distinguished_name = dn;
     let csr = params.serialize_request(&key)?;
     Ok((key.serialize_pem(), csr.der().to_vec()))
+}
+
+/// Lower-case hex of a certificate's serial number, as [`IssuedAgentCert::serial_hex`] has it.
+pub fn cert_serial_hex(cert_der: &[u8]) -> Result<String, CaError> {
+    let (_, cert) = X509Certificate::from_der(cert_der).map_err(|_| CaError::BadCertificate)?;
+    Ok(cert.tbs_certificate.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A certificate's validity window.
+pub fn cert_validity(cert_der: &[u8]) -> Result<(SystemTime, SystemTime), CaError> {
+    let (_, cert) = X509Certificate::from_der(cert_der).map_err(|_| CaError::BadCertificate)?;
+    let to_system = |t: i64| {
+        u64::try_from(t)
+            .ok()
+            .and_then(|secs| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs)))
+            .ok_or(CaError::TimeOutOfRange)
+    };
+    let validity = cert.validity();
+    Ok((to_system(validity.not_before.timestamp())?, to_system(validity.not_after.timestamp())?))
+}
+
+/// The DNS names and IP addresses a certificate is valid for.
+pub fn cert_subject_alt_names(cert_der: &[u8]) -> Result<Vec<String>, CaError> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = X509Certificate::from_der(cert_der).map_err(|_| CaError::BadCertificate)?;
+    let Ok(Some(san)) = cert.subject_alternative_name() else { return Ok(Vec::new()) };
+    Ok(san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+            GeneralName::IPAddress(bytes) => match bytes.len() {
+                4 => <[u8; 4]>::try_from(*bytes).ok().map(|b| std::net::IpAddr::from(b).to_string()),
+                16 => <[u8; 16]>::try_from(*bytes).ok().map(|b| std::net::IpAddr::from(b).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect())
+}
+
+/// Whether a certificate valid from `not_before` to `not_after` is due for renewal at `now`:
+/// once two thirds of its lifetime have passed, leaving a third (8 h of a 24 h certificate) to
+/// retry a renewal that failed.
+pub fn renewal_due(not_before: SystemTime, not_after: SystemTime, now: SystemTime) -> bool {
+    let lifetime = not_after.duration_since(not_before).unwrap_or_default();
+    let renew_at = not_before + lifetime.mul_f64(2.0 / 3.0);
+    now >= renew_at
 }
 
 /// The agent name (subject common name) of a certificate issued by [`PairingCa::sign_agent_csr`].
@@ -277,6 +329,27 @@ mod tests {
         let (_, ca_cert) = X509Certificate::from_der(ca.cert_der()).unwrap();
         assert_eq!(cert.issuer(), ca_cert.subject());
         cert.verify_signature(Some(ca_cert.public_key())).unwrap();
+    }
+
+    #[test]
+    fn the_serial_read_back_from_a_certificate_matches_the_issued_one() {
+        let now = SystemTime::now();
+        let ca = PairingCa::generate(now, Duration::from_secs(3600)).unwrap();
+        let (_k, csr) = generate_agent_csr("a").unwrap();
+        let issued = ca.sign_agent_csr(&csr, "a", now, Duration::from_secs(60)).unwrap();
+        assert_eq!(cert_serial_hex(&issued.cert_der).unwrap(), issued.serial_hex);
+        let (_, not_after) = cert_validity(&issued.cert_der).unwrap();
+        let drift = not_after.duration_since(now + Duration::from_secs(60)).unwrap_or_else(|e| e.duration());
+        assert!(drift < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn renewal_is_due_after_two_thirds_of_the_lifetime() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let end = start + Duration::from_secs(90);
+        assert!(!renewal_due(start, end, start + Duration::from_secs(59)));
+        assert!(renewal_due(start, end, start + Duration::from_secs(60)));
+        assert!(renewal_due(start, end, end + Duration::from_secs(1)));
     }
 
     #[test]

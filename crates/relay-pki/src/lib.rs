@@ -6,6 +6,7 @@
 //! that depends on time takes `now: SystemTime`, so expiry is tested without waiting. It does no
 //! network I/O.
 
+mod agent_registry;
 mod agent_state;
 mod ca;
 mod edge_state;
@@ -13,9 +14,13 @@ mod fsutil;
 mod pin;
 mod token;
 
+pub use agent_registry::{AgentEntry, AgentRecord, AgentRefusal, AgentStatus, CertEntry, RenewError};
 pub use agent_state::{AgentIdentity, AgentState, AgentStateError};
-pub use ca::{CaError, IssuedAgentCert, PairingCa, agent_name_from_cert, generate_agent_csr, validate_agent_name};
-pub use edge_state::{EdgeState, EdgeStateError, EdgeTlsMaterial, IssuedCert, RedeemError};
+pub use ca::{
+    CaError, IssuedAgentCert, PairingCa, agent_name_from_cert, cert_serial_hex, cert_subject_alt_names, cert_validity,
+    generate_agent_csr, renewal_due, validate_agent_name,
+};
+pub use edge_state::{EdgeState, EdgeStateError, EdgeTlsMaterial, IssuedCert, PendingToken, RedeemError};
 pub use fsutil::{read_private_key_file, write_atomic};
 pub use pin::CaPin;
 pub use token::{PairingToken, TokenError};

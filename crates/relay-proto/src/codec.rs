@@ -215,6 +215,8 @@ mod tests {
 
         let reply = HttpReply::Failed(Failure { kind: FailureKind::BotTimeout, detail: "slow".into() });
         assert_eq!(dec.decode::<HttpReply>(&mut frame(&reply)).unwrap(), Some(reply));
+        let renew = ControlMessage::Renewed(RenewOutcome::Issued { cert_der: vec![1, 2, 3] });
+        assert_eq!(dec.decode::<ControlMessage>(&mut frame(&renew)).unwrap(), Some(renew));
         let pair = PairResponse::Refused(PairRefusal::Spent);
         assert_eq!(dec.decode::<PairResponse>(&mut frame(&pair)).unwrap(), Some(pair));
     }

@@ -54,4 +54,6 @@ pub mod code {
     pub const PROTOCOL_VIOLATION: u32 = 0x22;
     /// Connection closed: the process is shutting down.
     pub const SHUTDOWN: u32 = 0x23;
+    /// Connection closed: the agent was revoked, or its certificate is no longer accepted.
+    pub const REVOKED: u32 = 0x24;
 }

@@ -146,6 +146,26 @@ pub enum ControlMessage {
     },
     /// Agent → edge: send no new exchanges; in-flight ones continue.
     Drain,
+    /// Agent → edge: sign a certificate for this new key (same subject); answered by
+    /// [`ControlMessage::Renewed`].
+    Renew {
+        /// A PKCS#10 CSR (DER) for the agent's freshly generated key.
+        csr_der: Vec<u8>,
+    },
+    /// Edge → agent: the answer to [`ControlMessage::Renew`].
+    Renewed(RenewOutcome),
+}
+
+/// The edge's answer to a renewal request.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum RenewOutcome {
+    /// The new certificate (DER).
+    Issued {
+        /// The certificate.
+        cert_der: Vec<u8>,
+    },
+    /// Refused (revoked, invalid CSR, edge failure), with a one-line reason.
+    Refused(String),
 }
 
 /// Agent → edge on a pairing connection: redeem a token for a certificate.
@@ -184,6 +204,8 @@ pub enum PairRefusal {
     BadCsr,
     /// The edge failed internally (disk, signing); the token was not spent.
     Internal,
+    /// Too many failed attempts from this address; try again later.
+    RateLimited,
 }
 
 /// Edge → agent on a pairing connection.

@@ -71,8 +71,13 @@ impl Stack {
     /// A fresh pairing token for `name`, pointing at this edge's tunnel.
     pub fn token(&self, name: &str) -> anyhow::Result<String> {
         let state = EdgeState::open(&self.edge_settings.state_dir)?;
-        let token =
-            state.create_token(name, &self.edge.tunnel_addr().to_string(), DEFAULT_TOKEN_TTL, SystemTime::now())?;
+        let token = state.create_token(
+            name,
+            &self.edge.tunnel_addr().to_string(),
+            DEFAULT_TOKEN_TTL,
+            SystemTime::now(),
+            false,
+        )?;
         Ok(token.encode())
     }
 
@@ -111,6 +116,28 @@ impl Stack {
     /// The edge's public address.
     pub fn public(&self) -> SocketAddr {
         self.edge.public_addr()
+    }
+
+    /// Stops the edge and starts it again from the same state directory on the same ports, as
+    /// an operator's restart would; agents are left to reconnect on their own.
+    pub async fn restart_edge(self) -> anyhow::Result<Self> {
+        let Stack { dir, edge, bot, mut edge_settings, agents } = self;
+        edge_settings.listen = edge.public_addr();
+        edge_settings.tunnel_listen = edge.tunnel_addr();
+        edge.shutdown().await;
+        // quinn releases the UDP socket from its driver task shortly after the last handle goes;
+        // retry the bind briefly, as a restarted process would simply find the port free.
+        let deadline = std::time::Instant::now() + CONNECT_DEADLINE;
+        let edge = loop {
+            match Edge::start(edge_settings.clone()).await {
+                Ok(edge) => break edge,
+                Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("in use") => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        Ok(Stack { dir, edge, bot, edge_settings, agents })
     }
 
     /// Shuts everything down.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
-use relay_pki::{CaPin, agent_name_from_cert};
+use relay_pki::{CaPin, agent_name_from_cert, cert_serial_hex};
 use relay_proto::{PAIRING_ALPN, TUNNEL_ALPN, code};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
@@ -81,6 +81,9 @@ pub enum PeerKind {
     Agent {
         /// The agent name from its certificate.
         name: String,
+        /// The certificate's serial number (lower-case hex), which the edge checks against the
+        /// agent's record.
+        serial: String,
     },
     /// A client on the pairing ALPN (no certificate); it may only redeem a token.
     Pairing,
@@ -199,6 +202,20 @@ impl TunnelConnection for QuicConnection {
 pub struct QuicListener {
     endpoint: quinn::Endpoint,
     handshake_timeout: Duration,
+    settings: QuicSettings,
+}
+
+fn server_config(
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    ca: &CertificateDer<'static>,
+    settings: &QuicSettings,
+) -> Result<quinn::ServerConfig, DialError> {
+    let tls = tls::edge_server_config(cert_chain, key, ca)?;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| DialError::Tls(TlsError::Quic(e.to_string())))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(settings.transport(MAX_AGENT_INITIATED_STREAMS)));
+    Ok(server)
 }
 
 impl QuicListener {
@@ -210,12 +227,21 @@ impl QuicListener {
         ca: &CertificateDer<'static>,
         settings: &QuicSettings,
     ) -> Result<Self, DialError> {
-        let tls = tls::edge_server_config(cert_chain, key, ca)?;
-        let crypto = QuicServerConfig::try_from(tls).map_err(|e| DialError::Tls(TlsError::Quic(e.to_string())))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(Arc::new(settings.transport(MAX_AGENT_INITIATED_STREAMS)));
+        let server = server_config(cert_chain, key, ca, settings)?;
         let endpoint = quinn::Endpoint::server(server, addr).map_err(DialError::Bind)?;
-        Ok(Self { endpoint, handshake_timeout: settings.handshake_timeout })
+        Ok(Self { endpoint, handshake_timeout: settings.handshake_timeout, settings: settings.clone() })
+    }
+
+    /// Replaces the edge's certificate for new connections (after it was renewed); established
+    /// connections keep theirs.
+    pub fn set_certificate(
+        &self,
+        cert_chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        ca: &CertificateDer<'static>,
+    ) -> Result<(), DialError> {
+        self.endpoint.set_server_config(Some(server_config(cert_chain, key, ca, &self.settings)?));
+        Ok(())
     }
 
     /// The bound address (with the real port when bound to port 0).
@@ -232,6 +258,12 @@ impl QuicListener {
     /// Closes every connection and stops accepting.
     pub fn close(&self, code: u32, reason: &str) {
         self.endpoint.close(VarInt::from_u32(code), reason.as_bytes());
+    }
+
+    /// Waits until every connection has finished closing (QUIC's draining period: three
+    /// round-trip timeouts), so peers saw the close before the process moves on.
+    pub async fn wait_idle(&self) {
+        self.endpoint.wait_idle().await;
     }
 }
 
@@ -270,8 +302,8 @@ impl IncomingTunnel {
                     conn.close(VarInt::from_u32(code::CERTIFICATE_REQUIRED), b"client certificate required");
                     return Err(HandshakeError::CertificateRequired);
                 };
-                match agent_name_from_cert(leaf) {
-                    Ok(name) => PeerKind::Agent { name },
+                match agent_name_from_cert(leaf).and_then(|name| Ok((name, cert_serial_hex(leaf)?))) {
+                    Ok((name, serial)) => PeerKind::Agent { name, serial },
                     Err(e) => {
                         conn.close(VarInt::from_u32(code::UNKNOWN_AGENT), b"certificate names no agent");
                         return Err(HandshakeError::BadAgentCertificate(e.to_string()));
