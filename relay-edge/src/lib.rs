@@ -10,6 +10,7 @@ pub mod agents;
 pub mod config;
 mod forward;
 pub mod listing;
+mod pairing_limit;
 mod public;
 mod registry;
 pub mod routes;
@@ -103,6 +104,7 @@ impl Edge {
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
             listener: quic,
+            pairing_failures: Default::default(),
         });
         let front = Arc::new(public::PublicService {
             settings,

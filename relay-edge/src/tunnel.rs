@@ -2,7 +2,7 @@
 //! current as agents connect and leave.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use relay_pki::{AgentRefusal, EdgeState, RedeemError, RenewError, cert_serial_hex};
 use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::agents::{AgentSet, ConnectedAgent};
 use crate::config::EdgeSettings;
+use crate::pairing_limit::FailureLimiter;
 
 /// Longest wait, at shutdown, for closed agent connections to finish draining.
 const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
@@ -32,6 +33,7 @@ pub(crate) struct TunnelService {
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
     pub listener: Arc<QuicListener>,
+    pub pairing_failures: std::sync::Mutex<FailureLimiter>,
 }
 
 impl TunnelService {
@@ -203,21 +205,36 @@ impl TunnelService {
                 return;
             }
         };
+        let limited = self.pairing_failures.lock().is_ok_and(|mut l| l.is_limited(remote.ip(), Instant::now()));
         let state = self.state.clone();
         let validity = self.settings.agent_cert_validity;
         let token_id = request.token_id.clone();
         // Signing and the atomic spend touch the disk: keep them off the async workers.
-        let outcome = tokio::task::spawn_blocking(move || {
-            state.redeem(&request.token_id, &request.secret, &request.csr_der, SystemTime::now(), validity)
-        })
-        .await
-        .unwrap_or_else(|e| Err(RedeemError::Internal(e.to_string())));
+        let outcome = if limited {
+            Err(None)
+        } else {
+            tokio::task::spawn_blocking(move || {
+                state.redeem(&request.token_id, &request.secret, &request.csr_der, SystemTime::now(), validity)
+            })
+            .await
+            .unwrap_or_else(|e| Err(RedeemError::Internal(e.to_string())))
+            .map_err(Some)
+        };
+        if let Err(Some(RedeemError::BadSecret | RedeemError::UnknownToken)) = &outcome
+            && let Ok(mut limiter) = self.pairing_failures.lock()
+        {
+            limiter.record_failure(remote.ip(), Instant::now());
+        }
         let response = match outcome {
             Ok(issued) => {
                 info!(%remote, agent = %issued.agent_name, token = %token_id, "agent paired: certificate issued");
                 PairResponse::Issued { agent_name: issued.agent_name, cert_der: issued.cert_der, ca_der: issued.ca_der }
             }
-            Err(e) => {
+            Err(None) => {
+                warn!(%remote, token = %token_id, "pairing refused: too many failed attempts from this address");
+                PairResponse::Refused(PairRefusal::RateLimited)
+            }
+            Err(Some(e)) => {
                 warn!(%remote, token = %token_id, "pairing refused: {e}");
                 PairResponse::Refused(match e {
                     RedeemError::UnknownToken => PairRefusal::UnknownToken,

@@ -103,3 +103,52 @@ fn run_refuses_a_group_readable_ca_key() {
     ]));
     assert!(err.contains("ca.key") && err.contains("0600"), "{err}");
 }
+
+/// Pairs `name` directly through the state API, as a redeemed token would.
+fn pair_in_state(state_dir: &std::path::Path, name: &str) {
+    let state = relay_pki::EdgeState::open(state_dir).unwrap();
+    let now = std::time::SystemTime::now();
+    let token = state.create_token(name, "127.0.0.1:4433", std::time::Duration::from_secs(60), now, true).unwrap();
+    let (_key, csr) = relay_pki::generate_agent_csr(name).unwrap();
+    state.redeem(&token.token_id, &token.secret, &csr, now, std::time::Duration::from_secs(3600)).unwrap();
+}
+
+#[test]
+fn managing_agents_pair_replace_cancel_list_and_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().to_str().unwrap();
+    assert!(edge(&["init", "--state-dir", state]).status.success());
+    pair_in_state(dir.path(), "bot-1");
+
+    let again = edge(&["pair", "--state-dir", state, "--agent", "bot-1", "--edge-addr", "x:1"]);
+    assert!(one_line_error(&again).contains("--replace"));
+    let replaced = edge(&["pair", "--state-dir", state, "--agent", "bot-1", "--edge-addr", "x:1", "--replace"]);
+    assert!(replaced.status.success());
+    assert!(edge(&["pair", "--state-dir", state, "--agent", "bot-2", "--edge-addr", "x:1"]).status.success());
+
+    let listing = edge(&["agents", "--state-dir", state]);
+    assert!(listing.status.success());
+    let text = String::from_utf8(listing.stdout).unwrap();
+    assert!(text.starts_with("NAME"), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("bot-1") && l.contains("paired") && l.contains("edge not running")),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l.starts_with("bot-2") && l.contains("pending token")), "{text}");
+
+    let cancel = edge(&["pair", "--state-dir", state, "--cancel", "bot-2"]);
+    assert!(cancel.status.success(), "{}", String::from_utf8_lossy(&cancel.stderr));
+    assert!(edge(&["revoke", "--state-dir", state, "--agent", "bot-1"]).status.success());
+    let json = edge(&["agents", "--state-dir", state, "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    let bot1: Vec<_> = rows.iter().filter(|r| r["name"] == "bot-1" && r["state"] == "revoked").collect();
+    assert_eq!(bot1.len(), 1, "{rows:?}");
+    assert!(!rows.iter().any(|r| r["name"] == "bot-2"), "the cancelled token must be gone: {rows:?}");
+    assert!(
+        rows.iter().any(|r| r["name"] == "bot-1" && r["state"] == "pending token"),
+        "the --replace token is still pending"
+    );
+
+    assert!(one_line_error(&edge(&["revoke", "--state-dir", state, "--agent", "nobody"])).contains("nobody"));
+}

@@ -139,3 +139,20 @@ fn rustls_key(pem: &str) -> rustls_pki_types::PrivateKeyDer<'static> {
     use rustls_pki_types::pem::PemObject;
     rustls_pki_types::PrivateKeyDer::from_pem_slice(pem.as_bytes()).unwrap()
 }
+
+#[tokio::test]
+async fn repeated_wrong_secrets_from_one_address_are_rate_limited() {
+    let stack = Stack::start_without_agent(|_| {}).await.unwrap();
+    let genuine = stack.token("bot-h").unwrap();
+    let mut wrong = PairingToken::parse(&genuine).unwrap();
+    wrong.secret[5] ^= 0x40;
+    for attempt in 0..5 {
+        let err = relay_agent::pair(&pair_dir(&stack, "h"), &wrong.encode(), &Default::default()).await.unwrap_err();
+        assert!(matches!(err, PairError::Refused(PairRefusal::BadSecret)), "attempt {attempt}: {err}");
+    }
+    let err = relay_agent::pair(&pair_dir(&stack, "h"), &genuine, &Default::default()).await.unwrap_err();
+    assert!(matches!(err, PairError::Refused(PairRefusal::RateLimited)), "{err}");
+    let state = EdgeState::open(&stack.edge_settings.state_dir).unwrap();
+    assert!(state.pending_tokens().iter().any(|t| t.agent == "bot-h"), "a refused attempt must not spend the token");
+    stack.shutdown().await;
+}
