@@ -31,6 +31,11 @@ pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(2);
 pub struct AgentConfig {
     /// State directory written by `relay-agent pair`.
     pub state_dir: Option<PathBuf>,
+    /// A bundle file from `relay-edge pair --bundle`, used instead of a state directory.
+    pub bundle: Option<PathBuf>,
+    /// A bundle's PEM text (from `RELAY_AGENT_BUNDLE`); never read from a file.
+    #[serde(skip)]
+    pub bundle_pem: Option<String>,
     /// The bot's base URL (`http://127.0.0.1:8080`).
     pub upstream: Option<String>,
     /// Edge tunnel address overriding the one recorded at pairing (`host:port`).
@@ -45,11 +50,29 @@ pub struct AgentConfig {
     pub keep_alive: Option<String>,
 }
 
+/// Where the agent's key and certificate come from.
+#[derive(Clone)]
+pub enum IdentitySource {
+    /// A state directory written by `relay-agent pair`; renewals are stored back in it.
+    StateDir(PathBuf),
+    /// A bundle's PEM text; renewals live in memory only.
+    Bundle(String),
+}
+
+impl std::fmt::Debug for IdentitySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::StateDir(dir) => f.debug_tuple("StateDir").field(dir).finish(),
+            Self::Bundle(_) => f.write_str("Bundle(<redacted>)"),
+        }
+    }
+}
+
 /// Fully resolved agent settings.
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
-    /// See [`AgentConfig::state_dir`].
-    pub state_dir: PathBuf,
+    /// Where the identity comes from.
+    pub identity: IdentitySource,
     /// The bot's base URL: scheme `http`, an authority, no path.
     pub upstream: Uri,
     /// See [`AgentConfig::edge`].
@@ -91,7 +114,7 @@ impl AgentSettings {
     /// Settings with every default.
     pub fn new(state_dir: PathBuf, upstream: Uri) -> Self {
         Self {
-            state_dir,
+            identity: IdentitySource::StateDir(state_dir),
             upstream,
             edge: None,
             bot_timeout: DEFAULT_BOT_TIMEOUT,
@@ -119,6 +142,8 @@ impl AgentConfig {
     pub fn overlay(self, other: AgentConfig) -> AgentConfig {
         AgentConfig {
             state_dir: other.state_dir.or(self.state_dir),
+            bundle: other.bundle.or(self.bundle),
+            bundle_pem: other.bundle_pem.or(self.bundle_pem),
             upstream: other.upstream.or(self.upstream),
             edge: other.edge.or(self.edge),
             bot_timeout: other.bot_timeout.or(self.bot_timeout),
@@ -130,9 +155,24 @@ impl AgentConfig {
 
     /// Validates and applies defaults.
     pub fn resolve(self) -> Result<AgentSettings, ConfigError> {
-        let state_dir = self.state_dir.ok_or(ConfigError::Missing("state_dir"))?;
+        // A bundle's text (environment) beats a bundle path from the file; a path given as a
+        // flag never reaches here with text set (see the binary). Either beats a state dir.
+        let identity = if let Some(pem) = self.bundle_pem {
+            IdentitySource::Bundle(pem)
+        } else if let Some(path) = &self.bundle {
+            let bytes = relay_pki::read_private_key_file(path)
+                .map_err(|error| ConfigError::Read { path: path.clone(), error })?;
+            let text = String::from_utf8(bytes).map_err(|_| ConfigError::Invalid {
+                key: "bundle",
+                message: format!("{} is not text", path.display()),
+            })?;
+            IdentitySource::Bundle(text)
+        } else {
+            IdentitySource::StateDir(self.state_dir.ok_or(ConfigError::Missing("state_dir (or bundle)"))?)
+        };
         let upstream = parse_upstream(self.upstream.as_deref().ok_or(ConfigError::Missing("upstream"))?)?;
-        let mut settings = AgentSettings::new(state_dir, upstream);
+        let mut settings = AgentSettings::new(PathBuf::new(), upstream);
+        settings.identity = identity;
         settings.edge = self.edge;
         if let Some(text) = &self.bot_timeout {
             settings.bot_timeout = parse_duration("bot_timeout", text)?;

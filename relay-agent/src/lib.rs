@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{AgentConfig, AgentSettings, ConfigError};
+pub use config::{AgentConfig, AgentSettings, ConfigError, IdentitySource};
 pub use pairing::{PairError, Paired, pair};
 
 /// Why the agent could not start.
@@ -40,7 +40,10 @@ pub struct Agent {
 impl Agent {
     /// Loads the pairing from the state directory and starts keeping a tunnel to the edge.
     pub async fn start(settings: AgentSettings) -> Result<Self, StartError> {
-        let identity = AgentState::load(&settings.state_dir)?;
+        let (identity, state_dir) = match &settings.identity {
+            IdentitySource::StateDir(dir) => (AgentState::load(dir)?, Some(dir.clone())),
+            IdentitySource::Bundle(pem) => (AgentState::from_bundle(pem)?, None),
+        };
         let edge_addr = settings.edge.clone().unwrap_or_else(|| identity.edge_addr.clone());
         let name = identity.name.clone();
         let settings = Arc::new(settings);
@@ -49,7 +52,7 @@ impl Agent {
         let (connected_tx, connected) = watch::channel(false);
         let client = Arc::new(tunnel::TunnelClient {
             forwarder: Arc::new(forward::Forwarder::new(settings.clone())),
-            state_dir: Some(settings.state_dir.clone()),
+            state_dir,
             settings,
             identity: std::sync::RwLock::new(identity),
             edge_addr: edge_addr.clone(),

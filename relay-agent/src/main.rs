@@ -40,6 +40,10 @@ struct RunArgs {
     /// State directory written by `relay-agent pair`.
     #[arg(long, env = "RELAY_AGENT_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// Run from a bundle written by `relay-edge pair --bundle` instead of a state directory.
+    /// `RELAY_AGENT_BUNDLE` may hold the bundle's text instead.
+    #[arg(long, value_name = "FILE")]
+    bundle: Option<PathBuf>,
     /// The bot's base URL, e.g. `http://127.0.0.1:8080`.
     #[arg(long, env = "RELAY_AGENT_UPSTREAM")]
     upstream: Option<String>,
@@ -73,8 +77,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Run(args) => {
             relay_cli::init_logging();
+            // A bundle path given as a flag wins over bundle text in the environment.
+            let bundle_pem = if args.bundle.is_none() { std::env::var("RELAY_AGENT_BUNDLE").ok() } else { None };
             let flags = AgentConfig {
                 state_dir: args.state_dir,
+                bundle: args.bundle,
+                bundle_pem,
                 upstream: args.upstream,
                 edge: args.edge,
                 bot_timeout: args.bot_timeout,

@@ -70,3 +70,19 @@ fn bad_input_gets_a_one_line_error_and_a_non_zero_exit() {
     assert!(one_line_error(&agent(&["run", "--state-dir", state])).contains("upstream"));
     assert!(one_line_error(&agent(&["pair", "--state-dir", state])).contains("--token"));
 }
+
+#[test]
+fn a_missing_or_invalid_bundle_is_a_one_line_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.pem");
+    let err =
+        one_line_error(&agent(&["run", "--bundle", missing.to_str().unwrap(), "--upstream", "http://127.0.0.1:1"]));
+    assert!(err.contains("missing.pem"), "{err}");
+    let bogus = Command::new(env!("CARGO_BIN_EXE_relay-agent"))
+        .args(["run", "--upstream", "http://127.0.0.1:1"])
+        .env("RELAY_AGENT_BUNDLE", "not a bundle")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(one_line_error(&bogus).contains("invalid agent bundle"));
+}

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use relay_edge::Edge;
 use relay_edge::config::{EdgeConfig, parse_duration};
-use relay_pki::{DEFAULT_TOKEN_TTL, EdgeState};
+use relay_pki::{DEFAULT_BUNDLE_VALIDITY, DEFAULT_TOKEN_TTL, EdgeState};
 
 /// The public half of acs-relay: accepts ACS webhooks and media WebSockets and relays them to
 /// agents over a mutually authenticated QUIC tunnel.
@@ -49,8 +49,15 @@ enum Command {
         /// new one is issued.
         #[arg(long)]
         replace: bool,
+        /// Issue the agent's key and certificate here and write them, with the CA and the edge
+        /// address, to FILE (mode 0600) instead of printing a token.
+        #[arg(long, value_name = "FILE", conflicts_with = "ttl")]
+        bundle: Option<PathBuf>,
+        /// Validity of a bundle's certificate (default 30d).
+        #[arg(long, requires = "bundle")]
+        validity: Option<String>,
         /// Cancel every pending token for this agent instead of issuing one.
-        #[arg(long, value_name = "NAME", conflicts_with_all = ["agent", "edge_addr", "ttl", "replace"])]
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["agent", "edge_addr", "ttl", "replace", "bundle"])]
         cancel: Option<String>,
     },
     /// Revoke an agent: its certificates are refused and its live connections closed.
@@ -151,7 +158,25 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let cancelled = EdgeState::open(&state_dir)?.cancel_tokens(&agent)?;
             eprintln!("cancelled {cancelled} pending token(s) for {agent:?}");
         }
-        Command::Pair { state_dir, agent, edge_addr, ttl, replace, cancel: None } => {
+        Command::Pair { state_dir, agent, edge_addr, bundle: Some(file), validity, replace, .. } => {
+            let (Some(agent), Some(edge_addr)) = (agent, edge_addr) else {
+                bail!("--agent and --edge-addr are required")
+            };
+            parse_edge_addr(&edge_addr)?;
+            let validity = match validity {
+                Some(text) => parse_duration("--validity", &text)?,
+                None => DEFAULT_BUNDLE_VALIDITY,
+            };
+            let bundle =
+                EdgeState::open(&state_dir)?.issue_bundle(&agent, &edge_addr, validity, SystemTime::now(), replace)?;
+            relay_pki::write_atomic(&file, bundle.as_bytes(), 0o600)
+                .with_context(|| format!("cannot write {}", file.display()))?;
+            eprintln!(
+                "wrote the bundle for {agent:?} to {} (mode 0600): it holds a private key, keep it secret",
+                file.display()
+            );
+        }
+        Command::Pair { state_dir, agent, edge_addr, ttl, replace, cancel: None, bundle: None, .. } => {
             let (Some(agent), Some(edge_addr)) = (agent, edge_addr) else {
                 bail!("--agent and --edge-addr are required")
             };

@@ -152,3 +152,29 @@ fn managing_agents_pair_replace_cancel_list_and_revoke() {
 
     assert!(one_line_error(&edge(&["revoke", "--state-dir", state, "--agent", "nobody"])).contains("nobody"));
 }
+
+#[test]
+fn pair_with_bundle_writes_a_private_bundle_and_prints_no_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    assert!(edge(&["init", "--state-dir", state.to_str().unwrap()]).status.success());
+    let file = dir.path().join("bot.bundle.pem");
+    let out = edge(&[
+        "pair",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--agent",
+        "bot-9",
+        "--edge-addr",
+        "edge.example.com:4433",
+        "--bundle",
+        file.to_str().unwrap(),
+        "--validity",
+        "7d",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout.is_empty(), "no token is printed for a bundle");
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    let identity = relay_pki::AgentState::from_bundle(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!((identity.name.as_str(), identity.edge_addr.as_str()), ("bot-9", "edge.example.com:4433"));
+}

@@ -221,3 +221,35 @@ async fn the_listing_shows_paired_agents_with_their_connection_and_pending_token
     assert!(text.lines().any(|l| l.starts_with("agent-1") && l.contains("yes, from 127.0.0.1")), "{text}");
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_runs_from_a_bundle_file_or_from_bundle_text() {
+    let mut stack = Stack::start_without_agent(|_| {}).await.unwrap();
+    let state = EdgeState::open(&stack.edge_settings.state_dir).unwrap();
+    let tunnel = stack.edge.tunnel_addr().to_string();
+    let bundle = state.issue_bundle("bundled", &tunnel, Duration::from_secs(3600), SystemTime::now(), false).unwrap();
+    assert!(
+        state.issue_bundle("bundled", &tunnel, Duration::from_secs(3600), SystemTime::now(), false).is_err(),
+        "a paired name needs replace"
+    );
+    let file = stack.dir.path().join("bundle.pem");
+    relay_pki::write_atomic(&file, bundle.as_bytes(), 0o600).unwrap();
+
+    let from_file =
+        relay_agent::AgentConfig { bundle: Some(file), upstream: Some(stack.bot.url()), ..Default::default() };
+    let agent = relay_agent::Agent::start(from_file.resolve().unwrap()).await.unwrap();
+    assert_eq!(agent.name(), "bundled");
+    stack.wait_connected(1).await.unwrap();
+    let response = send_collect(stack.public(), post_json(stack.public(), "/api/incomingCall", "[]")).await.unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    agent.shutdown().await;
+    stack.wait_connected(0).await.unwrap();
+
+    let from_text =
+        relay_agent::AgentConfig { bundle_pem: Some(bundle), upstream: Some(stack.bot.url()), ..Default::default() };
+    let agent = relay_agent::Agent::start(from_text.resolve().unwrap()).await.unwrap();
+    stack.wait_connected(1).await.unwrap();
+    agent.shutdown().await;
+    stack.stop_agents().await;
+    stack.shutdown().await;
+}

@@ -242,6 +242,27 @@ impl EdgeState {
         Ok(IssuedCert { agent_name: name.to_owned(), cert_der: issued.cert_der, ca_der: self.ca().cert_der().to_vec() })
     }
 
+    /// Issues a key and certificate for `name` on the edge and returns them as a bundle for
+    /// platforms where the agent cannot keep a state directory. Like pairing, it replaces any
+    /// earlier certificate; a name paired now needs `replace`.
+    pub fn issue_bundle(
+        &self,
+        name: &str,
+        edge_addr: &str,
+        validity: Duration,
+        now: SystemTime,
+        replace: bool,
+    ) -> Result<String, EdgeStateError> {
+        validate_agent_name(name)?;
+        if !replace && self.agent_record(name)?.is_some_and(|r| r.status == AgentStatus::Paired) {
+            return Err(EdgeStateError::AlreadyPaired(name.to_owned()));
+        }
+        let (key_pem, csr_der) = crate::generate_agent_csr(name)?;
+        let issued = self.ca().sign_agent_csr(&csr_der, name, now, validity)?;
+        self.record_issued(name, &issued, now, true)?;
+        Ok(crate::AgentState::bundle_text(name, edge_addr, &key_pem, &issued.cert_der, self.ca().cert_der()))
+    }
+
     /// Revokes `name`: every certificate it holds is refused from now on.
     pub fn revoke(&self, name: &str, now: SystemTime) -> Result<AgentRecord, EdgeStateError> {
         let _lock = self.lock_registry()?;

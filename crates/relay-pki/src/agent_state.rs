@@ -41,7 +41,13 @@ pub enum AgentStateError {
     /// A file does not parse.
     #[error("{0}: corrupt or truncated")]
     Corrupt(PathBuf),
+    /// A bundle is malformed.
+    #[error("invalid agent bundle: {0}")]
+    Bundle(String),
 }
+
+/// First line of every bundle.
+const BUNDLE_HEADER: &str = "# acs-relay agent bundle";
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -127,6 +133,41 @@ impl AgentState {
     }
 }
 
+impl AgentState {
+    /// The text of a bundle: a comment header naming the agent and the edge, then the private
+    /// key, the agent certificate and the CA certificate as PEM.
+    pub fn bundle_text(name: &str, edge_addr: &str, key_pem: &str, cert_der: &[u8], ca_der: &[u8]) -> String {
+        format!(
+            "{BUNDLE_HEADER}: holds agent {name:?}'s private key; store it as a secret.\n# agent: {name}\n# edge: {edge_addr}\n{}{}",
+            identity_pem(key_pem, cert_der),
+            pem("CERTIFICATE", ca_der)
+        )
+    }
+
+    /// Reads a bundle made by [`AgentState::bundle_text`].
+    pub fn from_bundle(text: &str) -> Result<AgentIdentity, AgentStateError> {
+        let bad = |what: &str| AgentStateError::Bundle(what.to_owned());
+        if !text.trim_start().starts_with(BUNDLE_HEADER) {
+            return Err(bad("it does not start with the acs-relay bundle header"));
+        }
+        let field = |key: &str| {
+            text.lines().find_map(|line| line.strip_prefix(&format!("# {key}: ")).map(|v| v.trim().to_owned()))
+        };
+        let name = field("agent").ok_or_else(|| bad("no '# agent:' line"))?;
+        let edge_addr = field("edge").ok_or_else(|| bad("no '# edge:' line"))?;
+        let key = PrivateKeyDer::from_pem_slice(text.as_bytes()).map_err(|_| bad("no private key"))?;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(text.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|_| bad("a certificate does not parse"))?;
+        let [cert, ca_cert] = <[CertificateDer<'static>; 2]>::try_from(certs)
+            .map_err(|_| bad("expected exactly two certificates (agent, then CA)"))?;
+        if crate::agent_name_from_cert(&cert).ok().as_deref() != Some(name.as_str()) {
+            return Err(bad("the certificate does not name the agent in the header"));
+        }
+        Ok(AgentIdentity { name, edge_addr, cert_chain: vec![cert], key, ca_cert })
+    }
+}
+
 fn identity_pem(key_pem: &str, cert_der: &[u8]) -> String {
     format!("{key_pem}{}", pem("CERTIFICATE", cert_der))
 }
@@ -161,6 +202,23 @@ mod tests {
         assert_eq!((id.name.as_str(), id.edge_addr.as_str()), ("bot", "127.0.0.1:4433"));
         assert_eq!(id.cert_chain[0].as_ref(), issued.cert_der.as_slice());
         assert_eq!(id.ca_cert.as_ref(), ca.cert_der());
+    }
+
+    #[test]
+    fn a_bundle_round_trips_and_damage_is_reported() {
+        let now = SystemTime::now();
+        let ca = PairingCa::generate(now, Duration::from_secs(3600)).unwrap();
+        let (key, csr) = generate_agent_csr("bot").unwrap();
+        let issued = ca.sign_agent_csr(&csr, "bot", now, Duration::from_secs(60)).unwrap();
+        let text = AgentState::bundle_text("bot", "edge.example.com:4433", &key, &issued.cert_der, ca.cert_der());
+        let id = AgentState::from_bundle(&text).unwrap();
+        assert_eq!((id.name.as_str(), id.edge_addr.as_str()), ("bot", "edge.example.com:4433"));
+        assert_eq!(id.ca_cert.as_ref(), ca.cert_der());
+        assert!(matches!(AgentState::from_bundle("hello"), Err(AgentStateError::Bundle(_))));
+        let renamed = text.replace("# agent: bot", "# agent: other");
+        assert!(AgentState::from_bundle(&renamed).unwrap_err().to_string().contains("does not name"));
+        let truncated = &text[..text.len() - 200];
+        assert!(AgentState::from_bundle(truncated).is_err());
     }
 
     #[test]

@@ -36,6 +36,11 @@ pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
 /// agent renews long before it runs out (renewal arrives with certificate lifecycle work).
 pub const DEFAULT_AGENT_CERT_VALIDITY: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// Validity of a bundle's certificate. A bundle lives in a secret store and renewals cannot be
+/// written back to it, so an agent restarted from it must still find it valid; 30 days leaves
+/// room for a monthly rotation (`relay-edge pair --bundle --replace`).
+pub const DEFAULT_BUNDLE_VALIDITY: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+
 /// Validity of the edge's tunnel certificate. Agents pin the CA, not this certificate, so a year
 /// costs nothing in trust and saves operators from surprise expiry.
 pub const DEFAULT_EDGE_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 60 * 60);
