@@ -8,7 +8,8 @@ use relay_pki::{AgentRefusal, EdgeState, RedeemError, RenewError, cert_serial_he
 use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
 use relay_proto::{ControlMessage, PairRefusal, PairRequest, PairResponse, RenewOutcome, code};
 use relay_transport::{
-    FrameReadError, FrameReader, IncomingTunnel, PeerKind, QuicListener, TunnelConnection, read_frame, write_frame,
+    FrameReadError, FrameReader, HandshakeError, IncomingTunnel, PeerKind, QuicListener, TunnelConnection, read_frame,
+    write_frame,
 };
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
@@ -59,7 +60,7 @@ impl TunnelService {
         match incoming.handshake().await {
             Ok((conn, PeerKind::Agent { name, serial })) => self.agent_session(conn, name, serial).await,
             Ok((conn, PeerKind::Pairing)) => self.pairing_session(conn).await,
-            Err(e) if e.to_string().contains("Expired") => {
+            Err(HandshakeError::CertificateExpired(_)) => {
                 warn!(%remote, "refused an agent whose certificate has expired: it must be paired again (relay-agent pair)");
             }
             Err(e) => warn!(%remote, "tunnel handshake refused: {e}"),

@@ -83,6 +83,37 @@ async fn an_expired_certificate_is_refused_in_the_handshake() {
 }
 
 #[tokio::test]
+async fn the_tunnel_listener_classifies_an_expired_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = EdgeState::init(dir.path(), &[], SystemTime::now()).unwrap();
+    let long_ago = SystemTime::now() - Duration::from_secs(3600);
+    let token = state.create_token("old", "127.0.0.1:1", Duration::from_secs(60), long_ago, false).unwrap();
+    let (key_pem, csr) = generate_agent_csr("old").unwrap();
+    let issued = state.redeem(&token.token_id, &token.secret, &csr, long_ago, Duration::from_secs(60)).unwrap();
+    let material = state.tls_material().unwrap();
+    let settings = relay_transport::QuicSettings::default();
+    let listener = relay_transport::QuicListener::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        material.cert_chain,
+        material.key,
+        &material.ca_cert,
+        &settings,
+    )
+    .unwrap();
+    let addr = listener.local_addr().unwrap();
+    use rustls_pki_types::pem::PemObject;
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let ca = material.ca_cert.clone();
+    let dial = tokio::spawn(async move {
+        relay_transport::dial_tunnel(addr, "localhost", vec![issued.cert_der.into()], key, &ca, &settings).await
+    });
+    let incoming = tokio::time::timeout(DEADLINE, listener.accept()).await.unwrap().unwrap();
+    let refused = incoming.handshake().await.err().expect("an expired certificate must be refused");
+    assert!(matches!(refused, relay_transport::HandshakeError::CertificateExpired(_)), "{refused}");
+    let _ = dial.await;
+}
+
+#[tokio::test]
 async fn revoking_closes_a_live_connection_within_two_seconds_and_refuses_it_after() {
     let stack = Stack::start().await.unwrap();
     let dir = stack.dir.path().join("agent-agent-1");

@@ -95,6 +95,9 @@ pub enum HandshakeError {
     /// TLS failed: for an agent, usually a certificate not issued by this edge's CA, or expired.
     #[error("TLS handshake failed: {0}")]
     Tls(String),
+    /// The client's certificate has expired: the agent must be paired again.
+    #[error("the client certificate has expired ({0})")]
+    CertificateExpired(String),
     /// The handshake did not complete in time.
     #[error("handshake timed out")]
     Timeout,
@@ -287,6 +290,10 @@ impl IncomingTunnel {
         let connecting = self.incoming.accept().map_err(|e| HandshakeError::Tls(e.to_string()))?;
         let conn = match tokio::time::timeout(self.handshake_timeout, connecting).await {
             Err(_) => return Err(HandshakeError::Timeout),
+            // rustls reports an expired peer certificate as "certificate expired: ...".
+            Ok(Err(e)) if e.to_string().to_ascii_lowercase().contains("certificate expired") => {
+                return Err(HandshakeError::CertificateExpired(e.to_string()));
+            }
             Ok(Err(e)) => return Err(HandshakeError::Tls(e.to_string())),
             Ok(Ok(conn)) => conn,
         };
