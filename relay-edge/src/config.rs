@@ -8,11 +8,16 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use http::header::HeaderName;
+
 pub use relay_cli::config::{ConfigError, parse_duration};
 use relay_cli::config::{load_toml, parse_toml};
 use relay_transport::QuicSettings;
 use serde::Deserialize;
 
+use crate::admission::shared_secret::SecretLocation;
+use crate::admission::source_ip::service_tag_networks;
+use crate::admission::{AdmissionSettings, AuthCheck, EventGridSettings, SharedSecret, SourceIpSet};
 use crate::routes::{Route, RouteConfig, default_routes};
 
 /// Public listener default: ACS delivers to HTTPS/WSS, normally terminated by an ingress in
@@ -69,9 +74,55 @@ pub struct EdgeConfig {
     pub keep_alive: Option<String>,
     /// How long a client has to send a request head (`"10s"`).
     pub header_read_timeout: Option<String>,
+    /// Peers whose `X-Forwarded-For`/`-Proto` are believed (CIDRs).
+    pub trusted_proxies: Option<Vec<String>>,
     /// Relayed routes; the three ACS endpoints when absent.
     #[serde(rename = "route")]
     pub routes: Option<Vec<RouteConfig>>,
+    /// Settings of the `shared-secret` check.
+    pub shared_secret: Option<SharedSecretConfig>,
+    /// Settings of the `source-ip` check.
+    pub source_ip: Option<SourceIpConfig>,
+    /// Settings of the `event-grid` check.
+    pub event_grid: Option<EventGridConfig>,
+}
+
+/// `[shared_secret]`: where the secret travels and where the edge reads it from. The secret
+/// itself never sits in the configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedSecretConfig {
+    /// The header carrying the secret (e.g. `x-bot-secret`).
+    pub header: Option<String>,
+    /// Or the query parameter carrying it (e.g. `secret`).
+    pub query: Option<String>,
+    /// The environment variable holding the secret.
+    pub value_env: Option<String>,
+    /// Or a file holding it (e.g. a mounted Kubernetes secret); trailing newlines are ignored.
+    pub value_file: Option<PathBuf>,
+}
+
+/// `[source_ip]`: the allow-list.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceIpConfig {
+    /// Allowed networks (`52.112.0.0/14`, `2603:1063::/38`).
+    #[serde(default)]
+    pub cidrs: Vec<String>,
+    /// An Azure Service Tags JSON file (`ServiceTags_Public_*.json`).
+    pub service_tags_file: Option<PathBuf>,
+    /// The tags to take from it (e.g. `AzureCommunicationServices`).
+    #[serde(default)]
+    pub service_tags: Vec<String>,
+}
+
+/// `[event_grid]`: subscription checks.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventGridConfig {
+    /// When non-empty, `aeg-subscription-name` must be one of these.
+    #[serde(default)]
+    pub subscription_names: Vec<String>,
 }
 
 /// Fully resolved edge settings.
@@ -103,6 +154,8 @@ pub struct EdgeSettings {
     pub quic: QuicSettings,
     /// Relayed routes.
     pub routes: Vec<Route>,
+    /// Settings of the admission checks routes name.
+    pub admission: AdmissionSettings,
 }
 
 impl EdgeSettings {
@@ -122,6 +175,7 @@ impl EdgeSettings {
             agent_cert_validity: relay_pki::DEFAULT_AGENT_CERT_VALIDITY,
             quic: QuicSettings::default(),
             routes: default_routes(),
+            admission: AdmissionSettings::default(),
         }
     }
 }
@@ -150,13 +204,17 @@ impl EdgeConfig {
             idle_timeout: other.idle_timeout.or(self.idle_timeout),
             keep_alive: other.keep_alive.or(self.keep_alive),
             header_read_timeout: other.header_read_timeout.or(self.header_read_timeout),
+            trusted_proxies: other.trusted_proxies.or(self.trusted_proxies),
             routes: other.routes.or(self.routes),
+            shared_secret: other.shared_secret.or(self.shared_secret),
+            source_ip: other.source_ip.or(self.source_ip),
+            event_grid: other.event_grid.or(self.event_grid),
         }
     }
 
     /// Validates and applies defaults.
     pub fn resolve(self) -> Result<EdgeSettings, ConfigError> {
-        let state_dir = self.state_dir.ok_or(ConfigError::Missing("state_dir"))?;
+        let state_dir = self.state_dir.clone().ok_or(ConfigError::Missing("state_dir"))?;
         let default_addr = |text: &str| {
             text.parse::<SocketAddr>().map_err(|e| ConfigError::Invalid { key: "listen", message: e.to_string() })
         };
@@ -208,8 +266,113 @@ impl EdgeConfig {
                 .map(|r| r.build().map_err(|message| ConfigError::Invalid { key: "route", message }))
                 .collect::<Result<_, _>>()?;
         }
+        settings.admission = self.admission()?;
+        for route in &settings.routes {
+            for check in &route.auth {
+                let configured = match check {
+                    AuthCheck::SharedSecret => settings.admission.shared_secret.is_some(),
+                    AuthCheck::SourceIp => settings.admission.source_ip.is_some(),
+                    AuthCheck::EventGrid => settings.admission.event_grid.is_some(),
+                    AuthCheck::AcsJwt => {
+                        return Err(ConfigError::Invalid {
+                            key: "route",
+                            message: format!(
+                                "route {:?}: the acs-jwt check is not supported by this build yet",
+                                route.name
+                            ),
+                        });
+                    }
+                };
+                if !configured {
+                    let section = check.name().replace('-', "_");
+                    return Err(ConfigError::Invalid {
+                        key: "route",
+                        message: format!(
+                            "route {:?} uses check {:?} but the [{section}] section is missing",
+                            route.name,
+                            check.name()
+                        ),
+                    });
+                }
+            }
+        }
         Ok(settings)
     }
+
+    fn admission(&self) -> Result<AdmissionSettings, ConfigError> {
+        let invalid = |key, message: String| ConfigError::Invalid { key, message };
+        let trusted_proxies = self
+            .trusted_proxies
+            .iter()
+            .flatten()
+            .map(|cidr| parse_net(cidr).map_err(|e| invalid("trusted_proxies", e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let shared_secret = match &self.shared_secret {
+            None => None,
+            Some(cfg) => {
+                let location = match (&cfg.header, &cfg.query) {
+                    (Some(header), None) => SecretLocation::Header(
+                        HeaderName::from_bytes(header.as_bytes())
+                            .map_err(|_| invalid("shared_secret.header", format!("{header:?} is not a header name")))?,
+                    ),
+                    (None, Some(query)) if !query.is_empty() => SecretLocation::Query(query.clone()),
+                    _ => return Err(invalid("shared_secret", "set exactly one of header or query".into())),
+                };
+                let value = match (&cfg.value_env, &cfg.value_file) {
+                    (Some(var), None) => std::env::var(var).map_err(|_| {
+                        invalid("shared_secret.value_env", format!("environment variable {var} is not set"))
+                    })?,
+                    (None, Some(path)) => std::fs::read_to_string(path)
+                        .map_err(|error| ConfigError::Read { path: path.clone(), error })?
+                        .trim_end_matches(['\r', '\n'])
+                        .to_owned(),
+                    _ => return Err(invalid("shared_secret", "set exactly one of value_env or value_file".into())),
+                };
+                if value.is_empty() {
+                    return Err(invalid("shared_secret", "the secret is empty".into()));
+                }
+                Some(SharedSecret::new(location, value.into_bytes()))
+            }
+        };
+        let source_ip = match &self.source_ip {
+            None => None,
+            Some(cfg) => {
+                let mut nets = cfg
+                    .cidrs
+                    .iter()
+                    .map(|c| parse_net(c).map_err(|e| invalid("source_ip.cidrs", e)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                match (&cfg.service_tags_file, cfg.service_tags.is_empty()) {
+                    (Some(path), false) => {
+                        let json = std::fs::read_to_string(path)
+                            .map_err(|error| ConfigError::Read { path: path.clone(), error })?;
+                        let tagged = service_tag_networks(&json, &cfg.service_tags)
+                            .map_err(|e| invalid("source_ip.service_tags_file", format!("{}: {e}", path.display())))?;
+                        nets.extend(tagged);
+                    }
+                    (None, true) => {}
+                    _ => return Err(invalid("source_ip", "service_tags_file and service_tags go together".into())),
+                }
+                if nets.is_empty() {
+                    return Err(invalid("source_ip", "the allow-list is empty: nobody could connect".into()));
+                }
+                Some(SourceIpSet::new(nets))
+            }
+        };
+        let event_grid = self
+            .event_grid
+            .as_ref()
+            .map(|cfg| EventGridSettings { subscription_names: cfg.subscription_names.clone() });
+        Ok(AdmissionSettings { trusted_proxies, shared_secret, source_ip, event_grid })
+    }
+}
+
+/// A network in CIDR notation, or a single address (as a /32 or /128).
+fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{text:?} is not a CIDR such as 52.112.0.0/14"))
 }
 
 #[cfg(test)]
@@ -247,5 +410,65 @@ mod tests {
             EdgeConfig { state_dir: Some("/a".into()), response_timeout: Some("soon".into()), ..Default::default() };
         assert!(bad.resolve().unwrap_err().to_string().contains("response_timeout"));
         assert!(matches!(EdgeConfig::default().resolve(), Err(ConfigError::Missing("state_dir"))));
+    }
+
+    fn resolve_text(text: &str) -> Result<EdgeSettings, ConfigError> {
+        EdgeConfig::parse(&format!("state_dir = \"/s\"\n{text}"), Path::new("edge.toml"))?.resolve()
+    }
+
+    #[test]
+    fn a_check_without_its_section_is_a_startup_error_naming_the_section() {
+        let err = resolve_text("[[route]]\npath = \"/a\"\nauth = [\"shared-secret\"]\n").unwrap_err().to_string();
+        assert!(err.contains("[shared_secret]") && err.contains("/a"), "{err}");
+        let err = resolve_text("[[route]]\npath = \"/a\"\nauth = [\"magic\"]\n").unwrap_err().to_string();
+        assert!(err.contains("magic"), "{err}");
+    }
+
+    #[test]
+    fn shared_secrets_come_from_a_file_or_the_environment_never_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let text = format!(
+            "[[route]]\npath = \"/a\"\nauth = [\"shared-secret\"]\n[shared_secret]\nheader = \"x-s\"\nvalue_file = {:?}\n",
+            file.display().to_string()
+        );
+        let settings = resolve_text(&text).unwrap();
+        let mut req = http::Request::new(());
+        req.headers_mut().insert("x-s", "from-file".parse().unwrap());
+        assert!(settings.admission.shared_secret.unwrap().verify(&req).is_ok(), "trailing newline ignored");
+        let err = resolve_text("[shared_secret]\nheader = \"x\"\nquery = \"y\"\nvalue_env = \"V\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exactly one of header or query"), "{err}");
+        let err = resolve_text("[shared_secret]\nheader = \"x\"\nvalue = \"inline\"\n").unwrap_err().to_string();
+        assert!(err.contains("value"), "{err}");
+        let err = resolve_text("[shared_secret]\nheader = \"x\"\nvalue_env = \"ACS_RELAY_TEST_UNSET_VARIABLE\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ACS_RELAY_TEST_UNSET_VARIABLE"), "{err}");
+    }
+
+    #[test]
+    fn source_ip_lists_join_cidrs_and_service_tags_and_refuse_an_empty_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let tags = dir.path().join("ServiceTags_Public.json");
+        std::fs::write(
+            &tags,
+            r#"{"values":[{"name":"AzureCommunicationServices","properties":{"addressPrefixes":["52.112.0.0/14"]}}]}"#,
+        )
+        .unwrap();
+        let text = format!(
+            "trusted_proxies = [\"10.0.0.0/8\"]\n[source_ip]\ncidrs = [\"2603:1063::/38\"]\nservice_tags_file = {:?}\nservice_tags = [\"AzureCommunicationServices\"]\n",
+            tags.display().to_string()
+        );
+        let settings = resolve_text(&text).unwrap();
+        let set = settings.admission.source_ip.unwrap();
+        assert_eq!(set.len(), 2);
+        assert!(set.contains("52.113.0.1".parse().unwrap()));
+        assert_eq!(settings.admission.trusted_proxies.len(), 1);
+        assert!(resolve_text("[source_ip]\ncidrs = []\n").unwrap_err().to_string().contains("empty"));
+        assert!(resolve_text("[source_ip]\ncidrs = [\"52.112.0.0/99\"]\n").unwrap_err().to_string().contains("CIDR"));
+        assert!(resolve_text("trusted_proxies = [\"nope\"]\n").unwrap_err().to_string().contains("trusted_proxies"));
     }
 }

@@ -14,16 +14,22 @@ use relay_proto::{ExchangeHead, ExchangeKind, FailureKind, HttpReply, code};
 use relay_transport::{BiStream, FrameReadError, read_frame, write_frame};
 use tracing::{info, warn};
 
+use crate::admission::source_ip::peer_is_trusted;
 use crate::agents::InFlight;
 use crate::public::{PublicService, edge_answer};
 use crate::routes::Route;
 
 /// Request headers as they leave the edge: hop-by-hop removed, `Host` replaced by
-/// `X-Forwarded-Host`, and `X-Forwarded-For`/`-Proto` describing the client.
-pub(crate) fn forwarded_headers(original: &HeaderMap, peer: SocketAddr) -> HeaderMap {
+/// `X-Forwarded-Host`, and `X-Forwarded-For`/`-Proto` describing the client. A trusted proxy's
+/// `X-Forwarded-Proto` and `-Host` are kept (the ingress terminated TLS for that host); anyone
+/// else's are replaced.
+pub(crate) fn forwarded_headers(original: &HeaderMap, peer: SocketAddr, trusted: &[ipnet::IpNet]) -> HeaderMap {
     let mut headers = original.clone();
     strip_hop_by_hop(&mut headers);
-    let host = headers.remove(header::HOST);
+    let from_proxy = peer_is_trusted(peer.ip(), trusted);
+    let proto = headers.remove("x-forwarded-proto").filter(|_| from_proxy);
+    let forwarded_host = headers.remove("x-forwarded-host").filter(|_| from_proxy);
+    let host = forwarded_host.or(headers.remove(header::HOST));
     let peer_ip = peer.ip().to_string();
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(existing) if !existing.trim().is_empty() => format!("{existing}, {peer_ip}"),
@@ -32,7 +38,7 @@ pub(crate) fn forwarded_headers(original: &HeaderMap, peer: SocketAddr) -> Heade
     if let Ok(value) = HeaderValue::from_str(&xff) {
         headers.insert("x-forwarded-for", value);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert("x-forwarded-proto", proto.unwrap_or(HeaderValue::from_static("http")));
     if let Some(host) = host {
         headers.insert("x-forwarded-host", host);
     }
@@ -130,7 +136,7 @@ pub(crate) async fn relay_http(
     };
     let agent = in_flight.agent().name.clone();
     let BiStream { mut send, mut recv } = stream;
-    let headers = forwarded_headers(req.headers(), peer);
+    let headers = forwarded_headers(req.headers(), peer, &service.settings.admission.trusted_proxies);
     let head = exchange_head(&req, ExchangeKind::Http, peer, request_id, &headers);
     let mut log = ExchangeLog {
         request_id,

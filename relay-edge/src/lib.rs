@@ -6,6 +6,7 @@
 //! serves pairing on the tunnel port. [`Edge::start`] builds and runs all of it; the binary only
 //! parses configuration and calls it.
 
+pub mod admission;
 pub mod agents;
 pub mod config;
 mod forward;
@@ -81,11 +82,11 @@ impl Edge {
             .await
             .map_err(|source| StartError::Listen { addr: settings.listen, source })?;
         let public_addr = public.local_addr().map_err(|source| StartError::Listen { addr: settings.listen, source })?;
-        // Admission checks (ACS JWT, Event Grid, shared secret, source IP) are not built yet.
-        tracing::warn!(
-            "relaying {} route(s) with NO authentication checks: anyone who can reach {public_addr} can reach the bot",
-            settings.routes.len()
-        );
+        if settings.routes.iter().all(|route| route.auth.is_empty()) {
+            tracing::warn!(
+                "no route has an authentication check: anyone who can reach {public_addr} can reach the bot (see [[route]] auth in the configuration)"
+            );
+        }
 
         let settings = Arc::new(settings);
         let agents = Arc::new(AgentSet::default());

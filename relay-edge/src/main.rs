@@ -118,6 +118,9 @@ struct RunArgs {
     /// How long a client has to send a request head (e.g. `10s`).
     #[arg(long, env = "RELAY_EDGE_HEADER_READ_TIMEOUT")]
     header_read_timeout: Option<String>,
+    /// Proxies whose X-Forwarded-For/-Proto are believed (CIDRs, comma-separated).
+    #[arg(long, env = "RELAY_EDGE_TRUSTED_PROXIES", value_delimiter = ',')]
+    trusted_proxies: Option<Vec<String>>,
 }
 
 impl RunArgs {
@@ -133,7 +136,8 @@ impl RunArgs {
             idle_timeout: self.idle_timeout,
             keep_alive: self.keep_alive,
             header_read_timeout: self.header_read_timeout,
-            routes: None,
+            trusted_proxies: self.trusted_proxies,
+            ..EdgeConfig::default()
         };
         (self.config, config)
     }

@@ -14,11 +14,12 @@ use relay_exchange::body::{RelayBody, full};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
+use crate::admission::{self, AuthCheck, Rejection, event_grid};
 use crate::agents::AgentSet;
 use crate::config::EdgeSettings;
-use crate::routes;
+use crate::routes::{self, Route};
 
 /// State shared by every public request.
 pub(crate) struct PublicService {
@@ -95,6 +96,19 @@ impl PublicService {
         }
     }
 
+    /// Answers a request that failed admission; it never reaches an agent.
+    fn reject(&self, route: &Route, peer: SocketAddr, rejection: Rejection) -> Response<RelayBody> {
+        info!(
+            route = %route.name,
+            check = rejection.check.name(),
+            reason = rejection.reason,
+            status = rejection.status.as_u16(),
+            %peer,
+            "request refused at the edge"
+        );
+        rejection.response()
+    }
+
     async fn handle(self: &Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<RelayBody> {
         let path = req.uri().path();
         match path {
@@ -111,6 +125,21 @@ impl PublicService {
         let Some(route) = routes::find(&self.settings.routes, path).cloned() else {
             return edge_answer(StatusCode::NOT_FOUND, "not found");
         };
+        let admission = &self.settings.admission;
+        // Event Grid's CloudEvents handshake arrives as OPTIONS on the webhook route, before any
+        // event; only the checks that do not depend on an event apply to it.
+        if req.method() == Method::OPTIONS && route.auth.contains(&AuthCheck::EventGrid) {
+            let pre: Vec<AuthCheck> = route
+                .auth
+                .iter()
+                .copied()
+                .filter(|c| matches!(c, AuthCheck::SourceIp | AuthCheck::SharedSecret))
+                .collect();
+            if let Err(rejection) = admission::admit(&pre, admission, &req, peer) {
+                return self.reject(&route, peer, rejection);
+            }
+            return event_grid::options_response(req.headers());
+        }
         if !route.methods.contains(req.method()) {
             let mut response = edge_answer(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
             let allow: Vec<&str> = route.methods.iter().map(Method::as_str).collect();
@@ -119,11 +148,42 @@ impl PublicService {
             }
             return response;
         }
+        if let Err(rejection) = admission::admit(&route.auth, admission, &req, peer) {
+            return self.reject(&route, peer, rejection);
+        }
+        if route.auth.contains(&AuthCheck::EventGrid) && event_grid::is_validation(req.headers()) {
+            return answer_validation(req, &route).await;
+        }
+        let mut req = req;
+        if route.auth.contains(&AuthCheck::SharedSecret)
+            && let Some(secret) = &admission.shared_secret
+        {
+            secret.strip(&mut req);
+        }
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         if route.websocket {
             crate::websocket::relay_upgrade(self, req, &route, peer, request_id).await
         } else {
             crate::forward::relay_http(self, req, &route, peer, request_id).await
+        }
+    }
+}
+
+/// Answers Event Grid's subscription validation at the edge; the bot never sees it.
+async fn answer_validation(req: Request<Incoming>, route: &Route) -> Response<RelayBody> {
+    use http_body_util::BodyExt;
+    let body = match http_body_util::Limited::new(req.into_body(), event_grid::MAX_VALIDATION_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => return edge_answer(StatusCode::PAYLOAD_TOO_LARGE, "validation request too large"),
+    };
+    match event_grid::validation_response(&body) {
+        Some(response) => {
+            info!(route = %route.name, "answered Event Grid subscription validation");
+            response
+        }
+        None => {
+            warn!(route = %route.name, "Event Grid validation request without a validation code");
+            edge_answer(StatusCode::BAD_REQUEST, "no validation code")
         }
     }
 }

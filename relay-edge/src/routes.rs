@@ -4,6 +4,8 @@
 use http::Method;
 use serde::Deserialize;
 
+use crate::admission::AuthCheck;
+
 /// How a route's path is matched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathPattern {
@@ -46,6 +48,8 @@ pub struct Route {
     pub methods: Vec<Method>,
     /// Whether this is a WebSocket (media) route.
     pub websocket: bool,
+    /// Checks every request must pass (all of them), decided at the edge.
+    pub auth: Vec<AuthCheck>,
 }
 
 /// A route as written in the configuration file.
@@ -60,6 +64,9 @@ pub struct RouteConfig {
     /// A WebSocket route.
     #[serde(default)]
     pub websocket: bool,
+    /// Checks every request must pass: `acs-jwt`, `event-grid`, `shared-secret`, `source-ip`.
+    #[serde(default)]
+    pub auth: Vec<AuthCheck>,
 }
 
 impl RouteConfig {
@@ -82,31 +89,24 @@ impl RouteConfig {
                 })
                 .collect::<Result<_, _>>()?
         };
-        Ok(Route { name: self.path.clone(), pattern, methods, websocket: self.websocket })
+        Ok(Route { name: self.path.clone(), pattern, methods, websocket: self.websocket, auth: self.auth.clone() })
     }
 }
 
-/// The three ACS endpoints: Event Grid's IncomingCall, Call Automation callbacks, media.
+/// The three ACS endpoints: Event Grid's IncomingCall, Call Automation callbacks, media. They
+/// carry no checks: configuration adds them.
 pub fn default_routes() -> Vec<Route> {
+    let route = |path: &str, pattern: PathPattern, websocket: bool| Route {
+        name: path.to_owned(),
+        pattern,
+        methods: vec![if websocket { Method::GET } else { Method::POST }],
+        websocket,
+        auth: Vec::new(),
+    };
     vec![
-        Route {
-            name: "/api/incomingCall".into(),
-            pattern: PathPattern::Exact("/api/incomingCall".into()),
-            methods: vec![Method::POST],
-            websocket: false,
-        },
-        Route {
-            name: "/api/callbacks/*".into(),
-            pattern: PathPattern::Prefix("/api/callbacks/".into()),
-            methods: vec![Method::POST],
-            websocket: false,
-        },
-        Route {
-            name: "/ws".into(),
-            pattern: PathPattern::Exact("/ws".into()),
-            methods: vec![Method::GET],
-            websocket: true,
-        },
+        route("/api/incomingCall", PathPattern::Exact("/api/incomingCall".into()), false),
+        route("/api/callbacks/*", PathPattern::Prefix("/api/callbacks/".into()), false),
+        route("/ws", PathPattern::Exact("/ws".into()), true),
     ]
 }
 

@@ -68,7 +68,7 @@ pub(crate) async fn relay_upgrade(
     };
     let agent = in_flight.agent().name.clone();
     let BiStream { mut send, mut recv } = stream;
-    let mut forwarded = forwarded_headers(req.headers(), peer);
+    let mut forwarded = forwarded_headers(req.headers(), peer, &service.settings.admission.trusted_proxies);
     for name in PER_HOP_WS_HEADERS {
         forwarded.remove(name);
     }

@@ -1,0 +1,122 @@
+//! ACS-aware admission: before any byte goes to an agent, decide whether a request really comes
+//! from ACS or Event Grid, per route. Every check named in a route's `auth` must pass; each
+//! failure has its own status (401 with a challenge for missing or bad credentials, 403 for a
+//! forbidden source or subscription) and a reason for logs and metrics that never echoes the
+//! credential. Platform handshakes (Event Grid's validation and `OPTIONS`) are answered here too.
+
+pub mod event_grid;
+pub mod shared_secret;
+pub mod source_ip;
+
+use std::net::SocketAddr;
+
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use ipnet::IpNet;
+use relay_exchange::body::RelayBody;
+use serde::Deserialize;
+
+pub use event_grid::EventGridSettings;
+pub use shared_secret::SharedSecret;
+pub use source_ip::SourceIpSet;
+
+use crate::public::edge_answer;
+
+/// A check a route can require.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthCheck {
+    /// An ACS-signed JWT in `Authorization: Bearer`.
+    AcsJwt,
+    /// Event Grid delivery: handshakes answered here, subscription name checked.
+    EventGrid,
+    /// A shared secret in a header or query parameter.
+    SharedSecret,
+    /// The client address is in an allow-list.
+    SourceIp,
+}
+
+impl AuthCheck {
+    /// The name used in configuration, logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AcsJwt => "acs-jwt",
+            Self::EventGrid => "event-grid",
+            Self::SharedSecret => "shared-secret",
+            Self::SourceIp => "source-ip",
+        }
+    }
+}
+
+/// Admission settings shared by every route.
+#[derive(Debug, Clone, Default)]
+pub struct AdmissionSettings {
+    /// Peers whose `X-Forwarded-For` and `X-Forwarded-Proto` are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// For `shared-secret`.
+    pub shared_secret: Option<SharedSecret>,
+    /// For `source-ip`.
+    pub source_ip: Option<SourceIpSet>,
+    /// For `event-grid`.
+    pub event_grid: Option<EventGridSettings>,
+}
+
+/// Why a request was turned away.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The status answered.
+    pub status: StatusCode,
+    /// The check that failed.
+    pub check: AuthCheck,
+    /// A short, fixed reason for logs and metrics (`missing`, `mismatch`, `denied`, ...).
+    pub reason: &'static str,
+    /// `WWW-Authenticate` challenge for 401s.
+    pub challenge: Option<&'static str>,
+}
+
+impl Rejection {
+    /// The answer to the client: status and challenge only, nothing that helps an attacker.
+    pub fn response(&self) -> Response<RelayBody> {
+        let text = self.status.canonical_reason().unwrap_or("refused");
+        let mut response = edge_answer(self.status, text);
+        if let Some(challenge) = self.challenge {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+        }
+        response
+    }
+}
+
+/// Runs the checks `checks` names, in a fixed order from cheapest to dearest, against a request
+/// from `peer`. A check without settings is refused (configuration makes that impossible; this
+/// keeps a programming error from becoming a silent pass).
+pub fn admit<B>(
+    checks: &[AuthCheck],
+    settings: &AdmissionSettings,
+    req: &Request<B>,
+    peer: SocketAddr,
+) -> Result<(), Rejection> {
+    let missing = |check| Rejection { status: StatusCode::FORBIDDEN, check, reason: "not-configured", challenge: None };
+    if checks.contains(&AuthCheck::SourceIp) {
+        let set = settings.source_ip.as_ref().ok_or(missing(AuthCheck::SourceIp))?;
+        let client = source_ip::client_ip(peer.ip(), req.headers(), &settings.trusted_proxies);
+        if !client.is_some_and(|ip| set.contains(ip)) {
+            return Err(Rejection {
+                status: StatusCode::FORBIDDEN,
+                check: AuthCheck::SourceIp,
+                reason: "denied",
+                challenge: None,
+            });
+        }
+    }
+    if checks.contains(&AuthCheck::SharedSecret) {
+        let secret = settings.shared_secret.as_ref().ok_or(missing(AuthCheck::SharedSecret))?;
+        secret.verify(req)?;
+    }
+    if checks.contains(&AuthCheck::EventGrid) {
+        let grid = settings.event_grid.as_ref().ok_or(missing(AuthCheck::EventGrid))?;
+        grid.verify(req.headers())?;
+    }
+    if checks.contains(&AuthCheck::AcsJwt) {
+        return Err(missing(AuthCheck::AcsJwt));
+    }
+    Ok(())
+}

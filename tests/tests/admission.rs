@@ -1,0 +1,178 @@
+//! Admission at the edge: only requests that pass every check a route names reach the bot, and
+//! Event Grid's handshakes are answered without it.
+
+use http::{HeaderValue, Method, Request, StatusCode, header};
+use relay_edge::EdgeSettings;
+use relay_edge::admission::shared_secret::SecretLocation;
+use relay_edge::admission::{AuthCheck, EventGridSettings, SharedSecret, SourceIpSet};
+use relay_testkit::Stack;
+use relay_testkit::acs::{self, MediaCall};
+use relay_testkit::client::{TestBody, full, post_json, send_collect};
+
+fn guard(settings: &mut EdgeSettings, route: &str, checks: &[AuthCheck]) {
+    for r in settings.routes.iter_mut().filter(|r| r.name == route) {
+        r.auth = checks.to_vec();
+    }
+}
+
+fn nets(list: &[&str]) -> Vec<ipnet::IpNet> {
+    list.iter().map(|n| n.parse().unwrap()).collect()
+}
+
+fn post(path: &str, headers: &[(&str, &str)]) -> Request<TestBody> {
+    let mut req = Request::new(full("[]"));
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = path.parse().unwrap();
+    req.headers_mut().insert(header::HOST, HeaderValue::from_static("relay.example.com"));
+    for (name, value) in headers {
+        req.headers_mut()
+            .insert(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+    }
+    req
+}
+
+#[tokio::test]
+async fn a_shared_secret_header_is_required_and_stripped_before_the_bot() {
+    let stack = Stack::start_with(|s| {
+        guard(s, "/api/callbacks/*", &[AuthCheck::SharedSecret]);
+        let name = http::HeaderName::from_static("x-bot-secret");
+        s.admission.shared_secret = Some(SharedSecret::new(SecretLocation::Header(name), b"open-sesame".to_vec()));
+    })
+    .await
+    .unwrap();
+    let missing = send_collect(stack.public(), post("/api/callbacks/c1", &[])).await.unwrap();
+    assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
+    assert!(missing.headers().contains_key(header::WWW_AUTHENTICATE));
+    let wrong =
+        send_collect(stack.public(), post("/api/callbacks/c1", &[("x-bot-secret", "open-sesam")])).await.unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    assert!(!String::from_utf8_lossy(wrong.body()).contains("open-sesam"), "a refusal never echoes the credential");
+    assert_eq!(stack.bot.hits(), 0, "refused requests never reach the bot");
+
+    let right =
+        send_collect(stack.public(), post("/api/callbacks/c1", &[("x-bot-secret", "open-sesame")])).await.unwrap();
+    assert_eq!(right.status(), StatusCode::OK);
+    assert!(stack.bot.requests()[0].headers.get("x-bot-secret").is_none(), "the secret is stripped before forwarding");
+    // Routes without the check are unaffected.
+    let open = send_collect(stack.public(), post("/api/incomingCall", &[])).await.unwrap();
+    assert_eq!(open.status(), StatusCode::OK);
+    stack.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_media_upgrade_without_the_secret_is_refused_before_any_stream_opens() {
+    let stack = Stack::start_with(|s| {
+        guard(s, "/ws", &[AuthCheck::SharedSecret]);
+        s.admission.shared_secret =
+            Some(SharedSecret::new(SecretLocation::Query("token".into()), b"media-key".to_vec()));
+    })
+    .await
+    .unwrap();
+    let refused = MediaCall::connect(stack.public(), "/ws?callId=1", "corr-a").await.unwrap_err();
+    match refused.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+        Some(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 401),
+        other => panic!("expected 401, got {other:?}"),
+    }
+    assert_eq!(stack.bot.hits(), 0);
+    let mut call = MediaCall::connect(stack.public(), "/ws?callId=1&token=media-key", "corr-a").await.unwrap();
+    let stats = call.stream_audio(10, std::time::Duration::from_secs(5)).await.unwrap();
+    assert!(stats.intact());
+    assert_eq!(stack.bot.sessions()[0].path_and_query, "/ws?callId=1", "the secret never reaches the bot");
+    call.close(1000, "bye").await.unwrap();
+    stack.shutdown().await;
+}
+
+#[tokio::test]
+async fn source_ip_allows_the_list_denies_the_rest_and_ignores_spoofed_forwarded_for() {
+    // Loopback is not in the ACS ranges: every direct request is denied.
+    let denied = Stack::start_with(|s| {
+        guard(s, "/api/incomingCall", &[AuthCheck::SourceIp]);
+        s.admission.source_ip = Some(SourceIpSet::new(nets(&["52.112.0.0/14"])));
+    })
+    .await
+    .unwrap();
+    let direct = send_collect(denied.public(), post("/api/incomingCall", &[])).await.unwrap();
+    assert_eq!(direct.status(), StatusCode::FORBIDDEN);
+    let spoofed =
+        send_collect(denied.public(), post("/api/incomingCall", &[("x-forwarded-for", "52.112.0.1")])).await.unwrap();
+    assert_eq!(spoofed.status(), StatusCode::FORBIDDEN, "X-Forwarded-For from an untrusted peer must be ignored");
+    assert_eq!(denied.bot.hits(), 0);
+    denied.shutdown().await;
+
+    let allowed = Stack::start_with(|s| {
+        guard(s, "/api/incomingCall", &[AuthCheck::SourceIp]);
+        s.admission.source_ip = Some(SourceIpSet::new(nets(&["127.0.0.0/8"])));
+    })
+    .await
+    .unwrap();
+    let ok = send_collect(allowed.public(), post("/api/incomingCall", &[])).await.unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    allowed.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_s_forwarded_for_and_proto_are_believed() {
+    let stack = Stack::start_with(|s| {
+        guard(s, "/api/incomingCall", &[AuthCheck::SourceIp]);
+        s.admission.source_ip = Some(SourceIpSet::new(nets(&["52.112.0.0/14"])));
+        s.admission.trusted_proxies = nets(&["127.0.0.0/8"]);
+    })
+    .await
+    .unwrap();
+    let via_ingress =
+        post("/api/incomingCall", &[("x-forwarded-for", "198.51.100.9, 52.112.0.1"), ("x-forwarded-proto", "https")]);
+    let ok = send_collect(stack.public(), via_ingress).await.unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    let seen = &stack.bot.requests()[0];
+    assert_eq!(seen.headers.get("x-forwarded-proto").unwrap(), "https");
+    assert_eq!(seen.headers.get("x-forwarded-for").unwrap(), "198.51.100.9, 52.112.0.1, 127.0.0.1");
+    let outsider =
+        send_collect(stack.public(), post("/api/incomingCall", &[("x-forwarded-for", "52.112.0.1, 198.51.100.9")]))
+            .await
+            .unwrap();
+    assert_eq!(outsider.status(), StatusCode::FORBIDDEN, "the right-most untrusted entry is the client");
+    stack.shutdown().await;
+}
+
+#[tokio::test]
+async fn event_grid_handshakes_are_answered_at_the_edge_and_subscriptions_checked() {
+    let stack = Stack::start_with(|s| {
+        guard(s, "/api/incomingCall", &[AuthCheck::EventGrid]);
+        s.admission.event_grid = Some(EventGridSettings { subscription_names: vec!["incoming-calls".into()] });
+    })
+    .await
+    .unwrap();
+    let validation = r#"[{"id":"v1","topic":"t","subject":"","eventType":"Microsoft.EventGrid.SubscriptionValidationEvent","data":{"validationCode":"6f1c5a2e-code","validationUrl":"https://example.invalid"},"dataVersion":"2","eventTime":"2026-11-26T09:00:00Z"}]"#;
+    let mut req = post_json(stack.public(), "/api/incomingCall", validation);
+    req.headers_mut().insert("aeg-event-type", HeaderValue::from_static("SubscriptionValidation"));
+    req.headers_mut().insert("aeg-subscription-name", HeaderValue::from_static("INCOMING-CALLS"));
+    let answered = send_collect(stack.public(), req).await.unwrap();
+    assert_eq!(answered.status(), StatusCode::OK);
+    let json: serde_json::Value = serde_json::from_slice(answered.body()).unwrap();
+    assert_eq!(json["validationResponse"], "6f1c5a2e-code");
+
+    let mut options = Request::new(full(""));
+    *options.method_mut() = Method::OPTIONS;
+    *options.uri_mut() = "/api/incomingCall".parse().unwrap();
+    options.headers_mut().insert(header::HOST, HeaderValue::from_static("relay.example.com"));
+    options.headers_mut().insert("webhook-request-origin", HeaderValue::from_static("eventgrid.azure.net"));
+    let handshake = send_collect(stack.public(), options).await.unwrap();
+    assert_eq!(handshake.status(), StatusCode::OK);
+    assert_eq!(handshake.headers().get("webhook-allowed-origin").unwrap(), "eventgrid.azure.net");
+    assert_eq!(handshake.headers().get(header::ALLOW).unwrap(), "POST");
+    assert_eq!(stack.bot.hits(), 0, "the bot never sees Event Grid's handshakes");
+
+    let event = acs::incoming_call_event("corr-eg");
+    let mut wrong = post_json(stack.public(), "/api/incomingCall", &event);
+    wrong.headers_mut().insert("aeg-subscription-name", HeaderValue::from_static("SOMEONE-ELSES"));
+    assert_eq!(send_collect(stack.public(), wrong).await.unwrap().status(), StatusCode::FORBIDDEN);
+    let missing = post_json(stack.public(), "/api/incomingCall", &event);
+    assert_eq!(send_collect(stack.public(), missing).await.unwrap().status(), StatusCode::FORBIDDEN);
+    assert_eq!(stack.bot.hits(), 0);
+
+    let mut right = post_json(stack.public(), "/api/incomingCall", &event);
+    right.headers_mut().insert("aeg-subscription-name", HeaderValue::from_static("INCOMING-CALLS"));
+    assert_eq!(send_collect(stack.public(), right).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(stack.bot.requests()[0].body, event.as_bytes());
+    stack.shutdown().await;
+}
