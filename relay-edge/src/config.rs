@@ -15,9 +15,10 @@ use relay_cli::config::{load_toml, parse_toml};
 use relay_transport::QuicSettings;
 use serde::Deserialize;
 
+use crate::admission::acs_jwt::{DEFAULT_ACS_ISSUER, DEFAULT_ACS_JWKS_URL, JWKS_REFRESH_MIN_INTERVAL, JwksSource};
 use crate::admission::shared_secret::SecretLocation;
 use crate::admission::source_ip::service_tag_networks;
-use crate::admission::{AdmissionSettings, AuthCheck, EventGridSettings, SharedSecret, SourceIpSet};
+use crate::admission::{AcsJwtConfig, AdmissionSettings, AuthCheck, EventGridSettings, SharedSecret, SourceIpSet};
 use crate::routes::{Route, RouteConfig, default_routes};
 
 /// Public listener default: ACS delivers to HTTPS/WSS, normally terminated by an ingress in
@@ -85,6 +86,24 @@ pub struct EdgeConfig {
     pub source_ip: Option<SourceIpConfig>,
     /// Settings of the `event-grid` check.
     pub event_grid: Option<EventGridConfig>,
+    /// Settings of the `acs-jwt` check.
+    pub acs: Option<AcsConfig>,
+}
+
+/// `[acs]`: how ACS's tokens are checked.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcsConfig {
+    /// The ACS resource's immutable id: the tokens' audience. Required.
+    pub audience: Option<String>,
+    /// The tokens' issuer; ACS Call Automation's by default.
+    pub issuer: Option<String>,
+    /// Where ACS publishes its keys; ACS's URL by default.
+    pub jwks_url: Option<String>,
+    /// A JWKS file instead of the URL (offline use and tests).
+    pub jwks_file: Option<PathBuf>,
+    /// Shortest interval between key refreshes caused by unknown key ids (`"60s"`).
+    pub keys_refresh_min_interval: Option<String>,
 }
 
 /// `[shared_secret]`: where the secret travels and where the edge reads it from. The secret
@@ -209,6 +228,7 @@ impl EdgeConfig {
             shared_secret: other.shared_secret.or(self.shared_secret),
             source_ip: other.source_ip.or(self.source_ip),
             event_grid: other.event_grid.or(self.event_grid),
+            acs: other.acs.or(self.acs),
         }
     }
 
@@ -273,18 +293,15 @@ impl EdgeConfig {
                     AuthCheck::SharedSecret => settings.admission.shared_secret.is_some(),
                     AuthCheck::SourceIp => settings.admission.source_ip.is_some(),
                     AuthCheck::EventGrid => settings.admission.event_grid.is_some(),
-                    AuthCheck::AcsJwt => {
-                        return Err(ConfigError::Invalid {
-                            key: "route",
-                            message: format!(
-                                "route {:?}: the acs-jwt check is not supported by this build yet",
-                                route.name
-                            ),
-                        });
-                    }
+                    AuthCheck::AcsJwt => settings.admission.acs.is_some(),
                 };
                 if !configured {
-                    let section = check.name().replace('-', "_");
+                    let section = match check {
+                        AuthCheck::AcsJwt => "acs",
+                        AuthCheck::EventGrid => "event_grid",
+                        AuthCheck::SharedSecret => "shared_secret",
+                        AuthCheck::SourceIp => "source_ip",
+                    };
                     return Err(ConfigError::Invalid {
                         key: "route",
                         message: format!(
@@ -363,7 +380,37 @@ impl EdgeConfig {
             .event_grid
             .as_ref()
             .map(|cfg| EventGridSettings { subscription_names: cfg.subscription_names.clone() });
-        Ok(AdmissionSettings { trusted_proxies, shared_secret, source_ip, event_grid })
+        let acs = match &self.acs {
+            None => None,
+            Some(cfg) => {
+                let audience =
+                    cfg.audience.clone().filter(|a| !a.is_empty()).ok_or(ConfigError::Missing("acs.audience"))?;
+                let keys = match (&cfg.jwks_url, &cfg.jwks_file) {
+                    (Some(_), Some(_)) => return Err(invalid("acs", "set jwks_url or jwks_file, not both".into())),
+                    (None, Some(path)) => JwksSource::File(path.clone()),
+                    (url, None) => {
+                        let url = url.as_deref().unwrap_or(DEFAULT_ACS_JWKS_URL);
+                        let uri: http::Uri =
+                            url.parse().map_err(|e| invalid("acs.jwks_url", format!("{url:?}: {e}")))?;
+                        if !matches!(uri.scheme_str(), Some("https" | "http")) {
+                            return Err(invalid("acs.jwks_url", format!("{url:?} must be an https:// URL")));
+                        }
+                        JwksSource::Url(uri)
+                    }
+                };
+                let refresh_min_interval = match &cfg.keys_refresh_min_interval {
+                    Some(text) => parse_duration("acs.keys_refresh_min_interval", text)?,
+                    None => JWKS_REFRESH_MIN_INTERVAL,
+                };
+                Some(AcsJwtConfig {
+                    audience,
+                    issuer: cfg.issuer.clone().unwrap_or_else(|| DEFAULT_ACS_ISSUER.to_owned()),
+                    keys,
+                    refresh_min_interval,
+                })
+            }
+        };
+        Ok(AdmissionSettings { trusted_proxies, shared_secret, source_ip, event_grid, acs })
     }
 }
 
@@ -470,5 +517,21 @@ mod tests {
         assert!(resolve_text("[source_ip]\ncidrs = []\n").unwrap_err().to_string().contains("empty"));
         assert!(resolve_text("[source_ip]\ncidrs = [\"52.112.0.0/99\"]\n").unwrap_err().to_string().contains("CIDR"));
         assert!(resolve_text("trusted_proxies = [\"nope\"]\n").unwrap_err().to_string().contains("trusted_proxies"));
+    }
+
+    #[test]
+    fn the_acs_section_needs_an_audience_and_one_key_source() {
+        let ok =
+            resolve_text("[[route]]\npath = \"/cb/*\"\nauth = [\"acs-jwt\"]\n[acs]\naudience = \"abc\"\n").unwrap();
+        let acs = ok.admission.acs.unwrap();
+        assert_eq!(acs.issuer, "https://acscallautomation.communication.azure.com");
+        assert!(
+            matches!(acs.keys, crate::admission::acs_jwt::JwksSource::Url(ref u) if u.to_string().ends_with("/calling/keys"))
+        );
+        assert!(resolve_text("[acs]\nissuer = \"x\"\n").unwrap_err().to_string().contains("acs.audience"));
+        let both = "[acs]\naudience = \"a\"\njwks_url = \"https://k\"\njwks_file = \"k.json\"\n";
+        assert!(resolve_text(both).unwrap_err().to_string().contains("not both"));
+        let err = resolve_text("[[route]]\npath = \"/a\"\nauth = [\"acs-jwt\"]\n").unwrap_err().to_string();
+        assert!(err.contains("[acs]"), "{err}");
     }
 }

@@ -47,6 +47,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// The ACS key client could not be built.
+    #[error("cannot set up the ACS key client: {0}")]
+    Keys(String),
     /// The tunnel listener could not bind or its TLS setup failed.
     #[error("cannot listen for tunnels on {addr}: {source}")]
     Tunnel {
@@ -88,6 +91,18 @@ impl Edge {
             );
         }
 
+        let acs = match &settings.admission.acs {
+            None => None,
+            Some(config) => Some(admission::AcsJwtSettings {
+                audience: config.audience.clone(),
+                issuer: config.issuer.clone(),
+                keys: Arc::new(
+                    admission::acs_jwt::JwksCache::load(config.keys.clone(), config.refresh_min_interval)
+                        .await
+                        .map_err(StartError::Keys)?,
+                ),
+            }),
+        };
         let settings = Arc::new(settings);
         let agents = Arc::new(AgentSet::default());
         let shutdown = CancellationToken::new();
@@ -109,6 +124,7 @@ impl Edge {
         });
         let front = Arc::new(public::PublicService {
             settings,
+            acs,
             agents: agents.clone(),
             next_request_id: AtomicU64::new(1),
             shutdown: shutdown.clone(),

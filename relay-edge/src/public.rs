@@ -24,6 +24,8 @@ use crate::routes::{self, Route};
 /// State shared by every public request.
 pub(crate) struct PublicService {
     pub settings: Arc<EdgeSettings>,
+    /// `acs-jwt` with its keys loaded, when configured.
+    pub acs: Option<admission::AcsJwtSettings>,
     pub agents: Arc<AgentSet>,
     pub next_request_id: AtomicU64,
     pub shutdown: CancellationToken,
@@ -135,7 +137,7 @@ impl PublicService {
                 .copied()
                 .filter(|c| matches!(c, AuthCheck::SourceIp | AuthCheck::SharedSecret))
                 .collect();
-            if let Err(rejection) = admission::admit(&pre, admission, &req, peer) {
+            if let Err(rejection) = admission::admit(&pre, admission, None, &req, peer).await {
                 return self.reject(&route, peer, rejection);
             }
             return event_grid::options_response(req.headers());
@@ -148,7 +150,7 @@ impl PublicService {
             }
             return response;
         }
-        if let Err(rejection) = admission::admit(&route.auth, admission, &req, peer) {
+        if let Err(rejection) = admission::admit(&route.auth, admission, self.acs.as_ref(), &req, peer).await {
             return self.reject(&route, peer, rejection);
         }
         if route.auth.contains(&AuthCheck::EventGrid) && event_grid::is_validation(req.headers()) {

@@ -176,3 +176,167 @@ async fn event_grid_handshakes_are_answered_at_the_edge_and_subscriptions_checke
     assert_eq!(stack.bot.requests()[0].body, event.as_bytes());
     stack.shutdown().await;
 }
+
+mod acs_jwt {
+    use super::*;
+    use base64::Engine;
+    use relay_edge::admission::AcsJwtConfig;
+    use relay_edge::admission::acs_jwt::{JWKS_REFRESH_MIN_INTERVAL, JwksSource};
+    use relay_testkit::acs_signer::{self, ACS_ISSUER, JwksServer, TEST_AUDIENCE, TEST_KID};
+    use relay_testkit::eventually;
+    use std::time::Duration;
+
+    async fn jwt_stack(keys: JwksSource, refresh: Duration) -> Stack {
+        Stack::start_with(move |s| {
+            guard(s, "/api/callbacks/*", &[AuthCheck::AcsJwt]);
+            guard(s, "/ws", &[AuthCheck::AcsJwt]);
+            guard(s, "/api/incomingCall", &[AuthCheck::SharedSecret]);
+            let name = http::HeaderName::from_static("x-bot-secret");
+            s.admission.shared_secret = Some(SharedSecret::new(SecretLocation::Header(name), b"eg-secret".to_vec()));
+            s.admission.acs = Some(AcsJwtConfig {
+                audience: TEST_AUDIENCE.into(),
+                issuer: ACS_ISSUER.into(),
+                keys,
+                refresh_min_interval: refresh,
+            });
+        })
+        .await
+        .unwrap()
+    }
+
+    fn bearer(token: &str) -> String {
+        format!("Bearer {token}")
+    }
+
+    fn b64(json: &serde_json::Value) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json.to_string())
+    }
+
+    #[tokio::test]
+    async fn a_valid_acs_token_passes_on_callbacks_and_media() {
+        let stack = jwt_stack(JwksSource::File(acs_signer::jwks_file()), JWKS_REFRESH_MIN_INTERVAL).await;
+        let token = acs_signer::valid_token(TEST_AUDIENCE).unwrap();
+        let ok = send_collect(stack.public(), post("/api/callbacks/c", &[("authorization", &bearer(&token))]))
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), StatusCode::OK);
+        assert_eq!(stack.bot.requests()[0].headers.get("authorization").unwrap().to_str().unwrap(), bearer(&token));
+
+        let refused = MediaCall::connect(stack.public(), "/ws", "corr-noauth").await.unwrap_err();
+        assert!(refused.to_string().contains("401"), "{refused}");
+        assert!(stack.bot.sessions().is_empty(), "a refused upgrade opens no stream");
+        // MediaCall sends "Bearer test-acs-token"; a call with a real token goes through.
+        let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+            "ws://{}/ws",
+            stack.public()
+        ))
+        .unwrap();
+        request.headers_mut().insert("authorization", bearer(&token).parse().unwrap());
+        let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        use futures_util::{SinkExt, StreamExt};
+        ws.send(tokio_tungstenite::tungstenite::Message::Text("hello".into())).await.unwrap();
+        let echo = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(echo, tokio_tungstenite::tungstenite::Message::Text("hello".into()));
+        stack.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn every_kind_of_bad_token_is_refused_with_401_and_never_reaches_the_bot() {
+        let stack = jwt_stack(JwksSource::File(acs_signer::jwks_file()), JWKS_REFRESH_MIN_INTERVAL).await;
+        let now = acs_signer::unix_now();
+        let with = |patch: serde_json::Value| {
+            let mut claims = acs_signer::claims(TEST_AUDIENCE);
+            for (k, v) in patch.as_object().unwrap() {
+                claims[k] = v.clone();
+            }
+            acs_signer::sign(&claims, TEST_KID).unwrap()
+        };
+        let alg_none = format!(
+            "{}.{}.",
+            b64(&serde_json::json!({"alg": "none", "typ": "JWT"})),
+            b64(&acs_signer::claims(TEST_AUDIENCE))
+        );
+        let mut hs_header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        hs_header.kid = Some(TEST_KID.into());
+        let hs256_with_public_key = jsonwebtoken::encode(
+            &hs_header,
+            &acs_signer::claims(TEST_AUDIENCE),
+            &jsonwebtoken::EncodingKey::from_secret(acs_signer::jwks_json().as_bytes()),
+        )
+        .unwrap();
+        let cases: Vec<(&str, Option<String>)> = vec![
+            ("missing header", None),
+            ("garbage", Some(bearer("not.a.jwt"))),
+            ("wrong scheme", Some(format!("Basic {}", acs_signer::valid_token(TEST_AUDIENCE).unwrap()))),
+            ("expired", Some(bearer(&with(serde_json::json!({"exp": now - 300, "nbf": now - 900}))))),
+            ("not yet valid", Some(bearer(&with(serde_json::json!({"nbf": now + 300}))))),
+            ("wrong audience", Some(bearer(&with(serde_json::json!({"aud": "someone-else"}))))),
+            ("wrong issuer", Some(bearer(&with(serde_json::json!({"iss": "https://evil.example.com"}))))),
+            (
+                "unknown kid",
+                Some(bearer(&acs_signer::sign(&acs_signer::claims(TEST_AUDIENCE), "unknown-kid").unwrap())),
+            ),
+            ("alg none", Some(bearer(&alg_none))),
+            ("HS256 with the public key", Some(bearer(&hs256_with_public_key))),
+        ];
+        for (what, authorization) in cases {
+            let headers: Vec<(&str, &str)> = authorization.iter().map(|a| ("authorization", a.as_str())).collect();
+            let response = send_collect(stack.public(), post("/api/callbacks/c", &headers)).await.unwrap();
+            assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{what}");
+            assert!(response.headers().get(header::WWW_AUTHENTICATE).is_some(), "{what}: 401 needs a challenge");
+        }
+        // A genuine ACS token does not open a route guarded by another check.
+        let token = acs_signer::valid_token(TEST_AUDIENCE).unwrap();
+        let other_route =
+            send_collect(stack.public(), post("/api/incomingCall", &[("authorization", &bearer(&token))]))
+                .await
+                .unwrap();
+        assert_eq!(other_route.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(stack.bot.hits(), 0, "no refused request may reach the bot");
+        stack.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn keys_refresh_on_an_unknown_kid_and_are_served_from_cache_while_the_url_is_down() {
+        let server = JwksServer::start(Some(r#"{"keys":[]}"#.into())).await.unwrap();
+        let uri = server.url().parse().unwrap();
+        let stack = jwt_stack(JwksSource::Url(uri), Duration::from_millis(200)).await;
+        let token = acs_signer::valid_token(TEST_AUDIENCE).unwrap();
+        let auth = bearer(&token);
+        let refused =
+            send_collect(stack.public(), post("/api/callbacks/c", &[("authorization", &auth)])).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::UNAUTHORIZED, "the key is not published yet");
+
+        // ACS publishes the key: the next unknown-kid request after the interval refreshes.
+        server.set(Some(acs_signer::jwks_json().into()));
+        let public = stack.public();
+        let accepted = eventually(Duration::from_secs(10), || async {
+            let r = send_collect(public, post("/api/callbacks/c", &[("authorization", auth.as_str())])).await;
+            r.is_ok_and(|r| r.status() == StatusCode::OK)
+        })
+        .await;
+        assert!(accepted, "the key must be fetched once an unknown kid arrives");
+
+        // The key URL goes down: cached keys keep working.
+        server.set(None);
+        let cached = send_collect(stack.public(), post("/api/callbacks/c", &[("authorization", &auth)])).await.unwrap();
+        assert_eq!(cached.status(), StatusCode::OK);
+        stack.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn made_up_kids_do_not_cause_a_fetch_storm() {
+        let server = JwksServer::start(Some(acs_signer::jwks_json().into())).await.unwrap();
+        let stack = jwt_stack(JwksSource::Url(server.url().parse().unwrap()), JWKS_REFRESH_MIN_INTERVAL).await;
+        assert_eq!(server.fetches(), 1, "keys are fetched once at start-up");
+        for i in 0..20 {
+            let token = acs_signer::sign(&acs_signer::claims(TEST_AUDIENCE), &format!("made-up-{i}")).unwrap();
+            let r = send_collect(stack.public(), post("/api/callbacks/c", &[("authorization", &bearer(&token))]))
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        }
+        assert_eq!(server.fetches(), 1, "at most one refresh per interval");
+        stack.shutdown().await;
+    }
+}

@@ -8,6 +8,7 @@
 //! * [`wait`]: `eventually`, so tests wait on conditions with deadlines instead of sleeping.
 
 pub mod acs;
+pub mod acs_signer;
 pub mod bot;
 pub mod client;
 pub mod stack;

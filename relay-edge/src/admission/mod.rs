@@ -4,6 +4,7 @@
 //! forbidden source or subscription) and a reason for logs and metrics that never echoes the
 //! credential. Platform handshakes (Event Grid's validation and `OPTIONS`) are answered here too.
 
+pub mod acs_jwt;
 pub mod event_grid;
 pub mod shared_secret;
 pub mod source_ip;
@@ -15,6 +16,7 @@ use ipnet::IpNet;
 use relay_exchange::body::RelayBody;
 use serde::Deserialize;
 
+pub use acs_jwt::AcsJwtSettings;
 pub use event_grid::EventGridSettings;
 pub use shared_secret::SharedSecret;
 pub use source_ip::SourceIpSet;
@@ -58,6 +60,21 @@ pub struct AdmissionSettings {
     pub source_ip: Option<SourceIpSet>,
     /// For `event-grid`.
     pub event_grid: Option<EventGridSettings>,
+    /// For `acs-jwt`: audience, issuer and where the keys are (loaded when the edge starts).
+    pub acs: Option<AcsJwtConfig>,
+}
+
+/// `acs-jwt` as configured, before its keys are loaded.
+#[derive(Debug, Clone)]
+pub struct AcsJwtConfig {
+    /// The ACS resource's immutable id (`aud`).
+    pub audience: String,
+    /// The expected `iss`.
+    pub issuer: String,
+    /// Where the signing keys come from.
+    pub keys: acs_jwt::JwksSource,
+    /// See [`acs_jwt::JWKS_REFRESH_MIN_INTERVAL`].
+    pub refresh_min_interval: std::time::Duration,
 }
 
 /// Why a request was turned away.
@@ -88,9 +105,10 @@ impl Rejection {
 /// Runs the checks `checks` names, in a fixed order from cheapest to dearest, against a request
 /// from `peer`. A check without settings is refused (configuration makes that impossible; this
 /// keeps a programming error from becoming a silent pass).
-pub fn admit<B>(
+pub async fn admit<B>(
     checks: &[AuthCheck],
     settings: &AdmissionSettings,
+    acs: Option<&AcsJwtSettings>,
     req: &Request<B>,
     peer: SocketAddr,
 ) -> Result<(), Rejection> {
@@ -116,7 +134,7 @@ pub fn admit<B>(
         grid.verify(req.headers())?;
     }
     if checks.contains(&AuthCheck::AcsJwt) {
-        return Err(missing(AuthCheck::AcsJwt));
+        acs.ok_or(missing(AuthCheck::AcsJwt))?.verify(req.headers()).await?;
     }
     Ok(())
 }
