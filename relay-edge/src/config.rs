@@ -25,6 +25,9 @@ use crate::routes::{Route, RouteConfig, default_routes};
 /// front of the edge, which forwards to this port.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
 
+/// Admin (metrics) listener default: loopback, so metrics are never public by accident.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+
 /// Tunnel (QUIC, UDP) listener default.
 pub const DEFAULT_TUNNEL_LISTEN: &str = "0.0.0.0:4433";
 
@@ -61,6 +64,8 @@ pub struct EdgeConfig {
     pub listen: Option<SocketAddr>,
     /// Tunnel QUIC listener (`ip:port`, UDP).
     pub tunnel_listen: Option<SocketAddr>,
+    /// Admin listener serving `/metrics` (`ip:port`).
+    pub admin_listen: Option<SocketAddr>,
     /// Largest request body relayed, in bytes.
     pub max_body_bytes: Option<u64>,
     /// Largest WebSocket message relayed, in bytes.
@@ -153,6 +158,8 @@ pub struct EdgeSettings {
     pub listen: SocketAddr,
     /// See [`EdgeConfig::tunnel_listen`].
     pub tunnel_listen: SocketAddr,
+    /// See [`EdgeConfig::admin_listen`]; `None` disables it.
+    pub admin_listen: Option<SocketAddr>,
     /// See [`DEFAULT_MAX_BODY_BYTES`].
     pub max_body_bytes: u64,
     /// See [`relay_exchange::DEFAULT_MAX_WS_MESSAGE`].
@@ -184,6 +191,8 @@ impl EdgeSettings {
             state_dir,
             listen,
             tunnel_listen,
+            // A port from the OS; the binary's configuration defaults to DEFAULT_ADMIN_LISTEN.
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_ws_message_bytes: relay_exchange::DEFAULT_MAX_WS_MESSAGE,
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
@@ -216,6 +225,7 @@ impl EdgeConfig {
             state_dir: other.state_dir.or(self.state_dir),
             listen: other.listen.or(self.listen),
             tunnel_listen: other.tunnel_listen.or(self.tunnel_listen),
+            admin_listen: other.admin_listen.or(self.admin_listen),
             max_body_bytes: other.max_body_bytes.or(self.max_body_bytes),
             max_ws_message_bytes: other.max_ws_message_bytes.or(self.max_ws_message_bytes),
             response_timeout: other.response_timeout.or(self.response_timeout),
@@ -247,6 +257,13 @@ impl EdgeConfig {
             None => default_addr(DEFAULT_TUNNEL_LISTEN)?,
         };
         let mut settings = EdgeSettings::new(state_dir, listen, tunnel_listen);
+        settings.admin_listen = Some(match self.admin_listen {
+            Some(addr) => addr,
+            None => DEFAULT_ADMIN_LISTEN.parse().map_err(|e: std::net::AddrParseError| ConfigError::Invalid {
+                key: "admin_listen",
+                message: e.to_string(),
+            })?,
+        });
         if let Some(max) = self.max_body_bytes {
             settings.max_body_bytes = max;
         }

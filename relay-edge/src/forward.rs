@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use crate::admission::source_ip::peer_is_trusted;
 use crate::agents::InFlight;
+use crate::metrics::{DirectionLabels, EdgeMetrics, RouteLabels};
 use crate::public::{PublicService, edge_answer};
 use crate::routes::Route;
 
@@ -89,6 +90,7 @@ pub(crate) async fn open_exchange(service: &PublicService) -> Result<(InFlight, 
 /// One log line per exchange, written when the exchange ends (response body finished or
 /// abandoned), so the byte counts are final.
 pub(crate) struct ExchangeLog {
+    pub metrics: Arc<EdgeMetrics>,
     pub request_id: u64,
     pub route: String,
     pub method: String,
@@ -101,6 +103,13 @@ pub(crate) struct ExchangeLog {
 
 impl Drop for ExchangeLog {
     fn drop(&mut self) {
+        let (bytes_in, bytes_out) = (self.bytes_in.load(Ordering::Relaxed), self.bytes_out.load(Ordering::Relaxed));
+        self.metrics.bytes.get_or_create(&DirectionLabels { direction: "in" }).inc_by(bytes_in);
+        self.metrics.bytes.get_or_create(&DirectionLabels { direction: "out" }).inc_by(bytes_out);
+        self.metrics
+            .exchange_duration
+            .get_or_create(&RouteLabels { route: self.route.clone() })
+            .observe(self.started.elapsed().as_secs_f64());
         info!(
             request_id = self.request_id,
             route = %self.route,
@@ -128,6 +137,7 @@ pub(crate) async fn relay_http(
         req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if let Some(len) = declared.filter(|len| *len > limit) {
         info!(request_id, route = %route.name, status = 413, bytes_declared = len, limit, "request body over the limit");
+        service.metrics.rejection(&route.name, "limit", "body-size");
         return edge_answer(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
     }
     let (in_flight, stream) = match open_exchange(service).await {
@@ -139,6 +149,7 @@ pub(crate) async fn relay_http(
     let headers = forwarded_headers(req.headers(), peer, &service.settings.admission.trusted_proxies);
     let head = exchange_head(&req, ExchangeKind::Http, peer, request_id, &headers);
     let mut log = ExchangeLog {
+        metrics: service.metrics.clone(),
         request_id,
         route: route.name.clone(),
         method: req.method().to_string(),
@@ -175,6 +186,7 @@ pub(crate) async fn relay_http(
                     body_done = true;
                     match copied {
                         Ok(Err(BodyCopyError::TooLarge { .. })) => {
+                            service.metrics.rejection(&route.name, "limit", "body-size");
                             break Err((StatusCode::PAYLOAD_TOO_LARGE, "request body too large"));
                         }
                         Ok(Err(BodyCopyError::Source(e))) => {

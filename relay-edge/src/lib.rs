@@ -6,11 +6,13 @@
 //! serves pairing on the tunnel port. [`Edge::start`] builds and runs all of it; the binary only
 //! parses configuration and calls it.
 
+mod admin;
 pub mod admission;
 pub mod agents;
 pub mod config;
 mod forward;
 pub mod listing;
+pub mod metrics;
 mod pairing_limit;
 mod public;
 mod registry;
@@ -65,6 +67,7 @@ pub enum StartError {
 pub struct Edge {
     public_addr: SocketAddr,
     tunnel_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     agents: Arc<AgentSet>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -85,6 +88,16 @@ impl Edge {
             .await
             .map_err(|source| StartError::Listen { addr: settings.listen, source })?;
         let public_addr = public.local_addr().map_err(|source| StartError::Listen { addr: settings.listen, source })?;
+        let admin = match settings.admin_listen {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;
+                let bound = listener.local_addr().map_err(|source| StartError::Listen { addr, source })?;
+                Some((listener, bound))
+            }
+            None => None,
+        };
+        let admin_addr = admin.as_ref().map(|(_, addr)| *addr);
+        let metrics = Arc::new(metrics::EdgeMetrics::default());
         if settings.routes.iter().all(|route| route.auth.is_empty()) {
             tracing::warn!(
                 "no route has an authentication check: anyone who can reach {public_addr} can reach the bot (see [[route]] auth in the configuration)"
@@ -110,6 +123,7 @@ impl Edge {
         let registry = registry::Registry {
             state: state.clone(),
             agents: agents.clone(),
+            metrics: metrics.clone(),
             listener: quic.clone(),
             shutdown: shutdown.clone(),
         };
@@ -125,6 +139,7 @@ impl Edge {
         let front = Arc::new(public::PublicService {
             settings,
             acs,
+            metrics: metrics.clone(),
             agents: agents.clone(),
             next_request_id: AtomicU64::new(1),
             shutdown: shutdown.clone(),
@@ -132,9 +147,12 @@ impl Edge {
         });
         tasks.spawn(tunnel.run());
         tasks.spawn(registry.run());
+        if let Some((listener, _)) = admin {
+            tasks.spawn(admin::serve(listener, metrics, shutdown.clone()));
+        }
         tasks.spawn(front.run(public));
-        tracing::info!(%public_addr, %tunnel_addr, "edge listening");
-        Ok(Self { public_addr, tunnel_addr, agents, shutdown, tasks })
+        tracing::info!(%public_addr, %tunnel_addr, admin = ?admin_addr, "edge listening");
+        Ok(Self { public_addr, tunnel_addr, admin_addr, agents, shutdown, tasks })
     }
 
     /// The public listener's address.
@@ -145,6 +163,11 @@ impl Edge {
     /// The tunnel listener's address.
     pub fn tunnel_addr(&self) -> SocketAddr {
         self.tunnel_addr
+    }
+
+    /// The admin (metrics) listener's address, when enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// Names of the agents connected now, one entry per connection.

@@ -97,6 +97,9 @@ struct RunArgs {
     /// Tunnel (QUIC/UDP) listener address.
     #[arg(long, env = "RELAY_EDGE_TUNNEL_LISTEN")]
     tunnel_listen: Option<std::net::SocketAddr>,
+    /// Admin listener serving /metrics (default 127.0.0.1:9090).
+    #[arg(long, env = "RELAY_EDGE_ADMIN_LISTEN")]
+    admin_listen: Option<std::net::SocketAddr>,
     /// Largest request body relayed, in bytes (larger: 413).
     #[arg(long, env = "RELAY_EDGE_MAX_BODY_BYTES")]
     max_body_bytes: Option<u64>,
@@ -129,6 +132,7 @@ impl RunArgs {
             state_dir: self.state_dir,
             listen: self.listen,
             tunnel_listen: self.tunnel_listen,
+            admin_listen: self.admin_listen,
             max_body_bytes: self.max_body_bytes,
             max_ws_message_bytes: self.max_ws_message_bytes,
             response_timeout: self.response_timeout,

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 use crate::admission::{self, AuthCheck, Rejection, event_grid};
 use crate::agents::AgentSet;
 use crate::config::EdgeSettings;
+use crate::metrics::EdgeMetrics;
 use crate::routes::{self, Route};
 
 /// State shared by every public request.
@@ -26,6 +27,8 @@ pub(crate) struct PublicService {
     pub settings: Arc<EdgeSettings>,
     /// `acs-jwt` with its keys loaded, when configured.
     pub acs: Option<admission::AcsJwtSettings>,
+    /// Counters and gauges.
+    pub metrics: Arc<EdgeMetrics>,
     pub agents: Arc<AgentSet>,
     pub next_request_id: AtomicU64,
     pub shutdown: CancellationToken,
@@ -100,6 +103,7 @@ impl PublicService {
 
     /// Answers a request that failed admission; it never reaches an agent.
     fn reject(&self, route: &Route, peer: SocketAddr, rejection: Rejection) -> Response<RelayBody> {
+        self.metrics.rejection(&route.name, rejection.check.name(), rejection.reason);
         info!(
             route = %route.name,
             check = rejection.check.name(),
@@ -112,6 +116,21 @@ impl PublicService {
     }
 
     async fn handle(self: &Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<RelayBody> {
+        let path = req.uri().path();
+        let route_name = match path {
+            "/healthz" | "/readyz" => None,
+            _ => Some(
+                routes::find(&self.settings.routes, path).map_or_else(|| "unmatched".to_owned(), |r| r.name.clone()),
+            ),
+        };
+        let response = self.handle_route(req, peer).await;
+        if let Some(route) = route_name {
+            self.metrics.request(&route, response.status().as_u16());
+        }
+        response
+    }
+
+    async fn handle_route(self: &Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<RelayBody> {
         let path = req.uri().path();
         match path {
             "/healthz" => return edge_answer(StatusCode::OK, "ok"),

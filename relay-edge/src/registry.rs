@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::agents::AgentSet;
+use crate::metrics::{EdgeMetrics, TransportLabels};
 use crate::status::{ConnectionStatus, EdgeStatus, STATUS_HEARTBEAT, unix_now};
 
 /// How often agent records are re-read. A revocation takes effect within this (the operator is
@@ -26,6 +27,7 @@ const EDGE_CERT_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
 pub(crate) struct Registry {
     pub state: Arc<EdgeState>,
     pub agents: Arc<AgentSet>,
+    pub metrics: Arc<EdgeMetrics>,
     pub listener: Arc<QuicListener>,
     pub shutdown: CancellationToken,
 }
@@ -69,6 +71,11 @@ impl Registry {
                 Err(e) => warn!("registry check failed: {e}"),
             }
             let connections = connection_status(&self.agents);
+            let quic = connections.iter().filter(|c| c.transport == "quic").count();
+            self.metrics
+                .agents_connected
+                .get_or_create(&TransportLabels { transport: "quic".into() })
+                .set(i64::try_from(quic).unwrap_or(i64::MAX));
             if last_status.as_ref() != Some(&connections) || last_written.elapsed() >= STATUS_HEARTBEAT {
                 let status = EdgeStatus {
                     pid: std::process::id(),

@@ -20,6 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::{info, warn};
 
 use crate::forward::{exchange_head, forwarded_headers, open_exchange};
+use crate::metrics::RouteLabels;
 use crate::public::{PublicService, edge_answer};
 use crate::routes::Route;
 
@@ -139,6 +140,7 @@ pub(crate) async fn relay_upgrade(
     let upgrade = hyper::upgrade::on(&mut req);
     let max_message = service.settings.max_ws_message_bytes;
     let route_name = route.name.clone();
+    let metrics = service.metrics.clone();
     service.tasks.spawn(async move {
         let upgraded = match upgrade.await {
             Ok(upgraded) => upgraded,
@@ -151,7 +153,13 @@ pub(crate) async fn relay_upgrade(
         let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(websocket_config(max_message)))
                 .await;
+        metrics.websocket_sessions.inc();
         let report = pump(ws, BiStream { send, recv }, max_message).await;
+        metrics.websocket_sessions.dec();
+        metrics
+            .exchange_duration
+            .get_or_create(&RouteLabels { route: route_name.clone() })
+            .observe(started.elapsed().as_secs_f64());
         drop(in_flight);
         info!(
             request_id,

@@ -340,3 +340,43 @@ mod acs_jwt {
         stack.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn requests_rejections_and_agents_show_in_the_metrics() {
+    let stack = Stack::start_with(|s| {
+        guard(s, "/api/callbacks/*", &[AuthCheck::SharedSecret]);
+        let name = http::HeaderName::from_static("x-bot-secret");
+        s.admission.shared_secret = Some(SharedSecret::new(SecretLocation::Header(name), b"k".to_vec()));
+    })
+    .await
+    .unwrap();
+    for _ in 0..2 {
+        let r = send_collect(stack.public(), post("/api/callbacks/c", &[])).await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
+    let ok = send_collect(stack.public(), post("/api/callbacks/c", &[("x-bot-secret", "k")])).await.unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    let admin = stack.edge.admin_addr().unwrap();
+    let scrape = || async move {
+        let mut req = Request::new(full(""));
+        *req.uri_mut() = "/metrics".parse().unwrap();
+        req.headers_mut().insert(header::HOST, HeaderValue::from_static("admin"));
+        String::from_utf8(send_collect(admin, req).await.unwrap().body().to_vec()).unwrap()
+    };
+    let text = scrape().await;
+    for expected in [
+        r#"relay_edge_rejections_total{route="/api/callbacks/*",check="shared-secret",reason="missing"} 2"#,
+        r#"relay_edge_requests_total{route="/api/callbacks/*",status="401"} 2"#,
+        r#"relay_edge_requests_total{route="/api/callbacks/*",status="200"} 1"#,
+        r#"relay_edge_bytes_total{direction="in"} 2"#,
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    assert!(text.contains("relay_edge_exchange_duration_seconds_count{route=\"/api/callbacks/*\"} 1"), "{text}");
+    let agent_gauge = relay_testkit::eventually(std::time::Duration::from_secs(10), || async {
+        scrape().await.contains(r#"relay_edge_agents_connected{transport="quic"} 1"#)
+    })
+    .await;
+    assert!(agent_gauge, "the agent gauge must show the connected agent");
+    stack.shutdown().await;
+}

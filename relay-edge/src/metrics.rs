@@ -1,0 +1,136 @@
+//! The edge's Prometheus metrics, served as text on the admin listener (`/metrics`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of `relay_edge_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The route as configured, or `unmatched`.
+    pub route: String,
+    /// The status answered.
+    pub status: u16,
+}
+
+/// Labels of `relay_edge_rejections_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectionLabels {
+    /// The route, or `unmatched`.
+    pub route: String,
+    /// The check or limit (`acs-jwt`, `source-ip`, `limit`, ...).
+    pub check: String,
+    /// The fixed reason class (`missing`, `expired`, `body-size`, ...).
+    pub reason: String,
+}
+
+/// Labels of the per-transport agent gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabels {
+    /// `quic` (or a later transport).
+    pub transport: String,
+}
+
+/// Labels of `relay_edge_bytes_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `in` (client to bot) or `out` (bot to client).
+    pub direction: &'static str,
+}
+
+/// Labels of the duration histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// The route as configured.
+    pub route: String,
+}
+
+type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
+
+fn duration_histogram() -> Histogram {
+    // 1 ms to ~65 s: webhooks take milliseconds, media sessions last minutes (the top bucket
+    // then only says "long"; the session log line has the exact duration).
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+/// Every metric the edge keeps.
+#[derive(Debug)]
+pub struct EdgeMetrics {
+    registry: Registry,
+    /// Requests answered, by route and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Requests refused at the edge, by route, check and reason.
+    pub rejections: Family<RejectionLabels, Counter>,
+    /// Media WebSocket sessions open now.
+    pub websocket_sessions: Gauge,
+    /// Agent connections now, by transport.
+    pub agents_connected: Family<TransportLabels, Gauge>,
+    /// HTTP body bytes relayed, by direction.
+    pub bytes: Family<DirectionLabels, Counter>,
+    /// Exchange durations (webhooks: until the response body ends; media: the session).
+    pub exchange_duration: HistogramFamily,
+}
+
+impl Default for EdgeMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let rejections = Family::<RejectionLabels, Counter>::default();
+        let websocket_sessions = Gauge::default();
+        let agents_connected = Family::<TransportLabels, Gauge>::default();
+        let bytes = Family::<DirectionLabels, Counter>::default();
+        let exchange_duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
+        registry.register("relay_edge_requests", "Requests answered, by route and status", requests.clone());
+        registry.register(
+            "relay_edge_rejections",
+            "Requests refused at the edge, by route, check and reason",
+            rejections.clone(),
+        );
+        registry.register(
+            "relay_edge_websocket_sessions",
+            "Media WebSocket sessions open now",
+            websocket_sessions.clone(),
+        );
+        registry.register(
+            "relay_edge_agents_connected",
+            "Agent connections now, by transport",
+            agents_connected.clone(),
+        );
+        registry.register("relay_edge_bytes", "HTTP body bytes relayed, by direction", bytes.clone());
+        registry.register(
+            "relay_edge_exchange_duration_seconds",
+            "Exchange durations by route (webhook until its response ends; media: the session)",
+            exchange_duration.clone(),
+        );
+        Self { registry, requests, rejections, websocket_sessions, agents_connected, bytes, exchange_duration }
+    }
+}
+
+impl EdgeMetrics {
+    /// Counts a request answered on `route` with `status`.
+    pub fn request(&self, route: &str, status: u16) {
+        self.requests.get_or_create(&RequestLabels { route: route.to_owned(), status }).inc();
+    }
+
+    /// Counts a refusal.
+    pub fn rejection(&self, route: &str, check: &str, reason: &str) {
+        self.rejections
+            .get_or_create(&RejectionLabels {
+                route: route.to_owned(),
+                check: check.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
