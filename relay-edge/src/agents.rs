@@ -77,6 +77,15 @@ impl Drop for InFlight {
     }
 }
 
+/// Why no agent can take an exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoAgent {
+    /// No agent is connected (or all are draining).
+    NoneConnected,
+    /// Every agent carries its maximum of concurrent exchanges.
+    AtCapacity,
+}
+
 /// The connected agents.
 #[derive(Debug, Default)]
 pub struct AgentSet {
@@ -120,15 +129,19 @@ impl AgentSet {
     }
 
     /// The agent for a new exchange: the one with the fewest exchanges in flight among those not
-    /// draining, ties broken at random so equal agents share load.
-    pub fn pick(&self) -> Option<Arc<ConnectedAgent>> {
+    /// draining and below `limit`, ties broken at random so equal agents share load.
+    pub fn pick(&self, limit: usize) -> Result<Arc<ConnectedAgent>, NoAgent> {
         let agents = self.lock();
         let candidates: Vec<&Arc<ConnectedAgent>> =
             agents.iter().filter(|a| !a.draining.load(Ordering::SeqCst)).collect();
-        let least = candidates.iter().map(|a| a.in_flight.load(Ordering::SeqCst)).min()?;
+        let least =
+            candidates.iter().map(|a| a.in_flight.load(Ordering::SeqCst)).min().ok_or(NoAgent::NoneConnected)?;
+        if least >= limit {
+            return Err(NoAgent::AtCapacity);
+        }
         let best: Vec<&&Arc<ConnectedAgent>> =
             candidates.iter().filter(|a| a.in_flight.load(Ordering::SeqCst) == least).collect();
-        best.get(fastrand::usize(..best.len())).map(|a| Arc::clone(a))
+        best.get(fastrand::usize(..best.len())).map(|a| Arc::clone(a)).ok_or(NoAgent::NoneConnected)
     }
 
     /// Whether any agent can take exchanges.

@@ -35,6 +35,14 @@ pub const DEFAULT_TUNNEL_LISTEN: &str = "0.0.0.0:4433";
 /// bounding what one request can push through the tunnel. Larger bodies get `413` at the edge.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
 
+/// Largest request head (request line and headers) read. ACS sends about 2 KiB, a JWT
+/// included; 64 KiB leaves room for anything legitimate. Larger heads get 431.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Exchanges one agent may carry at once before the edge answers 503 instead of queueing: room
+/// for a thousand concurrent calls plus their webhooks, under the QUIC stream limit (4096).
+pub const DEFAULT_MAX_EXCHANGES_PER_AGENT: usize = 2048;
+
 /// How long the edge waits for the agent's answer head. The agent gives the bot 30 s and then
 /// answers 504 itself, so this only fires when the agent itself is stuck; it sits just above.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(40);
@@ -70,6 +78,12 @@ pub struct EdgeConfig {
     pub max_body_bytes: Option<u64>,
     /// Largest WebSocket message relayed, in bytes.
     pub max_ws_message_bytes: Option<usize>,
+    /// Largest request head, in bytes (larger: 431).
+    pub max_header_bytes: Option<usize>,
+    /// Exchanges one agent may carry at once (more: 503).
+    pub max_exchanges_per_agent: Option<usize>,
+    /// Requests a second allowed from one client address (more: 429); 0 disables the limit.
+    pub rate_limit_per_source: Option<u32>,
     /// How long to wait for the agent's answer (`"40s"`).
     pub response_timeout: Option<String>,
     /// Validity of agent certificates issued at pairing (`"24h"`).
@@ -164,6 +178,12 @@ pub struct EdgeSettings {
     pub max_body_bytes: u64,
     /// See [`relay_exchange::DEFAULT_MAX_WS_MESSAGE`].
     pub max_ws_message_bytes: usize,
+    /// See [`DEFAULT_MAX_HEADER_BYTES`].
+    pub max_header_bytes: usize,
+    /// See [`DEFAULT_MAX_EXCHANGES_PER_AGENT`].
+    pub max_exchanges_per_agent: usize,
+    /// See [`crate::rate_limit::DEFAULT_RATE_PER_SOURCE`]; `None` disables the limit.
+    pub rate_limit_per_source: Option<u32>,
     /// See [`DEFAULT_RESPONSE_TIMEOUT`].
     pub response_timeout: Duration,
     /// See [`DEFAULT_OPEN_STREAM_TIMEOUT`].
@@ -195,6 +215,9 @@ impl EdgeSettings {
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_ws_message_bytes: relay_exchange::DEFAULT_MAX_WS_MESSAGE,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_exchanges_per_agent: DEFAULT_MAX_EXCHANGES_PER_AGENT,
+            rate_limit_per_source: Some(crate::rate_limit::DEFAULT_RATE_PER_SOURCE),
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             open_stream_timeout: DEFAULT_OPEN_STREAM_TIMEOUT,
             retry_after: DEFAULT_RETRY_AFTER,
@@ -228,6 +251,9 @@ impl EdgeConfig {
             admin_listen: other.admin_listen.or(self.admin_listen),
             max_body_bytes: other.max_body_bytes.or(self.max_body_bytes),
             max_ws_message_bytes: other.max_ws_message_bytes.or(self.max_ws_message_bytes),
+            max_header_bytes: other.max_header_bytes.or(self.max_header_bytes),
+            max_exchanges_per_agent: other.max_exchanges_per_agent.or(self.max_exchanges_per_agent),
+            rate_limit_per_source: other.rate_limit_per_source.or(self.rate_limit_per_source),
             response_timeout: other.response_timeout.or(self.response_timeout),
             agent_cert_validity: other.agent_cert_validity.or(self.agent_cert_validity),
             idle_timeout: other.idle_timeout.or(self.idle_timeout),
@@ -275,6 +301,29 @@ impl EdgeConfig {
                 });
             }
             settings.max_ws_message_bytes = max;
+        }
+        if let Some(max) = self.max_header_bytes {
+            // hyper needs room for at least one read buffer.
+            if !(8192..=1024 * 1024).contains(&max) {
+                return Err(ConfigError::Invalid {
+                    key: "max_header_bytes",
+                    message: "must be between 8192 and 1048576".into(),
+                });
+            }
+            settings.max_header_bytes = max;
+        }
+        if let Some(max) = self.max_exchanges_per_agent {
+            let streams = settings.quic.max_exchange_streams as usize;
+            if max == 0 || max > streams {
+                return Err(ConfigError::Invalid {
+                    key: "max_exchanges_per_agent",
+                    message: format!("must be between 1 and {streams}"),
+                });
+            }
+            settings.max_exchanges_per_agent = max;
+        }
+        if let Some(rate) = self.rate_limit_per_source {
+            settings.rate_limit_per_source = (rate > 0).then_some(rate);
         }
         if let Some(text) = &self.response_timeout {
             settings.response_timeout = parse_duration("response_timeout", text)?;

@@ -15,7 +15,7 @@ use relay_transport::{BiStream, FrameReadError, read_frame, write_frame};
 use tracing::{info, warn};
 
 use crate::admission::source_ip::peer_is_trusted;
-use crate::agents::InFlight;
+use crate::agents::{InFlight, NoAgent};
 use crate::metrics::{DirectionLabels, EdgeMetrics, RouteLabels};
 use crate::public::{PublicService, edge_answer};
 use crate::routes::Route;
@@ -69,11 +69,18 @@ pub(crate) fn exchange_head<B>(
 }
 
 /// Picks an agent and opens a stream to it, or says why not (as the `503` to send).
-pub(crate) async fn open_exchange(service: &PublicService) -> Result<(InFlight, BiStream), &'static str> {
+pub(crate) async fn open_exchange(service: &PublicService, route: &str) -> Result<(InFlight, BiStream), &'static str> {
     // Two tries: an agent whose connection just died is removed when its session notices; the
     // second pick then finds another agent if there is one.
     for _ in 0..2 {
-        let Some(agent) = service.agents.pick() else { return Err("no agent connected") };
+        let agent = match service.agents.pick(service.settings.max_exchanges_per_agent) {
+            Ok(agent) => agent,
+            Err(NoAgent::NoneConnected) => return Err("no agent connected"),
+            Err(NoAgent::AtCapacity) => {
+                service.metrics.rejection(route, "limit", "agent-capacity");
+                return Err("agents at capacity");
+            }
+        };
         let in_flight = agent.begin_exchange();
         match tokio::time::timeout(service.settings.open_stream_timeout, agent.conn.open_bi()).await {
             Ok(Ok(stream)) => return Ok((in_flight, stream)),
@@ -140,7 +147,7 @@ pub(crate) async fn relay_http(
         service.metrics.rejection(&route.name, "limit", "body-size");
         return edge_answer(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
     }
-    let (in_flight, stream) = match open_exchange(service).await {
+    let (in_flight, stream) = match open_exchange(service, &route.name).await {
         Ok(opened) => opened,
         Err(why) => return service.unavailable(why),
     };

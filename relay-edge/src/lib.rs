@@ -15,6 +15,7 @@ pub mod listing;
 pub mod metrics;
 mod pairing_limit;
 mod public;
+pub mod rate_limit;
 mod registry;
 pub mod routes;
 pub mod status;
@@ -136,7 +137,9 @@ impl Edge {
             listener: quic,
             pairing_failures: Default::default(),
         });
+        let rate_limit = settings.rate_limit_per_source.map(rate_limit::SourceRateLimiter::new);
         let front = Arc::new(public::PublicService {
+            rate_limit,
             settings,
             acs,
             metrics: metrics.clone(),

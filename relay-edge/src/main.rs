@@ -103,9 +103,18 @@ struct RunArgs {
     /// Largest request body relayed, in bytes (larger: 413).
     #[arg(long, env = "RELAY_EDGE_MAX_BODY_BYTES")]
     max_body_bytes: Option<u64>,
-    /// Largest WebSocket message relayed, in bytes.
+    /// Largest WebSocket message relayed, in bytes (larger: close 1009).
     #[arg(long, env = "RELAY_EDGE_MAX_WS_MESSAGE_BYTES")]
     max_ws_message_bytes: Option<usize>,
+    /// Largest request head, in bytes (larger: 431).
+    #[arg(long, env = "RELAY_EDGE_MAX_HEADER_BYTES")]
+    max_header_bytes: Option<usize>,
+    /// Exchanges one agent may carry at once (more: 503).
+    #[arg(long, env = "RELAY_EDGE_MAX_EXCHANGES_PER_AGENT")]
+    max_exchanges_per_agent: Option<usize>,
+    /// Requests a second from one client address (more: 429); 0 disables.
+    #[arg(long, env = "RELAY_EDGE_RATE_LIMIT_PER_SOURCE")]
+    rate_limit_per_source: Option<u32>,
     /// How long to wait for the agent's answer (e.g. `40s`).
     #[arg(long, env = "RELAY_EDGE_RESPONSE_TIMEOUT")]
     response_timeout: Option<String>,
@@ -135,6 +144,9 @@ impl RunArgs {
             admin_listen: self.admin_listen,
             max_body_bytes: self.max_body_bytes,
             max_ws_message_bytes: self.max_ws_message_bytes,
+            max_header_bytes: self.max_header_bytes,
+            max_exchanges_per_agent: self.max_exchanges_per_agent,
+            rate_limit_per_source: self.rate_limit_per_source,
             response_timeout: self.response_timeout,
             agent_cert_validity: self.agent_cert_validity,
             idle_timeout: self.idle_timeout,

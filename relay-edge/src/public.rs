@@ -20,6 +20,7 @@ use crate::admission::{self, AuthCheck, Rejection, event_grid};
 use crate::agents::AgentSet;
 use crate::config::EdgeSettings;
 use crate::metrics::EdgeMetrics;
+use crate::rate_limit::SourceRateLimiter;
 use crate::routes::{self, Route};
 
 /// State shared by every public request.
@@ -29,6 +30,8 @@ pub(crate) struct PublicService {
     pub acs: Option<admission::AcsJwtSettings>,
     /// Counters and gauges.
     pub metrics: Arc<EdgeMetrics>,
+    /// Per-source request rate, when limited.
+    pub rate_limit: Option<SourceRateLimiter>,
     pub agents: Arc<AgentSet>,
     pub next_request_id: AtomicU64,
     pub shutdown: CancellationToken,
@@ -85,12 +88,18 @@ impl PublicService {
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(self.settings.header_read_timeout)
+            .max_buf_size(self.settings.max_header_bytes)
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         tokio::pin!(conn);
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(e) = result {
+                    // hyper has answered 431 itself; count it like every other refusal.
+                    if e.is_parse_too_large() {
+                        self.metrics.rejection("unmatched", "limit", "header-size");
+                        self.metrics.request("unmatched", 431);
+                    }
                     debug!(%peer, "public connection ended: {e}");
                 }
             }
@@ -147,6 +156,17 @@ impl PublicService {
             return edge_answer(StatusCode::NOT_FOUND, "not found");
         };
         let admission = &self.settings.admission;
+        // Before admission: a flood must not get to make the edge verify signatures.
+        if let Some(limiter) = &self.rate_limit {
+            let client = admission::source_ip::client_ip(peer.ip(), req.headers(), &admission.trusted_proxies)
+                .unwrap_or(peer.ip());
+            if !limiter.allow(client, std::time::Instant::now()) {
+                self.metrics.rejection(&route.name, "limit", "rate");
+                let mut response = edge_answer(StatusCode::TOO_MANY_REQUESTS, "too many requests");
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return response;
+            }
+        }
         // Event Grid's CloudEvents handshake arrives as OPTIONS on the webhook route, before any
         // event; only the checks that do not depend on an event apply to it.
         if req.method() == Method::OPTIONS && route.auth.contains(&AuthCheck::EventGrid) {

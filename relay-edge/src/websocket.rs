@@ -63,7 +63,7 @@ pub(crate) async fn relay_upgrade(
         return edge_answer(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
     };
 
-    let (in_flight, stream) = match open_exchange(service).await {
+    let (in_flight, stream) = match open_exchange(service, &route.name).await {
         Ok(opened) => opened,
         Err(why) => return service.unavailable(why),
     };
@@ -156,6 +156,9 @@ pub(crate) async fn relay_upgrade(
         metrics.websocket_sessions.inc();
         let report = pump(ws, BiStream { send, recv }, max_message).await;
         metrics.websocket_sessions.dec();
+        if report.socket_side == relay_exchange::websocket::SideEnd::TooBig {
+            metrics.rejection(&route_name, "limit", "ws-message-size");
+        }
         metrics
             .exchange_duration
             .get_or_create(&RouteLabels { route: route_name.clone() })

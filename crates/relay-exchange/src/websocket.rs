@@ -37,6 +37,8 @@ pub enum SideEnd {
     Malformed(String),
     /// The other direction finished and this one did not within [`CLOSE_LINGER`].
     LingerExpired,
+    /// The socket sent a message over the size limit; both ends were closed with 1009.
+    TooBig,
 }
 
 /// What happened in a session, for the exchange log line.
@@ -123,10 +125,20 @@ where
     let to_tunnel = AtomicU64::new(0);
     let to_socket = AtomicU64::new(0);
 
+    // Set when the socket sends an oversized message: the other direction, which owns the sink,
+    // then closes the socket with 1009.
+    let too_big = tokio::sync::Notify::new();
     let socket_to_tunnel = async {
         loop {
             let msg = match source.next().await {
                 Some(Ok(msg)) => msg,
+                Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
+                    let close = WsFrame::Close(Some(CloseFrame { code: 1009, reason: "message too big".into() }));
+                    let _ = write_frame(&mut send, &close, frame_limit).await;
+                    let _ = send.shutdown().await;
+                    too_big.notify_one();
+                    return SideEnd::TooBig;
+                }
                 Some(Err(e)) => {
                     send.reset(code::ABORTED);
                     return SideEnd::Lost(e.to_string());
@@ -156,7 +168,15 @@ where
     let tunnel_to_socket = async {
         let mut reader = FrameReader::new(frame_limit);
         loop {
-            let frame = match reader.next::<WsFrame, _>(&mut recv).await {
+            let next = tokio::select! {
+                next = reader.next::<WsFrame, _>(&mut recv) => next,
+                () = too_big.notified() => {
+                    let _ = sink.send(close_message(CloseCode::Size, "message too big")).await;
+                    recv.stop(code::ABORTED);
+                    return SideEnd::Closed(Some(1009));
+                }
+            };
+            let frame = match next {
                 Ok(Some(frame)) => frame,
                 Ok(None) => {
                     let _ = sink.send(close_message(CloseCode::Away, "relay stream ended")).await;
