@@ -18,7 +18,9 @@ use serde::Deserialize;
 use crate::admission::acs_jwt::{DEFAULT_ACS_ISSUER, DEFAULT_ACS_JWKS_URL, JWKS_REFRESH_MIN_INTERVAL, JwksSource};
 use crate::admission::shared_secret::SecretLocation;
 use crate::admission::source_ip::service_tag_networks;
-use crate::admission::{AcsJwtConfig, AdmissionSettings, AuthCheck, EventGridSettings, SharedSecret, SourceIpSet};
+use crate::admission::{
+    AcsJwtConfig, AdmissionSettings, AuthCheck, EntraConfig, EventGridSettings, SharedSecret, SourceIpSet,
+};
 use crate::routes::{Route, RouteConfig, default_routes};
 
 /// Public listener default: ACS delivers to HTTPS/WSS, normally terminated by an ingress in
@@ -161,6 +163,12 @@ pub struct EventGridConfig {
     /// When non-empty, `aeg-subscription-name` must be one of these.
     #[serde(default)]
     pub subscription_names: Vec<String>,
+    /// With `entra_audience`: require Event Grid's Entra ID token from this tenant.
+    pub entra_tenant_id: Option<String>,
+    /// The token audience (the app id or app id URI set on the subscription).
+    pub entra_audience: Option<String>,
+    /// Override of the tenant's OpenID configuration URL (tests, sovereign clouds).
+    pub entra_openid_config_url: Option<String>,
 }
 
 /// Fully resolved edge settings.
@@ -442,10 +450,26 @@ impl EdgeConfig {
                 Some(SourceIpSet::new(nets))
             }
         };
-        let event_grid = self
-            .event_grid
-            .as_ref()
-            .map(|cfg| EventGridSettings { subscription_names: cfg.subscription_names.clone() });
+        let event_grid = match &self.event_grid {
+            None => None,
+            Some(cfg) => {
+                let entra = match (&cfg.entra_tenant_id, &cfg.entra_audience) {
+                    (None, None) => None,
+                    (Some(tenant), Some(audience)) if !tenant.is_empty() && !audience.is_empty() => {
+                        let url = cfg
+                            .entra_openid_config_url
+                            .clone()
+                            .unwrap_or_else(|| EntraConfig::default_openid_config_url(tenant));
+                        let openid_config_url = url
+                            .parse()
+                            .map_err(|e| invalid("event_grid.entra_openid_config_url", format!("{url:?}: {e}")))?;
+                        Some(EntraConfig { tenant_id: tenant.clone(), audience: audience.clone(), openid_config_url })
+                    }
+                    _ => return Err(invalid("event_grid", "entra_tenant_id and entra_audience go together".into())),
+                };
+                Some(EventGridSettings { subscription_names: cfg.subscription_names.clone(), entra })
+            }
+        };
         let acs = match &self.acs {
             None => None,
             Some(cfg) => {
@@ -599,5 +623,17 @@ mod tests {
         assert!(resolve_text(both).unwrap_err().to_string().contains("not both"));
         let err = resolve_text("[[route]]\npath = \"/a\"\nauth = [\"acs-jwt\"]\n").unwrap_err().to_string();
         assert!(err.contains("[acs]"), "{err}");
+    }
+
+    #[test]
+    fn entra_settings_go_together_and_default_to_the_tenants_discovery_url() {
+        let ok = resolve_text("[event_grid]\nentra_tenant_id = \"t1\"\nentra_audience = \"api://bot\"\n").unwrap();
+        let entra = ok.admission.event_grid.unwrap().entra.unwrap();
+        assert_eq!(
+            entra.openid_config_url.to_string(),
+            "https://login.microsoftonline.com/t1/v2.0/.well-known/openid-configuration"
+        );
+        let err = resolve_text("[event_grid]\nentra_tenant_id = \"t1\"\n").unwrap_err().to_string();
+        assert!(err.contains("go together"), "{err}");
     }
 }

@@ -105,6 +105,12 @@ impl Edge {
             );
         }
 
+        let entra = match settings.admission.event_grid.as_ref().and_then(|grid| grid.entra.as_ref()) {
+            None => None,
+            Some(config) => {
+                Some(config.load(admission::acs_jwt::JWKS_REFRESH_MIN_INTERVAL).await.map_err(StartError::Keys)?)
+            }
+        };
         let acs = match &settings.admission.acs {
             None => None,
             Some(config) => Some(admission::AcsJwtSettings {
@@ -141,7 +147,7 @@ impl Edge {
         let front = Arc::new(public::PublicService {
             rate_limit,
             settings,
-            acs,
+            verifiers: admission::Verifiers { acs, entra },
             metrics: metrics.clone(),
             agents: agents.clone(),
             next_request_id: AtomicU64::new(1),

@@ -26,8 +26,8 @@ use crate::routes::{self, Route};
 /// State shared by every public request.
 pub(crate) struct PublicService {
     pub settings: Arc<EdgeSettings>,
-    /// `acs-jwt` with its keys loaded, when configured.
-    pub acs: Option<admission::AcsJwtSettings>,
+    /// Token verifiers with their keys loaded.
+    pub verifiers: admission::Verifiers,
     /// Counters and gauges.
     pub metrics: Arc<EdgeMetrics>,
     /// Per-source request rate, when limited.
@@ -176,7 +176,7 @@ impl PublicService {
                 .copied()
                 .filter(|c| matches!(c, AuthCheck::SourceIp | AuthCheck::SharedSecret))
                 .collect();
-            if let Err(rejection) = admission::admit(&pre, admission, None, &req, peer).await {
+            if let Err(rejection) = admission::admit(&pre, admission, &self.verifiers, &req, peer).await {
                 return self.reject(&route, peer, rejection);
             }
             return event_grid::options_response(req.headers());
@@ -189,7 +189,7 @@ impl PublicService {
             }
             return response;
         }
-        if let Err(rejection) = admission::admit(&route.auth, admission, self.acs.as_ref(), &req, peer).await {
+        if let Err(rejection) = admission::admit(&route.auth, admission, &self.verifiers, &req, peer).await {
             return self.reject(&route, peer, rejection);
         }
         if route.auth.contains(&AuthCheck::EventGrid) && event_grid::is_validation(req.headers()) {

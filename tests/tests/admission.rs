@@ -138,7 +138,8 @@ async fn a_trusted_proxy_s_forwarded_for_and_proto_are_believed() {
 async fn event_grid_handshakes_are_answered_at_the_edge_and_subscriptions_checked() {
     let stack = Stack::start_with(|s| {
         guard(s, "/api/incomingCall", &[AuthCheck::EventGrid]);
-        s.admission.event_grid = Some(EventGridSettings { subscription_names: vec!["incoming-calls".into()] });
+        s.admission.event_grid =
+            Some(EventGridSettings { subscription_names: vec!["incoming-calls".into()], entra: None });
     })
     .await
     .unwrap();
@@ -378,5 +379,58 @@ async fn requests_rejections_and_agents_show_in_the_metrics() {
     })
     .await;
     assert!(agent_gauge, "the agent gauge must show the connected agent");
+    stack.shutdown().await;
+}
+
+#[tokio::test]
+async fn event_grid_entra_tokens_are_required_when_configured() {
+    use relay_edge::admission::EntraConfig;
+    use relay_testkit::acs_signer::{self, JwksServer, TEST_KID};
+    let keys = JwksServer::start(Some(acs_signer::jwks_json().into())).await.unwrap();
+    let tenant = "72f988bf-0000-0000-0000-2d7cd011db47";
+    let v2_issuer = format!("https://login.microsoftonline.com/{tenant}/v2.0");
+    let discovery =
+        JwksServer::start(Some(serde_json::json!({ "issuer": v2_issuer, "jwks_uri": keys.url() }).to_string()))
+            .await
+            .unwrap();
+    let openid_config_url = discovery.url().parse().unwrap();
+    let stack = Stack::start_with(move |s| {
+        guard(s, "/api/incomingCall", &[AuthCheck::EventGrid]);
+        s.admission.event_grid = Some(EventGridSettings {
+            subscription_names: vec![],
+            entra: Some(EntraConfig {
+                tenant_id: tenant.into(),
+                audience: "api://acs-relay".into(),
+                openid_config_url,
+            }),
+        });
+    })
+    .await
+    .unwrap();
+    let token = |aud: &str, iss: &str| {
+        let mut claims = acs_signer::claims(aud);
+        claims["iss"] = iss.into();
+        format!("Bearer {}", acs_signer::sign(&claims, TEST_KID).unwrap())
+    };
+    let event = acs::incoming_call_event("corr-entra");
+    let send = |authorization: Option<String>| {
+        let mut req = post_json(stack.public(), "/api/incomingCall", &event);
+        if let Some(value) = authorization {
+            req.headers_mut().insert(header::AUTHORIZATION, HeaderValue::from_str(&value).unwrap());
+        }
+        send_collect(stack.public(), req)
+    };
+    let missing = send(None).await.unwrap();
+    assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
+    assert!(missing.headers().contains_key(header::WWW_AUTHENTICATE));
+    assert_eq!(send(Some(token("api://someone-else", &v2_issuer))).await.unwrap().status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        send(Some(token("api://acs-relay", "https://evil.example.com/"))).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(stack.bot.hits(), 0);
+    assert_eq!(send(Some(token("api://acs-relay", &v2_issuer))).await.unwrap().status(), StatusCode::OK);
+    let v1_issuer = format!("https://sts.windows.net/{tenant}/");
+    assert_eq!(send(Some(token("api://acs-relay", &v1_issuer))).await.unwrap().status(), StatusCode::OK);
     stack.shutdown().await;
 }

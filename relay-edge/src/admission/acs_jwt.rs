@@ -78,15 +78,7 @@ impl JwksCache {
     pub async fn load(source: JwksSource, min_refresh_interval: Duration) -> Result<Self, String> {
         let client = match &source {
             JwksSource::File(_) => None,
-            JwksSource::Url(_) => {
-                let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-                    .map_err(|e| e.to_string())?
-                    .https_or_http()
-                    .enable_http1()
-                    .build();
-                Some(Client::builder(TokioExecutor::new()).build(connector))
-            }
+            JwksSource::Url(_) => Some(https_client()?),
         };
         let cache = Self {
             source,
@@ -106,23 +98,7 @@ impl JwksCache {
             (JwksSource::File(path), _) => {
                 tokio::fs::read(path).await.map_err(|e| format!("{}: {e}", path.display()))?
             }
-            (JwksSource::Url(uri), Some(client)) => {
-                let request = client.get(uri.clone());
-                let response = tokio::time::timeout(JWKS_FETCH_TIMEOUT, request)
-                    .await
-                    .map_err(|_| "timed out".to_owned())?
-                    .map_err(|e| e.to_string())?;
-                if !response.status().is_success() {
-                    return Err(format!("HTTP {}", response.status()));
-                }
-                let body = Limited::new(response.into_body(), MAX_JWKS_BYTES);
-                tokio::time::timeout(JWKS_FETCH_TIMEOUT, body.collect())
-                    .await
-                    .map_err(|_| "timed out".to_owned())?
-                    .map_err(|e| e.to_string())?
-                    .to_bytes()
-                    .to_vec()
-            }
+            (JwksSource::Url(uri), Some(client)) => get(client, uri).await?,
             (JwksSource::Url(_), None) => return Err("no HTTP client".into()),
         };
         serde_json::from_slice(&bytes).map_err(|e| format!("not a JWKS document: {e}"))
@@ -163,6 +139,108 @@ impl JwksCache {
     }
 }
 
+/// An HTTPS client for key and discovery documents: rustls on ring, Mozilla's roots (no system
+/// store needed in a minimal container).
+fn https_client() -> Result<HttpsClient, String> {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+        .map_err(|e| e.to_string())?
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
+}
+
+/// GETs a small document, bounded in time and size.
+async fn get(client: &HttpsClient, uri: &Uri) -> Result<Vec<u8>, String> {
+    let response = tokio::time::timeout(JWKS_FETCH_TIMEOUT, client.get(uri.clone()))
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("HTTP {}", response.status()));
+    }
+    let body = Limited::new(response.into_body(), MAX_JWKS_BYTES);
+    Ok(tokio::time::timeout(JWKS_FETCH_TIMEOUT, body.collect())
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?
+        .to_bytes()
+        .to_vec())
+}
+
+/// What an OpenID Connect discovery document says about token checking.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct OpenIdConfiguration {
+    /// The tokens' issuer.
+    pub issuer: String,
+    /// Where the signing keys are published.
+    pub jwks_uri: String,
+}
+
+/// Fetches an OpenID Connect discovery document (Entra ID's
+/// `.../v2.0/.well-known/openid-configuration`).
+pub async fn discover(url: &Uri) -> Result<OpenIdConfiguration, String> {
+    let body = get(&https_client()?, url).await?;
+    serde_json::from_slice(&body).map_err(|e| format!("not an OpenID configuration: {e}"))
+}
+
+/// Why a bearer token was refused, as a fixed reason class for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenFailure {
+    /// No `Authorization: Bearer` header.
+    Missing,
+    /// Present but refused; the reason class.
+    Invalid(&'static str),
+}
+
+/// Checks the request's bearer token: RS256 only (which also stops `none` and HS256 with the
+/// public key as secret), the key by `kid` from `keys`, `aud` exactly `audience`, `iss` one of
+/// `issuers`, `exp`/`nbf` with [`JWT_LEEWAY`].
+pub async fn verify_bearer(
+    headers: &HeaderMap,
+    audience: &str,
+    issuers: &[String],
+    keys: &JwksCache,
+) -> Result<(), TokenFailure> {
+    let invalid = TokenFailure::Invalid;
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.get(..7).filter(|scheme| scheme.eq_ignore_ascii_case("bearer ")).map(|_| v.get(7..).unwrap_or_default())
+        })
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or(TokenFailure::Missing)?;
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(invalid("malformed"));
+    }
+    let head = decode_header(token).map_err(|_| invalid("malformed"))?;
+    if head.alg != Algorithm::RS256 {
+        return Err(invalid("algorithm"));
+    }
+    let kid = head.kid.ok_or(invalid("unknown-key"))?;
+    let jwk = keys.key(&kid).await.ok_or(invalid("unknown-key"))?;
+    let key = DecodingKey::from_jwk(&jwk).map_err(|_| invalid("unknown-key"))?;
+    let mut validation = Validation::new(Algorithm::RS256);
+    validation.leeway = JWT_LEEWAY.as_secs();
+    validation.validate_nbf = true;
+    validation.set_audience(&[audience]);
+    validation.set_issuer(issuers);
+    validation.required_spec_claims = HashSet::from(["exp".to_owned(), "aud".to_owned(), "iss".to_owned()]);
+    decode::<serde_json::Value>(token, &key, &validation).map(|_| ()).map_err(|e| {
+        invalid(match e.kind() {
+            ErrorKind::ExpiredSignature => "expired",
+            ErrorKind::ImmatureSignature => "not-yet-valid",
+            ErrorKind::InvalidAudience => "audience",
+            ErrorKind::InvalidIssuer => "issuer",
+            ErrorKind::InvalidSignature => "signature",
+            _ => "invalid",
+        })
+    })
+}
+
 /// Settings for `acs-jwt`.
 #[derive(Debug, Clone)]
 pub struct AcsJwtSettings {
@@ -184,43 +262,11 @@ impl AcsJwtSettings {
             reason,
             challenge: Some(CHALLENGE),
         };
-        let token = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.get(..7)
-                    .filter(|scheme| scheme.eq_ignore_ascii_case("bearer "))
-                    .map(|_| v.get(7..).unwrap_or_default())
-            })
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or(reject("missing"))?;
-        if token.len() > MAX_TOKEN_LEN {
-            return Err(reject("malformed"));
-        }
-        let head = decode_header(token).map_err(|_| reject("malformed"))?;
-        // RS256 only: this also stops `none` and HS256-with-the-public-key confusion.
-        if head.alg != Algorithm::RS256 {
-            return Err(reject("algorithm"));
-        }
-        let kid = head.kid.ok_or(reject("unknown-key"))?;
-        let jwk = self.keys.key(&kid).await.ok_or(reject("unknown-key"))?;
-        let key = DecodingKey::from_jwk(&jwk).map_err(|_| reject("unknown-key"))?;
-        let mut validation = Validation::new(Algorithm::RS256);
-        validation.leeway = JWT_LEEWAY.as_secs();
-        validation.validate_nbf = true;
-        validation.set_audience(&[&self.audience]);
-        validation.set_issuer(&[&self.issuer]);
-        validation.required_spec_claims = HashSet::from(["exp".to_owned(), "aud".to_owned(), "iss".to_owned()]);
-        decode::<serde_json::Value>(token, &key, &validation).map(|_| ()).map_err(|e| {
-            reject(match e.kind() {
-                ErrorKind::ExpiredSignature => "expired",
-                ErrorKind::ImmatureSignature => "not-yet-valid",
-                ErrorKind::InvalidAudience => "audience",
-                ErrorKind::InvalidIssuer => "issuer",
-                ErrorKind::InvalidSignature => "signature",
-                _ => "invalid",
-            })
-        })
+        verify_bearer(headers, &self.audience, std::slice::from_ref(&self.issuer), &self.keys).await.map_err(
+            |failure| match failure {
+                TokenFailure::Missing => reject("missing"),
+                TokenFailure::Invalid(reason) => reject(reason),
+            },
+        )
     }
 }

@@ -10,6 +10,11 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use relay_exchange::body::{RelayBody, full};
 use serde::Deserialize;
 
+use std::sync::Arc;
+
+use http::Uri;
+
+use super::acs_jwt::{JwksCache, JwksSource, TokenFailure, discover, verify_bearer};
 use super::{AuthCheck, Rejection};
 
 /// Largest validation request body read at the edge. A validation event is a few hundred bytes.
@@ -21,6 +26,74 @@ pub struct EventGridSettings {
     /// When non-empty, `aeg-subscription-name` must be one of these (compared case-insensitively:
     /// Event Grid sends the name upper-cased).
     pub subscription_names: Vec<String>,
+    /// When set, Event Grid's Entra ID token is required (keys loaded when the edge starts).
+    pub entra: Option<EntraConfig>,
+}
+
+/// Event Grid's Entra ID token settings, as configured.
+#[derive(Debug, Clone)]
+pub struct EntraConfig {
+    /// The Entra tenant (directory) id.
+    pub tenant_id: String,
+    /// The token audience: the app id or app id URI configured on the subscription.
+    pub audience: String,
+    /// The tenant's OpenID configuration (by default Entra's well-known URL for the tenant).
+    pub openid_config_url: Uri,
+}
+
+impl EntraConfig {
+    /// Entra's well-known discovery URL for a tenant.
+    pub fn default_openid_config_url(tenant_id: &str) -> String {
+        format!("https://login.microsoftonline.com/{tenant_id}/v2.0/.well-known/openid-configuration")
+    }
+
+    /// Loads the tenant's issuer and keys. If discovery fails the tenant's well-known issuer and
+    /// key URL are used, and the failure is logged.
+    pub async fn load(&self, refresh_min_interval: std::time::Duration) -> Result<EntraVerifier, String> {
+        let tenant = &self.tenant_id;
+        let v1_issuer = format!("https://sts.windows.net/{tenant}/");
+        let (issuer, jwks_uri) = match discover(&self.openid_config_url).await {
+            Ok(config) => (config.issuer, config.jwks_uri),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read Entra's OpenID configuration for tenant {tenant}: {e}; using its well-known issuer and keys"
+                );
+                (
+                    format!("https://login.microsoftonline.com/{tenant}/v2.0"),
+                    format!("https://login.microsoftonline.com/{tenant}/discovery/v2.0/keys"),
+                )
+            }
+        };
+        let jwks: Uri = jwks_uri.parse().map_err(|e| format!("Entra jwks_uri {jwks_uri:?}: {e}"))?;
+        let keys = JwksCache::load(JwksSource::Url(jwks), refresh_min_interval).await?;
+        // Event Grid's token is v1 or v2 depending on the app registration: accept both issuers.
+        Ok(EntraVerifier { audience: self.audience.clone(), issuers: vec![issuer, v1_issuer], keys: Arc::new(keys) })
+    }
+}
+
+/// Checks Event Grid's Entra ID bearer token.
+#[derive(Debug, Clone)]
+pub struct EntraVerifier {
+    audience: String,
+    issuers: Vec<String>,
+    keys: Arc<JwksCache>,
+}
+
+impl EntraVerifier {
+    /// A missing token is 401 (with a challenge); a bad one 403.
+    pub async fn verify(&self, headers: &HeaderMap) -> Result<(), Rejection> {
+        verify_bearer(headers, &self.audience, &self.issuers, &self.keys).await.map_err(|failure| match failure {
+            TokenFailure::Missing => Rejection {
+                status: StatusCode::UNAUTHORIZED,
+                check: AuthCheck::EventGrid,
+                reason: "missing-token",
+                challenge: Some("Bearer realm=\"acs-relay\""),
+            },
+            TokenFailure::Invalid(reason) => {
+                Rejection { status: StatusCode::FORBIDDEN, check: AuthCheck::EventGrid, reason, challenge: None }
+            }
+        })
+    }
 }
 
 impl EventGridSettings {
@@ -97,7 +170,7 @@ mod tests {
 
     #[test]
     fn subscription_names_are_checked_case_insensitively() {
-        let settings = EventGridSettings { subscription_names: vec!["incoming-calls".into()] };
+        let settings = EventGridSettings { subscription_names: vec!["incoming-calls".into()], entra: None };
         let mut headers = HeaderMap::new();
         assert_eq!(settings.verify(&headers).unwrap_err().reason, "missing-subscription");
         headers.insert("aeg-subscription-name", HeaderValue::from_static("INCOMING-CALLS"));

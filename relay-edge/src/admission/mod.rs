@@ -17,7 +17,7 @@ use relay_exchange::body::RelayBody;
 use serde::Deserialize;
 
 pub use acs_jwt::AcsJwtSettings;
-pub use event_grid::EventGridSettings;
+pub use event_grid::{EntraConfig, EntraVerifier, EventGridSettings};
 pub use shared_secret::SharedSecret;
 pub use source_ip::SourceIpSet;
 
@@ -77,6 +77,15 @@ pub struct AcsJwtConfig {
     pub refresh_min_interval: std::time::Duration,
 }
 
+/// The token verifiers, with their keys loaded when the edge started.
+#[derive(Debug, Clone, Default)]
+pub struct Verifiers {
+    /// For `acs-jwt`.
+    pub acs: Option<AcsJwtSettings>,
+    /// For `event-grid` with an Entra ID token.
+    pub entra: Option<EntraVerifier>,
+}
+
 /// Why a request was turned away.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
@@ -108,7 +117,7 @@ impl Rejection {
 pub async fn admit<B>(
     checks: &[AuthCheck],
     settings: &AdmissionSettings,
-    acs: Option<&AcsJwtSettings>,
+    verifiers: &Verifiers,
     req: &Request<B>,
     peer: SocketAddr,
 ) -> Result<(), Rejection> {
@@ -132,9 +141,12 @@ pub async fn admit<B>(
     if checks.contains(&AuthCheck::EventGrid) {
         let grid = settings.event_grid.as_ref().ok_or(missing(AuthCheck::EventGrid))?;
         grid.verify(req.headers())?;
+        if grid.entra.is_some() {
+            verifiers.entra.as_ref().ok_or(missing(AuthCheck::EventGrid))?.verify(req.headers()).await?;
+        }
     }
     if checks.contains(&AuthCheck::AcsJwt) {
-        acs.ok_or(missing(AuthCheck::AcsJwt))?.verify(req.headers()).await?;
+        verifiers.acs.as_ref().ok_or(missing(AuthCheck::AcsJwt))?.verify(req.headers()).await?;
     }
     Ok(())
 }
