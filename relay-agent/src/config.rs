@@ -17,6 +17,10 @@ pub const DEFAULT_BOT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the edge has, after opening a stream, to send the exchange head.
 pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Admin (metrics) listener default: loopback, and not the edge's 9090, so both can run on one
+/// host.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9091";
+
 /// First reconnection delay after the tunnel drops.
 pub const DEFAULT_RECONNECT_INITIAL: Duration = Duration::from_millis(100);
 
@@ -40,6 +44,8 @@ pub struct AgentConfig {
     pub upstream: Option<String>,
     /// Edge tunnel address overriding the one recorded at pairing (`host:port`).
     pub edge: Option<String>,
+    /// Admin listener serving `/metrics` (`ip:port`).
+    pub admin_listen: Option<std::net::SocketAddr>,
     /// How long the bot has to answer (`"30s"`).
     pub bot_timeout: Option<String>,
     /// Largest WebSocket message relayed, in bytes.
@@ -77,6 +83,8 @@ pub struct AgentSettings {
     pub upstream: Uri,
     /// See [`AgentConfig::edge`].
     pub edge: Option<String>,
+    /// See [`AgentConfig::admin_listen`]; `None` disables it.
+    pub admin_listen: Option<std::net::SocketAddr>,
     /// See [`DEFAULT_BOT_TIMEOUT`].
     pub bot_timeout: Duration,
     /// See [`DEFAULT_HEAD_TIMEOUT`].
@@ -117,6 +125,8 @@ impl AgentSettings {
             identity: IdentitySource::StateDir(state_dir),
             upstream,
             edge: None,
+            // A port from the OS; the binary's configuration defaults to DEFAULT_ADMIN_LISTEN.
+            admin_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
             bot_timeout: DEFAULT_BOT_TIMEOUT,
             head_timeout: DEFAULT_HEAD_TIMEOUT,
             max_ws_message_bytes: relay_exchange::DEFAULT_MAX_WS_MESSAGE,
@@ -146,6 +156,7 @@ impl AgentConfig {
             bundle_pem: other.bundle_pem.or(self.bundle_pem),
             upstream: other.upstream.or(self.upstream),
             edge: other.edge.or(self.edge),
+            admin_listen: other.admin_listen.or(self.admin_listen),
             bot_timeout: other.bot_timeout.or(self.bot_timeout),
             max_ws_message_bytes: other.max_ws_message_bytes.or(self.max_ws_message_bytes),
             idle_timeout: other.idle_timeout.or(self.idle_timeout),
@@ -174,6 +185,13 @@ impl AgentConfig {
         let mut settings = AgentSettings::new(PathBuf::new(), upstream);
         settings.identity = identity;
         settings.edge = self.edge;
+        settings.admin_listen = Some(match self.admin_listen {
+            Some(addr) => addr,
+            None => DEFAULT_ADMIN_LISTEN.parse().map_err(|e: std::net::AddrParseError| ConfigError::Invalid {
+                key: "admin_listen",
+                message: e.to_string(),
+            })?,
+        });
         if let Some(text) = &self.bot_timeout {
             settings.bot_timeout = parse_duration("bot_timeout", text)?;
         }

@@ -20,6 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{info, warn};
 
 use crate::config::AgentSettings;
+use crate::metrics::{AgentMetrics, status_class};
 
 /// Handshake headers that belong to one WebSocket hop; tungstenite makes its own for the bot.
 const PER_HOP_WS_HEADERS: [&str; 3] = ["sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions"];
@@ -28,6 +29,7 @@ const PER_HOP_WS_HEADERS: [&str; 3] = ["sec-websocket-key", "sec-websocket-versi
 pub(crate) struct Forwarder {
     settings: std::sync::Arc<AgentSettings>,
     client: Client<HttpConnector, RelayBody>,
+    metrics: std::sync::Arc<AgentMetrics>,
 }
 
 fn path_and_query(head: &ExchangeHead) -> &str {
@@ -35,12 +37,12 @@ fn path_and_query(head: &ExchangeHead) -> &str {
 }
 
 impl Forwarder {
-    pub fn new(settings: std::sync::Arc<AgentSettings>) -> Self {
+    pub fn new(settings: std::sync::Arc<AgentSettings>, metrics: std::sync::Arc<AgentMetrics>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(settings.bot_timeout));
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        Self { settings, client }
+        Self { settings, client, metrics }
     }
 
     fn bot_uri(&self, head: &ExchangeHead, scheme: &str) -> Result<Uri, String> {
@@ -69,6 +71,7 @@ impl Forwarder {
                 warn!(request_id, "malformed exchange head (method, target or headers); stream reset");
                 recv.stop(code::MALFORMED_FRAME);
                 send.reset(code::MALFORMED_FRAME);
+                self.metrics.exchange("http", "malformed", started.elapsed().as_secs_f64());
                 return;
             }
         };
@@ -86,6 +89,7 @@ impl Forwarder {
                 let failure = Failure { kind: FailureKind::BotUnreachable, detail };
                 let _ = write_frame(&mut send, &HttpReply::Failed(failure), DEFAULT_MAX_HEAD_LEN).await;
                 let _ = tokio::io::AsyncWriteExt::shutdown(&mut send).await;
+                self.metrics.exchange("http", "bot-unreachable", started.elapsed().as_secs_f64());
                 return;
             }
             Err(_) => {
@@ -96,6 +100,7 @@ impl Forwarder {
                 };
                 let _ = write_frame(&mut send, &HttpReply::Failed(failure), DEFAULT_MAX_HEAD_LEN).await;
                 let _ = tokio::io::AsyncWriteExt::shutdown(&mut send).await;
+                self.metrics.exchange("http", "bot-timeout", started.elapsed().as_secs_f64());
                 return;
             }
         };
@@ -109,6 +114,7 @@ impl Forwarder {
             return;
         }
         let copied = copy_body_to_stream(body, &mut send, None).await;
+        self.metrics.exchange("http", status_class(parts.status.as_u16()), started.elapsed().as_secs_f64());
         match copied {
             Ok(bytes_out) => info!(
                 request_id,
@@ -153,6 +159,7 @@ impl Forwarder {
                 warn!(request_id, "malformed WebSocket exchange head: {e}; stream reset");
                 recv.stop(code::MALFORMED_FRAME);
                 send.reset(code::MALFORMED_FRAME);
+                self.metrics.exchange("websocket", "malformed", started.elapsed().as_secs_f64());
                 return;
             }
         };
@@ -190,6 +197,12 @@ impl Forwarder {
         let (ws, accepted) = match reply {
             Ok(pair) => pair,
             Err(refused) => {
+                let outcome = match &refused {
+                    WsReply::Rejected { head, .. } => status_class(head.status),
+                    WsReply::Failed(Failure { kind: FailureKind::BotTimeout, .. }) => "bot-timeout".into(),
+                    _ => "bot-unreachable".into(),
+                };
+                self.metrics.exchange("websocket", outcome, started.elapsed().as_secs_f64());
                 let _ = write_frame(&mut send, &refused, DEFAULT_MAX_HEAD_LEN).await;
                 let _ = tokio::io::AsyncWriteExt::shutdown(&mut send).await;
                 return;
@@ -199,7 +212,10 @@ impl Forwarder {
             warn!(request_id, "edge went away before the upgrade completed: {e}");
             return;
         }
+        self.metrics.websocket_sessions.inc();
         let report = pump(ws, BiStream { send, recv }, max).await;
+        self.metrics.websocket_sessions.dec();
+        self.metrics.exchange("websocket", "101", started.elapsed().as_secs_f64());
         info!(
             request_id,
             path = %path_of(&head),

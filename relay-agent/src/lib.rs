@@ -7,6 +7,7 @@
 
 pub mod config;
 mod forward;
+pub mod metrics;
 pub mod pairing;
 mod tunnel;
 
@@ -26,6 +27,14 @@ pub enum StartError {
     /// The state directory holds no usable pairing.
     #[error(transparent)]
     State(#[from] AgentStateError),
+    /// The admin listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// A running agent.
@@ -35,6 +44,7 @@ pub struct Agent {
     tasks: TaskTracker,
     connected: watch::Receiver<bool>,
     name: String,
+    admin_addr: Option<std::net::SocketAddr>,
 }
 
 impl Agent {
@@ -50,8 +60,22 @@ impl Agent {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let (connected_tx, connected) = watch::channel(false);
+        let metrics = Arc::new(metrics::AgentMetrics::default());
+        let admin_addr = match settings.admin_listen {
+            Some(addr) => {
+                let listener =
+                    tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;
+                let bound = listener.local_addr().map_err(|source| StartError::Listen { addr, source })?;
+                let text_metrics = metrics.clone();
+                let text: relay_cli::admin::MetricsText = Arc::new(move || text_metrics.encode());
+                tasks.spawn(relay_cli::admin::serve_metrics(listener, text, shutdown.clone()));
+                Some(bound)
+            }
+            None => None,
+        };
         let client = Arc::new(tunnel::TunnelClient {
-            forwarder: Arc::new(forward::Forwarder::new(settings.clone())),
+            forwarder: Arc::new(forward::Forwarder::new(settings.clone(), metrics.clone())),
+            metrics,
             state_dir,
             settings,
             identity: std::sync::RwLock::new(identity),
@@ -62,12 +86,17 @@ impl Agent {
         });
         tracing::info!(agent = %name, edge = %edge_addr, "agent starting");
         tasks.spawn(client.run());
-        Ok(Self { shutdown, tasks, connected, name })
+        Ok(Self { shutdown, tasks, connected, name, admin_addr })
     }
 
     /// The agent's name from its certificate.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The admin (metrics) listener's address, when enabled.
+    pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
+        self.admin_addr
     }
 
     /// Whether the agent holds a welcomed connection to the edge now.

@@ -50,6 +50,9 @@ struct RunArgs {
     /// Edge tunnel address (`HOST:PORT`), overriding the one recorded at pairing.
     #[arg(long, env = "RELAY_AGENT_EDGE")]
     edge: Option<String>,
+    /// Admin listener serving /metrics (default 127.0.0.1:9091).
+    #[arg(long, env = "RELAY_AGENT_ADMIN_LISTEN")]
+    admin_listen: Option<std::net::SocketAddr>,
     /// How long the bot has to answer (e.g. `30s`).
     #[arg(long, env = "RELAY_AGENT_BOT_TIMEOUT")]
     bot_timeout: Option<String>,
@@ -85,6 +88,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 bundle_pem,
                 upstream: args.upstream,
                 edge: args.edge,
+                admin_listen: args.admin_listen,
                 bot_timeout: args.bot_timeout,
                 max_ws_message_bytes: args.max_ws_message_bytes,
                 idle_timeout: args.idle_timeout,

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::config::AgentSettings;
 use crate::forward::Forwarder;
+use crate::metrics::{AgentMetrics, OutcomeLabels};
 
 /// How long the edge has to answer a renewal request.
 const RENEW_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -43,6 +44,7 @@ pub(crate) struct TunnelClient {
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
     pub connected: watch::Sender<bool>,
+    pub metrics: Arc<AgentMetrics>,
 }
 
 /// How one connection attempt ended.
@@ -99,9 +101,11 @@ impl TunnelClient {
                 Err(e) => Session::Failed(format!("cannot connect to the edge: {e}")),
             };
             let _ = self.connected.send(false);
+            self.metrics.connected.set(0);
             if self.shutdown.is_cancelled() {
                 break;
             }
+            self.metrics.reconnects.inc();
             let delay = backoff.after(&outcome);
             match outcome {
                 Session::Ended(reason) => warn!(edge = %self.edge_addr, "tunnel lost: {reason}; reconnecting"),
@@ -186,6 +190,7 @@ impl TunnelClient {
             }
         };
         let _ = self.connected.send(true);
+        self.metrics.connected.set(1);
         info!(edge = %self.edge_addr, remote = %conn.remote_addr(), agent = %name, transport = conn.transport(), "connected to the edge");
         // The control stream stays open for the life of the connection; renewals use it.
         let renewal = AbortOnDrop(tokio::spawn(renew_loop(self.clone(), control)));
@@ -240,7 +245,14 @@ async fn renew_loop(client: Arc<TunnelClient>, mut control: BiStream) {
             tokio::time::sleep(due.duration_since(now).unwrap_or_default()).await;
             continue;
         }
-        match renew_once(&client, &mut control, &mut reader).await {
+        let outcome = renew_once(&client, &mut control, &mut reader).await;
+        let label = match &outcome {
+            Ok(_) => "issued",
+            Err(Renewal::ConnectionGone(_)) => "interrupted",
+            Err(Renewal::Failed(_)) => "refused",
+        };
+        client.metrics.renewals.get_or_create(&OutcomeLabels { outcome: label }).inc();
+        match outcome {
             Ok(until) => info!(valid_until = %humantime::format_rfc3339_seconds(until), "certificate renewed"),
             Err(Renewal::ConnectionGone(e)) => {
                 warn!("renewal interrupted, will retry on the next connection: {e}");

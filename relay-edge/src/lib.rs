@@ -6,7 +6,6 @@
 //! serves pairing on the tunnel port. [`Edge::start`] builds and runs all of it; the binary only
 //! parses configuration and calls it.
 
-mod admin;
 pub mod admission;
 pub mod agents;
 pub mod config;
@@ -157,7 +156,8 @@ impl Edge {
         tasks.spawn(tunnel.run());
         tasks.spawn(registry.run());
         if let Some((listener, _)) = admin {
-            tasks.spawn(admin::serve(listener, metrics, shutdown.clone()));
+            let text: relay_cli::admin::MetricsText = Arc::new(move || metrics.encode());
+            tasks.spawn(relay_cli::admin::serve_metrics(listener, text, shutdown.clone()));
         }
         tasks.spawn(front.run(public));
         tracing::info!(%public_addr, %tunnel_addr, admin = ?admin_addr, "edge listening");

@@ -218,3 +218,31 @@ async fn a_client_that_never_finishes_its_request_head_is_disconnected() {
     assert_eq!(stack.bot.hits(), 0);
     stack.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_agent_serves_its_own_metrics() {
+    let stack = Stack::start_without_agent(|_| {}).await.unwrap();
+    let dir = stack.pair_agent("metered").await.unwrap();
+    let agent = relay_agent::Agent::start(stack.agent_settings(&dir).unwrap()).await.unwrap();
+    stack.wait_connected(1).await.unwrap();
+    assert_eq!(
+        send_collect(stack.public(), post_json(stack.public(), "/api/incomingCall", "[]")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let failed =
+        send_collect(stack.public(), post_json(stack.public(), "/api/callbacks/x?status=503", "[]")).await.unwrap();
+    assert_eq!(failed.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let mut req = request(Method::GET, "/metrics", "");
+    req.headers_mut().insert(header::HOST, HeaderValue::from_static("admin"));
+    let text =
+        String::from_utf8(send_collect(agent.admin_addr().unwrap(), req).await.unwrap().body().to_vec()).unwrap();
+    for expected in [
+        r#"relay_agent_exchanges_total{kind="http",outcome="2xx"} 1"#,
+        r#"relay_agent_exchanges_total{kind="http",outcome="5xx"} 1"#,
+        "relay_agent_connected 1",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    agent.shutdown().await;
+    stack.shutdown().await;
+}

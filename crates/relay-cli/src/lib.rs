@@ -3,6 +3,7 @@
 //! wait for SIGTERM or SIGINT; and the configuration plumbing both use ([`config`]). Binaries
 //! stay thin: parse, build the pieces, run.
 
+pub mod admin;
 pub mod config;
 
 use std::future::Future;

@@ -1,21 +1,22 @@
-//! The admin listener: `/metrics` in Prometheus text format. It is separate from the public
-//! listener (and on loopback by default) so metrics are never exposed to the internet.
+//! The admin listener both binaries run: `/metrics` in Prometheus text format. It is kept off
+//! the public listener (and on loopback by default) so metrics are never exposed by accident.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use relay_exchange::body::{RelayBody, full};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::EdgeMetrics;
+/// Produces the current metrics text.
+pub type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// Serves the admin endpoints until shutdown.
-pub(crate) async fn serve(listener: TcpListener, metrics: Arc<EdgeMetrics>, shutdown: CancellationToken) {
+/// Serves `/metrics` from `listener` until `shutdown`.
+pub async fn serve_metrics(listener: TcpListener, metrics: MetricsText, shutdown: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -33,20 +34,16 @@ pub(crate) async fn serve(listener: TcpListener, metrics: Arc<EdgeMetrics>, shut
     }
 }
 
-fn answer(req: &Request<Incoming>, metrics: &EdgeMetrics) -> Response<RelayBody> {
-    let mut response = match req.uri().path() {
-        "/metrics" => {
-            let mut r = Response::new(full(metrics.encode()));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-            );
-            r
-        }
-        _ => Response::new(full("not found\n")),
-    };
+fn answer(req: &Request<Incoming>, metrics: &MetricsText) -> Response<Full<Bytes>> {
     if req.uri().path() != "/metrics" {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"not found\n")));
         *response.status_mut() = StatusCode::NOT_FOUND;
+        return response;
     }
+    let mut response = Response::new(Full::new(Bytes::from(metrics())));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
     response
 }

@@ -1,0 +1,112 @@
+//! The agent's Prometheus metrics, served on its own admin listener (`/metrics`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of `relay_agent_exchanges_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExchangeLabels {
+    /// `http` or `websocket`.
+    pub kind: &'static str,
+    /// The bot's status class (`2xx` ... `5xx`, `101`), or why the bot was not reached
+    /// (`bot-unreachable`, `bot-timeout`, `malformed`).
+    pub outcome: String,
+}
+
+/// Labels with an outcome only.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// What happened.
+    pub outcome: &'static str,
+}
+
+/// Labels with an exchange kind only.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `http` or `websocket`.
+    pub kind: &'static str,
+}
+
+type HistogramFamily = Family<KindLabels, Histogram, fn() -> Histogram>;
+
+fn duration_histogram() -> Histogram {
+    // 1 ms to ~65 s, as on the edge.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+/// Every metric the agent keeps.
+#[derive(Debug)]
+pub struct AgentMetrics {
+    registry: Registry,
+    /// Exchanges forwarded, by kind and outcome.
+    pub exchanges: Family<ExchangeLabels, Counter>,
+    /// Media sessions open to the bot now.
+    pub websocket_sessions: Gauge,
+    /// 1 while a welcomed tunnel connection is up.
+    pub connected: Gauge,
+    /// Tunnel connections that ended or could not be made.
+    pub reconnects: Counter,
+    /// Certificate renewals by outcome (`issued`, `refused`, `interrupted`).
+    pub renewals: Family<OutcomeLabels, Counter>,
+    /// Exchange durations at the agent, by kind.
+    pub exchange_duration: HistogramFamily,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let exchanges = Family::<ExchangeLabels, Counter>::default();
+        let websocket_sessions = Gauge::default();
+        let connected = Gauge::default();
+        let reconnects = Counter::default();
+        let renewals = Family::<OutcomeLabels, Counter>::default();
+        let exchange_duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
+        registry.register(
+            "relay_agent_exchanges",
+            "Exchanges forwarded to the bot, by kind and outcome",
+            exchanges.clone(),
+        );
+        registry.register(
+            "relay_agent_websocket_sessions",
+            "Media sessions open to the bot now",
+            websocket_sessions.clone(),
+        );
+        registry.register("relay_agent_connected", "1 while a tunnel connection to the edge is up", connected.clone());
+        registry.register(
+            "relay_agent_reconnects",
+            "Tunnel connections that ended or could not be made",
+            reconnects.clone(),
+        );
+        registry.register("relay_agent_renewals", "Certificate renewals by outcome", renewals.clone());
+        registry.register(
+            "relay_agent_exchange_duration_seconds",
+            "Exchange durations at the agent, by kind",
+            exchange_duration.clone(),
+        );
+        Self { registry, exchanges, websocket_sessions, connected, reconnects, renewals, exchange_duration }
+    }
+}
+
+impl AgentMetrics {
+    /// Counts a finished exchange.
+    pub fn exchange(&self, kind: &'static str, outcome: impl Into<String>, seconds: f64) {
+        self.exchanges.get_or_create(&ExchangeLabels { kind, outcome: outcome.into() }).inc();
+        self.exchange_duration.get_or_create(&KindLabels { kind }).observe(seconds);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// `2xx`-style class of a status code.
+pub fn status_class(status: u16) -> String {
+    if status == 101 { "101".into() } else { format!("{}xx", status / 100) }
+}
