@@ -42,38 +42,32 @@ async fn renewal_while_a_call_streams_loses_no_message_and_the_next_connection_u
     stack.wait_connected(0).await.unwrap();
     stack.start_agent(&dir).await.unwrap();
     stack.wait_connected(1).await.unwrap();
-    let on_disk = serial_on_disk(&dir);
-    let connections = stack.edge.connections();
-    assert!(
-        connections[0].serial == on_disk
-            || eventually(DEADLINE, || async {
-                stack.edge.connections().first().is_some_and(|c| c.serial == serial_on_disk(&dir))
-            })
-            .await
-    );
+    let newest = eventually(DEADLINE, || async {
+        stack.edge.connections().first().is_some_and(|c| c.serial == serial_on_disk(&dir))
+    })
+    .await;
+    assert!(newest, "the new connection must stand on the newest certificate on disk");
     stack.shutdown().await;
+}
+
+/// Pairs "old" in `state` an hour ago with a one-minute certificate, so it has long expired;
+/// returns its key (PEM) and certificate.
+fn expired_identity(state: &EdgeState) -> (String, relay_pki::IssuedCert) {
+    let long_ago = SystemTime::now() - Duration::from_secs(3600);
+    let token = state.create_token("old", "127.0.0.1:1", Duration::from_secs(60), long_ago, false).unwrap();
+    let (key_pem, csr) = generate_agent_csr("old").unwrap();
+    let issued = state.redeem(&token.token_id, &token.secret, &csr, long_ago, Duration::from_secs(60)).unwrap();
+    (key_pem, issued)
 }
 
 #[tokio::test]
 async fn an_expired_certificate_is_refused_in_the_handshake() {
     let stack = Stack::start_without_agent(|_| {}).await.unwrap();
     let state = EdgeState::open(&stack.edge_settings.state_dir).unwrap();
-    let long_ago = SystemTime::now() - Duration::from_secs(3600);
-    let token = state.create_token("old", "127.0.0.1:1", Duration::from_secs(60), long_ago, false).unwrap();
-    let (key_pem, csr) = generate_agent_csr("old").unwrap();
-    let issued = state.redeem(&token.token_id, &token.secret, &csr, long_ago, Duration::from_secs(60)).unwrap();
+    let (key_pem, issued) = expired_identity(&state);
     let dir = stack.dir.path().join("expired");
     AgentState::save(&dir, "old", "127.0.0.1:1", &key_pem, &issued.cert_der, &issued.ca_der).unwrap();
-    let id = AgentState::load(&dir).unwrap();
-    let dialled = relay_transport::dial_tunnel(
-        stack.edge.tunnel_addr(),
-        "localhost",
-        id.cert_chain,
-        id.key,
-        &id.ca_cert,
-        &Default::default(),
-    )
-    .await;
+    let dialled = stack.dial_as(&dir).await.unwrap();
     if let Ok(conn) = dialled {
         let lost = tokio::time::timeout(DEADLINE, conn.closed()).await.expect("the edge must close the connection");
         assert!(!lost.0.is_empty());
@@ -86,10 +80,7 @@ async fn an_expired_certificate_is_refused_in_the_handshake() {
 async fn the_tunnel_listener_classifies_an_expired_client_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let state = EdgeState::init(dir.path(), &[], SystemTime::now()).unwrap();
-    let long_ago = SystemTime::now() - Duration::from_secs(3600);
-    let token = state.create_token("old", "127.0.0.1:1", Duration::from_secs(60), long_ago, false).unwrap();
-    let (key_pem, csr) = generate_agent_csr("old").unwrap();
-    let issued = state.redeem(&token.token_id, &token.secret, &csr, long_ago, Duration::from_secs(60)).unwrap();
+    let (key_pem, issued) = expired_identity(&state);
     let material = state.tls_material().unwrap();
     let settings = relay_transport::QuicSettings::default();
     let listener = relay_transport::QuicListener::bind(
@@ -124,17 +115,7 @@ async fn revoking_closes_a_live_connection_within_two_seconds_and_refuses_it_aft
     assert!(closed, "a revoked agent must be disconnected within two seconds");
 
     // Its certificate is refused from now on.
-    let id = AgentState::load(&dir).unwrap();
-    let conn = relay_transport::dial_tunnel(
-        stack.edge.tunnel_addr(),
-        "localhost",
-        id.cert_chain,
-        id.key,
-        &id.ca_cert,
-        &Default::default(),
-    )
-    .await
-    .unwrap();
+    let conn = stack.dial_as(&dir).await.unwrap().unwrap();
     let lost = tokio::time::timeout(DEADLINE, conn.closed()).await.unwrap();
     assert!(lost.0.contains("revoked"), "{}", lost.0);
     let response = send_collect(stack.public(), post_json(stack.public(), "/api/incomingCall", "[]")).await.unwrap();

@@ -4,24 +4,19 @@ use std::time::Duration;
 
 use bytes::BufMut;
 use http::StatusCode;
-use relay_pki::AgentState;
 use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
 use relay_proto::{ControlMessage, ExchangeHead, Hello, HttpReply, PROTOCOL_VERSION, ResponseHead};
 use relay_testkit::client::{post_json, send_collect};
 use relay_testkit::{Stack, eventually};
-use relay_transport::{dial_tunnel, read_frame, write_frame};
+use relay_transport::{read_frame, write_frame};
 use tokio::io::AsyncWriteExt;
 
 #[tokio::test]
 async fn a_malformed_answer_resets_that_exchange_only_and_the_connection_keeps_serving() {
     let stack = Stack::start_without_agent(|_| {}).await.unwrap();
     let dir = stack.pair_agent("fake").await.unwrap();
-    let id = AgentState::load(&dir).unwrap();
     // A hand-driven agent speaking the protocol, which can misbehave on purpose.
-    let conn =
-        dial_tunnel(stack.edge.tunnel_addr(), "localhost", id.cert_chain, id.key, &id.ca_cert, &Default::default())
-            .await
-            .unwrap();
+    let conn = stack.dial_as(&dir).await.unwrap().unwrap();
     let mut control = conn.open_bi().await.unwrap();
     let hello = Hello {
         agent_name: "fake".into(),

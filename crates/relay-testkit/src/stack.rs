@@ -81,6 +81,25 @@ impl Stack {
         Ok(token.encode())
     }
 
+    /// Dials this edge's tunnel by hand with the identity stored in `state_dir`, as a test that
+    /// plays the agent itself would.
+    pub async fn dial_as(
+        &self,
+        state_dir: &std::path::Path,
+    ) -> anyhow::Result<Result<std::sync::Arc<dyn relay_transport::TunnelConnection>, relay_transport::DialError>> {
+        let id = relay_pki::AgentState::load(state_dir)?;
+        let settings = relay_transport::QuicSettings::default();
+        Ok(relay_transport::dial_tunnel(
+            self.edge.tunnel_addr(),
+            "localhost",
+            id.cert_chain,
+            id.key,
+            &id.ca_cert,
+            &settings,
+        )
+        .await)
+    }
+
     /// Agent settings for a paired state directory, forwarding to this stack's bot.
     pub fn agent_settings(&self, state_dir: &std::path::Path) -> anyhow::Result<AgentSettings> {
         let mut settings =
