@@ -21,6 +21,10 @@ pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// host.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9091";
 
+/// How long a draining agent keeps open calls running. Container Apps and Kubernetes give a
+/// container 30 s between SIGTERM and SIGKILL by default.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// First reconnection delay after the tunnel drops.
 pub const DEFAULT_RECONNECT_INITIAL: Duration = Duration::from_millis(100);
 
@@ -50,6 +54,8 @@ pub struct AgentConfig {
     pub bot_timeout: Option<String>,
     /// Largest WebSocket message relayed, in bytes.
     pub max_ws_message_bytes: Option<usize>,
+    /// How long open calls may run after SIGTERM (`"30s"`).
+    pub drain_timeout: Option<String>,
     /// Tunnel idle timeout (`"30s"`).
     pub idle_timeout: Option<String>,
     /// Tunnel keep-alive interval (`"10s"`).
@@ -89,6 +95,8 @@ pub struct AgentSettings {
     pub bot_timeout: Duration,
     /// See [`DEFAULT_HEAD_TIMEOUT`].
     pub head_timeout: Duration,
+    /// See [`DEFAULT_DRAIN_TIMEOUT`].
+    pub drain_timeout: Duration,
     /// See [`relay_exchange::DEFAULT_MAX_WS_MESSAGE`].
     pub max_ws_message_bytes: usize,
     /// See [`DEFAULT_RECONNECT_INITIAL`].
@@ -129,6 +137,7 @@ impl AgentSettings {
             admin_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
             bot_timeout: DEFAULT_BOT_TIMEOUT,
             head_timeout: DEFAULT_HEAD_TIMEOUT,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_ws_message_bytes: relay_exchange::DEFAULT_MAX_WS_MESSAGE,
             reconnect_initial: DEFAULT_RECONNECT_INITIAL,
             reconnect_max: DEFAULT_RECONNECT_MAX,
@@ -159,6 +168,7 @@ impl AgentConfig {
             admin_listen: other.admin_listen.or(self.admin_listen),
             bot_timeout: other.bot_timeout.or(self.bot_timeout),
             max_ws_message_bytes: other.max_ws_message_bytes.or(self.max_ws_message_bytes),
+            drain_timeout: other.drain_timeout.or(self.drain_timeout),
             idle_timeout: other.idle_timeout.or(self.idle_timeout),
             keep_alive: other.keep_alive.or(self.keep_alive),
         }
@@ -192,6 +202,9 @@ impl AgentConfig {
                 message: e.to_string(),
             })?,
         });
+        if let Some(text) = &self.drain_timeout {
+            settings.drain_timeout = parse_duration("drain_timeout", text)?;
+        }
         if let Some(text) = &self.bot_timeout {
             settings.bot_timeout = parse_duration("bot_timeout", text)?;
         }

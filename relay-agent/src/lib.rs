@@ -45,6 +45,8 @@ pub struct Agent {
     connected: watch::Receiver<bool>,
     name: String,
     admin_addr: Option<std::net::SocketAddr>,
+    draining: CancellationToken,
+    exchanges: TaskTracker,
 }
 
 impl Agent {
@@ -59,6 +61,8 @@ impl Agent {
         let settings = Arc::new(settings);
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let draining = CancellationToken::new();
+        let exchanges = TaskTracker::new();
         let (connected_tx, connected) = watch::channel(false);
         let metrics = Arc::new(metrics::AgentMetrics::default());
         let admin_addr = match settings.admin_listen {
@@ -81,12 +85,13 @@ impl Agent {
             identity: std::sync::RwLock::new(identity),
             edge_addr: edge_addr.clone(),
             shutdown: shutdown.clone(),
-            tasks: tasks.clone(),
+            draining: draining.clone(),
+            exchanges: exchanges.clone(),
             connected: connected_tx,
         });
         tracing::info!(agent = %name, edge = %edge_addr, "agent starting");
         tasks.spawn(client.run());
-        Ok(Self { shutdown, tasks, connected, name, admin_addr })
+        Ok(Self { shutdown, tasks, connected, name, admin_addr, draining, exchanges })
     }
 
     /// The agent's name from its certificate.
@@ -104,10 +109,24 @@ impl Agent {
         *self.connected.borrow()
     }
 
-    /// Closes the tunnel and waits for every task to end.
+    /// Closes the tunnel at once and waits for every task to end; open calls get 1001.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        self.exchanges.close();
+        self.exchanges.wait().await;
+    }
+
+    /// Leaves gracefully: tells the edge to send nothing new, lets in-flight webhooks finish and
+    /// open calls run for up to `grace`, then closes whatever is left (calls get 1001 on both
+    /// sides) and returns.
+    pub async fn drain(self, grace: std::time::Duration) {
+        self.draining.cancel();
+        self.exchanges.close();
+        if tokio::time::timeout(grace, self.exchanges.wait()).await.is_err() {
+            tracing::info!("drain grace period over: closing the remaining calls");
+        }
+        self.shutdown().await;
     }
 }

@@ -28,7 +28,7 @@ enum Command {
         token: String,
     },
     /// Run the agent.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 /// Settings for `run`; each overrides the config file, and `RELAY_AGENT_*` overrides the file too.
@@ -59,6 +59,9 @@ struct RunArgs {
     /// Largest WebSocket message relayed, in bytes.
     #[arg(long, env = "RELAY_AGENT_MAX_WS_MESSAGE_BYTES")]
     max_ws_message_bytes: Option<usize>,
+    /// How long open calls may run after SIGTERM before they are closed (e.g. `30s`).
+    #[arg(long, env = "RELAY_AGENT_DRAIN_TIMEOUT")]
+    drain_timeout: Option<String>,
     /// Tunnel idle timeout (e.g. `30s`).
     #[arg(long, env = "RELAY_AGENT_IDLE_TIMEOUT")]
     idle_timeout: Option<String>,
@@ -91,6 +94,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 admin_listen: args.admin_listen,
                 bot_timeout: args.bot_timeout,
                 max_ws_message_bytes: args.max_ws_message_bytes,
+                drain_timeout: args.drain_timeout,
                 idle_timeout: args.idle_timeout,
                 keep_alive: args.keep_alive,
             };
@@ -99,10 +103,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 None => AgentConfig::default(),
             };
             let settings = base.overlay(flags).resolve()?;
+            let grace = settings.drain_timeout;
             let agent = Agent::start(settings).await?;
             relay_cli::shutdown_signal().await;
-            tracing::info!("shutting down");
-            agent.shutdown().await;
+            tracing::info!(grace_s = grace.as_secs(), "draining: finishing in-flight exchanges");
+            agent.drain(grace).await;
         }
     }
     Ok(())

@@ -42,7 +42,10 @@ pub(crate) struct TunnelClient {
     pub edge_addr: String,
     pub forwarder: Arc<Forwarder>,
     pub shutdown: CancellationToken,
-    pub tasks: TaskTracker,
+    /// Cancelled when a drain starts: the edge is told to send nothing new.
+    pub draining: CancellationToken,
+    /// Exchange tasks, so a drain can wait for them.
+    pub exchanges: TaskTracker,
     pub connected: watch::Sender<bool>,
     pub metrics: Arc<AgentMetrics>,
 }
@@ -102,7 +105,8 @@ impl TunnelClient {
             };
             let _ = self.connected.send(false);
             self.metrics.connected.set(0);
-            if self.shutdown.is_cancelled() {
+            // A draining agent does not come back: it is on its way out.
+            if self.shutdown.is_cancelled() || self.draining.is_cancelled() {
                 break;
             }
             self.metrics.reconnects.inc();
@@ -206,7 +210,7 @@ impl TunnelClient {
                 Ok(stream) => {
                     let forwarder = self.forwarder.clone();
                     let head_timeout = self.settings.head_timeout;
-                    self.tasks.spawn(async move { handle_exchange(forwarder, stream, head_timeout).await });
+                    self.exchanges.spawn(async move { handle_exchange(forwarder, stream, head_timeout).await });
                 }
                 Err(lost) => {
                     drop(renewal);
@@ -226,12 +230,22 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Renews the agent's certificate over `control` whenever two thirds of its life have passed,
-/// until the connection ends. New certificates are stored atomically and used by the next
-/// connection; this one, and every exchange on it, carries on untouched.
+/// Owns the control stream for the life of a connection: tells the edge when a drain starts,
+/// and renews the agent's certificate whenever two thirds of its life have passed. New
+/// certificates are stored atomically and used by the next connection; this one, and every
+/// exchange on it, carries on untouched.
 async fn renew_loop(client: Arc<TunnelClient>, mut control: BiStream) {
     let mut reader = FrameReader::new(DEFAULT_MAX_HEAD_LEN);
+    let mut drain_sent = false;
     loop {
+        if client.draining.is_cancelled() && !drain_sent {
+            drain_sent = true;
+            if let Err(e) = write_frame(&mut control.send, &ControlMessage::Drain, DEFAULT_MAX_HEAD_LEN).await {
+                warn!("could not tell the edge about the drain: {e}");
+                return;
+            }
+            info!("draining: the edge sends this agent no new exchanges");
+        }
         let validity =
             client.identity.read().ok().and_then(|id| id.cert_chain.first().and_then(|c| cert_validity(c).ok()));
         let Some((not_before, not_after)) = validity else {
@@ -242,7 +256,15 @@ async fn renew_loop(client: Arc<TunnelClient>, mut control: BiStream) {
         if !renewal_due(not_before, not_after, now) {
             let lifetime = not_after.duration_since(not_before).unwrap_or_default();
             let due = not_before + lifetime.mul_f64(2.0 / 3.0);
-            tokio::time::sleep(due.duration_since(now).unwrap_or_default()).await;
+            let until_due = tokio::time::sleep(due.duration_since(now).unwrap_or_default());
+            if drain_sent {
+                until_due.await;
+            } else {
+                tokio::select! {
+                    () = until_due => {}
+                    () = client.draining.cancelled() => {}
+                }
+            }
             continue;
         }
         let outcome = renew_once(&client, &mut control, &mut reader).await;

@@ -144,6 +144,11 @@ impl AgentSet {
         best.get(fastrand::usize(..best.len())).map(|a| Arc::clone(a)).ok_or(NoAgent::NoneConnected)
     }
 
+    /// Exchanges in flight on every agent together.
+    pub fn in_flight_total(&self) -> usize {
+        self.lock().iter().map(|a| a.in_flight.load(Ordering::SeqCst)).sum()
+    }
+
     /// Whether any agent can take exchanges.
     pub fn ready(&self) -> bool {
         self.lock().iter().any(|a| !a.draining.load(Ordering::SeqCst))

@@ -45,6 +45,10 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// for a thousand concurrent calls plus their webhooks, under the QUIC stream limit (4096).
 pub const DEFAULT_MAX_EXCHANGES_PER_AGENT: usize = 2048;
 
+/// How long a draining edge lets in-flight exchanges run after SIGTERM; platforms give 30 s
+/// before SIGKILL by default.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long the edge waits for the agent's answer head. The agent gives the bot 30 s and then
 /// answers 504 itself, so this only fires when the agent itself is stuck; it sits just above.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(40);
@@ -88,6 +92,8 @@ pub struct EdgeConfig {
     pub rate_limit_per_source: Option<u32>,
     /// How long to wait for the agent's answer (`"40s"`).
     pub response_timeout: Option<String>,
+    /// How long in-flight exchanges may run after SIGTERM (`"30s"`).
+    pub drain_timeout: Option<String>,
     /// Validity of agent certificates issued at pairing (`"24h"`).
     pub agent_cert_validity: Option<String>,
     /// Tunnel idle timeout (`"30s"`).
@@ -194,6 +200,8 @@ pub struct EdgeSettings {
     pub rate_limit_per_source: Option<u32>,
     /// See [`DEFAULT_RESPONSE_TIMEOUT`].
     pub response_timeout: Duration,
+    /// See [`DEFAULT_DRAIN_TIMEOUT`].
+    pub drain_timeout: Duration,
     /// See [`DEFAULT_OPEN_STREAM_TIMEOUT`].
     pub open_stream_timeout: Duration,
     /// See [`DEFAULT_RETRY_AFTER`].
@@ -227,6 +235,7 @@ impl EdgeSettings {
             max_exchanges_per_agent: DEFAULT_MAX_EXCHANGES_PER_AGENT,
             rate_limit_per_source: Some(crate::rate_limit::DEFAULT_RATE_PER_SOURCE),
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             open_stream_timeout: DEFAULT_OPEN_STREAM_TIMEOUT,
             retry_after: DEFAULT_RETRY_AFTER,
             hello_timeout: DEFAULT_HELLO_TIMEOUT,
@@ -263,6 +272,7 @@ impl EdgeConfig {
             max_exchanges_per_agent: other.max_exchanges_per_agent.or(self.max_exchanges_per_agent),
             rate_limit_per_source: other.rate_limit_per_source.or(self.rate_limit_per_source),
             response_timeout: other.response_timeout.or(self.response_timeout),
+            drain_timeout: other.drain_timeout.or(self.drain_timeout),
             agent_cert_validity: other.agent_cert_validity.or(self.agent_cert_validity),
             idle_timeout: other.idle_timeout.or(self.idle_timeout),
             keep_alive: other.keep_alive.or(self.keep_alive),
@@ -332,6 +342,9 @@ impl EdgeConfig {
         }
         if let Some(rate) = self.rate_limit_per_source {
             settings.rate_limit_per_source = (rate > 0).then_some(rate);
+        }
+        if let Some(text) = &self.drain_timeout {
+            settings.drain_timeout = parse_duration("drain_timeout", text)?;
         }
         if let Some(text) = &self.response_timeout {
             settings.response_timeout = parse_duration("response_timeout", text)?;

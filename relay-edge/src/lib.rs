@@ -35,6 +35,9 @@ pub use config::{ConfigError, EdgeConfig, EdgeSettings};
 
 use crate::agents::AgentSet;
 
+/// How often a draining edge checks whether its exchanges have ended.
+const DRAIN_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Why the edge could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -71,6 +74,7 @@ pub struct Edge {
     agents: Arc<AgentSet>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    draining: CancellationToken,
 }
 
 impl Edge {
@@ -143,8 +147,10 @@ impl Edge {
             pairing_failures: Default::default(),
         });
         let rate_limit = settings.rate_limit_per_source.map(rate_limit::SourceRateLimiter::new);
+        let draining = CancellationToken::new();
         let front = Arc::new(public::PublicService {
             rate_limit,
+            draining: draining.clone(),
             settings,
             verifiers: admission::Verifiers { acs, entra },
             metrics: metrics.clone(),
@@ -161,7 +167,7 @@ impl Edge {
         }
         tasks.spawn(front.run(public));
         tracing::info!(%public_addr, %tunnel_addr, admin = ?admin_addr, "edge listening");
-        Ok(Self { public_addr, tunnel_addr, admin_addr, agents, shutdown, tasks })
+        Ok(Self { public_addr, tunnel_addr, admin_addr, agents, shutdown, tasks, draining })
     }
 
     /// The public listener's address.
@@ -187,6 +193,30 @@ impl Edge {
     /// Live agent connections, as the status file reports them.
     pub fn connections(&self) -> Vec<status::ConnectionStatus> {
         registry::connection_status(&self.agents)
+    }
+
+    /// Starts draining: `/readyz` answers 503 at once so load balancers stop sending, and new
+    /// requests get 503 with `Retry-After`; exchanges in flight carry on.
+    pub fn begin_drain(&self) {
+        self.draining.cancel();
+    }
+
+    /// Drains (see [`Edge::begin_drain`]), waits up to `grace` for in-flight exchanges to end,
+    /// then shuts down; calls still open get 1001.
+    pub async fn drain(self, grace: std::time::Duration) {
+        self.begin_drain();
+        let agents = self.agents.clone();
+        let drained = tokio::time::timeout(grace, async move {
+            // Bounded by the grace period; in-flight counts fall as exchanges end.
+            while agents.in_flight_total() > 0 {
+                tokio::time::sleep(DRAIN_POLL_INTERVAL).await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::info!("drain grace period over: closing the remaining exchanges");
+        }
+        self.shutdown().await;
     }
 
     /// Stops accepting, closes agent connections and waits for every task to end.

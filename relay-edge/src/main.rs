@@ -79,7 +79,7 @@ enum Command {
         json: bool,
     },
     /// Run the edge.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 /// Settings for `run`; each overrides the config file and `RELAY_EDGE_*` overrides the file too.
@@ -118,6 +118,9 @@ struct RunArgs {
     /// How long to wait for the agent's answer (e.g. `40s`).
     #[arg(long, env = "RELAY_EDGE_RESPONSE_TIMEOUT")]
     response_timeout: Option<String>,
+    /// How long in-flight exchanges may run after SIGTERM (e.g. `30s`).
+    #[arg(long, env = "RELAY_EDGE_DRAIN_TIMEOUT")]
+    drain_timeout: Option<String>,
     /// Validity of agent certificates issued at pairing (e.g. `24h`).
     #[arg(long, env = "RELAY_EDGE_AGENT_CERT_VALIDITY")]
     agent_cert_validity: Option<String>,
@@ -148,6 +151,7 @@ impl RunArgs {
             max_exchanges_per_agent: self.max_exchanges_per_agent,
             rate_limit_per_source: self.rate_limit_per_source,
             response_timeout: self.response_timeout,
+            drain_timeout: self.drain_timeout,
             agent_cert_validity: self.agent_cert_validity,
             idle_timeout: self.idle_timeout,
             keep_alive: self.keep_alive,
@@ -224,10 +228,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 None => EdgeConfig::default(),
             };
             let settings = base.overlay(flags).resolve()?;
+            let grace = settings.drain_timeout;
             let edge = Edge::start(settings).await?;
             relay_cli::shutdown_signal().await;
-            tracing::info!("shutting down");
-            edge.shutdown().await;
+            tracing::info!(grace_s = grace.as_secs(), "draining: not ready, finishing in-flight exchanges");
+            edge.drain(grace).await;
         }
     }
     Ok(())

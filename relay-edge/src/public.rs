@@ -32,6 +32,8 @@ pub(crate) struct PublicService {
     pub metrics: Arc<EdgeMetrics>,
     /// Per-source request rate, when limited.
     pub rate_limit: Option<SourceRateLimiter>,
+    /// Cancelled when the edge starts draining: not ready, no new exchanges.
+    pub draining: CancellationToken,
     pub agents: Arc<AgentSet>,
     pub next_request_id: AtomicU64,
     pub shutdown: CancellationToken,
@@ -144,7 +146,9 @@ impl PublicService {
         match path {
             "/healthz" => return edge_answer(StatusCode::OK, "ok"),
             "/readyz" => {
-                return if self.agents.ready() {
+                return if self.draining.is_cancelled() {
+                    self.unavailable("edge draining")
+                } else if self.agents.ready() {
                     edge_answer(StatusCode::OK, "ready")
                 } else {
                     self.unavailable("no agent connected")
@@ -155,6 +159,9 @@ impl PublicService {
         let Some(route) = routes::find(&self.settings.routes, path).cloned() else {
             return edge_answer(StatusCode::NOT_FOUND, "not found");
         };
+        if self.draining.is_cancelled() {
+            return self.unavailable("edge draining");
+        }
         let admission = &self.settings.admission;
         // Before admission: a flood must not get to make the edge verify signatures.
         if let Some(limiter) = &self.rate_limit {
