@@ -86,3 +86,45 @@ fn a_missing_or_invalid_bundle_is_a_one_line_error() {
         .unwrap();
     assert!(one_line_error(&bogus).contains("invalid agent bundle"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_connects_and_exits_0_on_sigterm_after_draining() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge_dir = dir.path().join("edge");
+    let state = EdgeState::init(&edge_dir, &[], SystemTime::now()).unwrap();
+    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let edge = Edge::start(EdgeSettings::new(edge_dir.clone(), loopback, loopback)).await.unwrap();
+    let token = state
+        .create_token("proc", &edge.tunnel_addr().to_string(), DEFAULT_TOKEN_TTL, SystemTime::now(), false)
+        .unwrap()
+        .encode();
+    let agent_dir = dir.path().join("agent");
+    relay_agent::pair(&agent_dir, &token, &Default::default()).await.unwrap();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_relay-agent"))
+        .args(["run", "--state-dir", agent_dir.to_str().unwrap(), "--upstream", "http://127.0.0.1:9"])
+        .args(["--admin-listen", "127.0.0.1:0", "--drain-timeout", "1s"])
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while edge.connected_agents() != ["proc"] {
+        assert!(std::time::Instant::now() < deadline, "the agent process must connect");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "the agent must exit after SIGTERM");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "SIGTERM is a clean exit: {status:?}");
+    while !edge.connected_agents().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the edge must see the agent leave");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    edge.shutdown().await;
+}

@@ -178,3 +178,55 @@ fn pair_with_bundle_writes_a_private_bundle_and_prints_no_token() {
     let identity = relay_pki::AgentState::from_bundle(&std::fs::read_to_string(&file).unwrap()).unwrap();
     assert_eq!((identity.name.as_str(), identity.edge_addr.as_str()), ("bot-9", "edge.example.com:4433"));
 }
+
+/// Reads the child's stderr until the "edge listening" line; returns the public address.
+fn wait_for_listening(stderr: std::process::ChildStderr) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let (Some(at), Some(sender)) = (line.find("public_addr="), tx.as_ref()) {
+                let addr = line[at + "public_addr=".len()..].split_whitespace().next().unwrap_or_default().to_owned();
+                let _ = sender.send(addr);
+                tx = None;
+            }
+        }
+    });
+    let addr = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("the edge must report its address");
+    (addr.parse().unwrap(), reader)
+}
+
+#[test]
+fn run_serves_on_os_ports_and_exits_0_on_sigterm() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().to_str().unwrap();
+    assert!(edge(&["init", "--state-dir", state]).status.success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_relay-edge"))
+        .args(["run", "--state-dir", state, "--listen", "127.0.0.1:0", "--tunnel-listen", "127.0.0.1:0"])
+        .args(["--admin-listen", "127.0.0.1:0", "--drain-timeout", "2s"])
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (public, reader) = wait_for_listening(child.stderr.take().unwrap());
+    let mut conn = std::net::TcpStream::connect(public).unwrap();
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "the edge must exit after SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "SIGTERM is a clean exit: {status:?}");
+    reader.join().unwrap();
+}
