@@ -112,7 +112,7 @@ pub async fn pair(state_dir: &Path, token_text: &str, settings: &QuicSettings) -
         let response = tokio::time::timeout(PAIRING_ANSWER_TIMEOUT, exchange)
             .await
             .map_err(|_| PairError::Protocol("the edge did not answer in time".into()))?;
-        conn.close(code::OK, "paired");
+        conn.close_and_flush(code::OK, "paired").await;
         return match response? {
             PairResponse::Refused(refusal) => Err(PairError::Refused(refusal)),
             PairResponse::Issued { agent_name, cert_der, ca_der } => {

@@ -201,7 +201,7 @@ impl TunnelClient {
         loop {
             let stream = tokio::select! {
                 () = self.shutdown.cancelled() => {
-                    conn.close(code::SHUTDOWN, "agent shutting down");
+                    conn.close_and_flush(code::SHUTDOWN, "agent shutting down").await;
                     return Session::Ended("agent shutting down".into());
                 }
                 stream = conn.accept_bi() => stream,

@@ -144,6 +144,11 @@ impl AgentSet {
         best.get(fastrand::usize(..best.len())).map(|a| Arc::clone(a)).ok_or(NoAgent::NoneConnected)
     }
 
+    /// The connection with `id`, if it is still connected.
+    pub fn by_id(&self, id: u64) -> Option<Arc<ConnectedAgent>> {
+        self.lock().iter().find(|a| a.id == id).cloned()
+    }
+
     /// Exchanges in flight on every agent together.
     pub fn in_flight_total(&self) -> usize {
         self.lock().iter().map(|a| a.in_flight.load(Ordering::SeqCst)).sum()

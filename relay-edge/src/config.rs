@@ -94,6 +94,10 @@ pub struct EdgeConfig {
     pub response_timeout: Option<String>,
     /// How long in-flight exchanges may run after SIGTERM (`"30s"`).
     pub drain_timeout: Option<String>,
+    /// How long a call stays pinned to its agent after its last exchange (`"10m"`).
+    pub affinity_ttl: Option<String>,
+    /// Largest body prefix read to find a call's key, in bytes.
+    pub affinity_prefix_bytes: Option<usize>,
     /// Validity of agent certificates issued at pairing (`"24h"`).
     pub agent_cert_validity: Option<String>,
     /// Tunnel idle timeout (`"30s"`).
@@ -202,6 +206,10 @@ pub struct EdgeSettings {
     pub response_timeout: Duration,
     /// See [`DEFAULT_DRAIN_TIMEOUT`].
     pub drain_timeout: Duration,
+    /// See [`crate::affinity::DEFAULT_AFFINITY_TTL`].
+    pub affinity_ttl: Duration,
+    /// See [`crate::affinity::DEFAULT_AFFINITY_PREFIX_BYTES`].
+    pub affinity_prefix_bytes: usize,
     /// See [`DEFAULT_OPEN_STREAM_TIMEOUT`].
     pub open_stream_timeout: Duration,
     /// See [`DEFAULT_RETRY_AFTER`].
@@ -236,6 +244,8 @@ impl EdgeSettings {
             rate_limit_per_source: Some(crate::rate_limit::DEFAULT_RATE_PER_SOURCE),
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            affinity_ttl: crate::affinity::DEFAULT_AFFINITY_TTL,
+            affinity_prefix_bytes: crate::affinity::DEFAULT_AFFINITY_PREFIX_BYTES,
             open_stream_timeout: DEFAULT_OPEN_STREAM_TIMEOUT,
             retry_after: DEFAULT_RETRY_AFTER,
             hello_timeout: DEFAULT_HELLO_TIMEOUT,
@@ -273,6 +283,8 @@ impl EdgeConfig {
             rate_limit_per_source: other.rate_limit_per_source.or(self.rate_limit_per_source),
             response_timeout: other.response_timeout.or(self.response_timeout),
             drain_timeout: other.drain_timeout.or(self.drain_timeout),
+            affinity_ttl: other.affinity_ttl.or(self.affinity_ttl),
+            affinity_prefix_bytes: other.affinity_prefix_bytes.or(self.affinity_prefix_bytes),
             agent_cert_validity: other.agent_cert_validity.or(self.agent_cert_validity),
             idle_timeout: other.idle_timeout.or(self.idle_timeout),
             keep_alive: other.keep_alive.or(self.keep_alive),
@@ -342,6 +354,12 @@ impl EdgeConfig {
         }
         if let Some(rate) = self.rate_limit_per_source {
             settings.rate_limit_per_source = (rate > 0).then_some(rate);
+        }
+        if let Some(text) = &self.affinity_ttl {
+            settings.affinity_ttl = parse_duration("affinity_ttl", text)?;
+        }
+        if let Some(bytes) = self.affinity_prefix_bytes {
+            settings.affinity_prefix_bytes = bytes;
         }
         if let Some(text) = &self.drain_timeout {
             settings.drain_timeout = parse_duration("drain_timeout", text)?;

@@ -15,6 +15,7 @@ use relay_transport::{BiStream, FrameReadError, read_frame, write_frame};
 use tracing::{info, warn};
 
 use crate::admission::source_ip::peer_is_trusted;
+use crate::affinity::PrefixedBody;
 use crate::agents::{InFlight, NoAgent};
 use crate::metrics::{DirectionLabels, EdgeMetrics, RouteLabels};
 use crate::public::{PublicService, edge_answer};
@@ -68,12 +69,28 @@ pub(crate) fn exchange_head<B>(
     }
 }
 
-/// Picks an agent and opens a stream to it, or says why not (as the `503` to send).
-pub(crate) async fn open_exchange(service: &PublicService, route: &str) -> Result<(InFlight, BiStream), &'static str> {
+/// Picks an agent (the call's pinned one when `key` names a call) and opens a stream to it, or
+/// says why not (as the `503` to send).
+pub(crate) async fn open_exchange(
+    service: &PublicService,
+    route: &str,
+    key: Option<&str>,
+) -> Result<(InFlight, BiStream), &'static str> {
     // Two tries: an agent whose connection just died is removed when its session notices; the
     // second pick then finds another agent if there is one.
     for _ in 0..2 {
-        let agent = match service.agents.pick(service.settings.max_exchanges_per_agent) {
+        let limit = service.settings.max_exchanges_per_agent;
+        let chosen = match key {
+            None => service.agents.pick(limit),
+            Some(key) => service.affinity.choose(key, &service.agents, limit, std::time::Instant::now()).map(|pinned| {
+                if let Some(gone) = pinned.moved_from {
+                    service.metrics.affinity_moves.inc();
+                    warn!(call = %key, from_agent_connection = gone, to = %pinned.agent.name, "call moved: its agent is gone");
+                }
+                pinned.agent
+            }),
+        };
+        let agent = match chosen {
             Ok(agent) => agent,
             Err(NoAgent::NoneConnected) => return Err("no agent connected"),
             Err(NoAgent::AtCapacity) => {
@@ -147,14 +164,37 @@ pub(crate) async fn relay_http(
         service.metrics.rejection(&route.name, "limit", "body-size");
         return edge_answer(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
     }
-    let (in_flight, stream) = match open_exchange(service, &route.name).await {
+    // The call's key: from the head, or from a bounded prefix of the body, which is then sent
+    // on in front of the rest.
+    let mut key = route.affinity.as_ref().and_then(|source| source.from_head(&req));
+    let (parts, body) = req.into_parts();
+    let body = match &route.affinity {
+        Some(source @ crate::affinity::AffinitySource::JsonPointer(_)) => {
+            match crate::affinity::read_prefix(body, service.settings.affinity_prefix_bytes).await {
+                Ok((prefix, complete, rest)) => {
+                    if complete {
+                        key = source.from_body(&prefix);
+                    }
+                    PrefixedBody::new(prefix, rest)
+                }
+                Err(e) => {
+                    warn!(request_id, "client request body failed: {e}");
+                    return edge_answer(StatusCode::BAD_REQUEST, "request body incomplete");
+                }
+            }
+        }
+        _ => PrefixedBody::new(bytes::Bytes::new(), body),
+    };
+    let req = Request::from_parts(parts, body);
+    let (in_flight, stream) = match open_exchange(service, &route.name, key.as_deref()).await {
         Ok(opened) => opened,
         Err(why) => return service.unavailable(why),
     };
     let agent = in_flight.agent().name.clone();
     let BiStream { mut send, mut recv } = stream;
     let headers = forwarded_headers(req.headers(), peer, &service.settings.admission.trusted_proxies);
-    let head = exchange_head(&req, ExchangeKind::Http, peer, request_id, &headers);
+    let mut head = exchange_head(&req, ExchangeKind::Http, peer, request_id, &headers);
+    head.affinity_key = key;
     let mut log = ExchangeLog {
         metrics: service.metrics.clone(),
         request_id,

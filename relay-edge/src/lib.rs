@@ -7,6 +7,7 @@
 //! parses configuration and calls it.
 
 pub mod admission;
+pub mod affinity;
 pub mod agents;
 pub mod config;
 mod forward;
@@ -130,7 +131,10 @@ impl Edge {
         let agents = Arc::new(AgentSet::default());
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let affinity_table = Arc::new(affinity::AffinityTable::default());
         let registry = registry::Registry {
+            affinity: affinity_table.clone(),
+            affinity_ttl: settings.affinity_ttl,
             state: state.clone(),
             agents: agents.clone(),
             metrics: metrics.clone(),
@@ -149,6 +153,7 @@ impl Edge {
         let rate_limit = settings.rate_limit_per_source.map(rate_limit::SourceRateLimiter::new);
         let draining = CancellationToken::new();
         let front = Arc::new(public::PublicService {
+            affinity: affinity_table,
             rate_limit,
             draining: draining.clone(),
             settings,

@@ -121,6 +121,12 @@ struct RunArgs {
     /// How long in-flight exchanges may run after SIGTERM (e.g. `30s`).
     #[arg(long, env = "RELAY_EDGE_DRAIN_TIMEOUT")]
     drain_timeout: Option<String>,
+    /// How long a call stays pinned to its agent after its last exchange (e.g. `10m`).
+    #[arg(long, env = "RELAY_EDGE_AFFINITY_TTL")]
+    affinity_ttl: Option<String>,
+    /// Largest body prefix read to find a call's key, in bytes.
+    #[arg(long, env = "RELAY_EDGE_AFFINITY_PREFIX_BYTES")]
+    affinity_prefix_bytes: Option<usize>,
     /// Validity of agent certificates issued at pairing (e.g. `24h`).
     #[arg(long, env = "RELAY_EDGE_AGENT_CERT_VALIDITY")]
     agent_cert_validity: Option<String>,
@@ -152,6 +158,8 @@ impl RunArgs {
             rate_limit_per_source: self.rate_limit_per_source,
             response_timeout: self.response_timeout,
             drain_timeout: self.drain_timeout,
+            affinity_ttl: self.affinity_ttl,
+            affinity_prefix_bytes: self.affinity_prefix_bytes,
             agent_cert_validity: self.agent_cert_validity,
             idle_timeout: self.idle_timeout,
             keep_alive: self.keep_alive,

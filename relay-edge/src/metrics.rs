@@ -72,6 +72,8 @@ pub struct EdgeMetrics {
     pub bytes: Family<DirectionLabels, Counter>,
     /// Exchange durations (webhooks: until the response body ends; media: the session).
     pub exchange_duration: HistogramFamily,
+    /// Calls moved to another agent because theirs went away.
+    pub affinity_moves: Counter,
 }
 
 impl Default for EdgeMetrics {
@@ -83,6 +85,12 @@ impl Default for EdgeMetrics {
         let agents_connected = Family::<TransportLabels, Gauge>::default();
         let bytes = Family::<DirectionLabels, Counter>::default();
         let exchange_duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
+        let affinity_moves = Counter::default();
+        registry.register(
+            "relay_edge_affinity_moves",
+            "Calls moved to another agent because theirs went away",
+            affinity_moves.clone(),
+        );
         registry.register("relay_edge_requests", "Requests answered, by route and status", requests.clone());
         registry.register(
             "relay_edge_rejections",
@@ -105,7 +113,16 @@ impl Default for EdgeMetrics {
             "Exchange durations by route (webhook until its response ends; media: the session)",
             exchange_duration.clone(),
         );
-        Self { registry, requests, rejections, websocket_sessions, agents_connected, bytes, exchange_duration }
+        Self {
+            registry,
+            requests,
+            rejections,
+            websocket_sessions,
+            agents_connected,
+            bytes,
+            exchange_duration,
+            affinity_moves,
+        }
     }
 }
 

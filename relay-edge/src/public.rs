@@ -34,6 +34,8 @@ pub(crate) struct PublicService {
     pub rate_limit: Option<SourceRateLimiter>,
     /// Cancelled when the edge starts draining: not ready, no new exchanges.
     pub draining: CancellationToken,
+    /// Calls pinned to agents.
+    pub affinity: Arc<crate::affinity::AffinityTable>,
     pub agents: Arc<AgentSet>,
     pub next_request_id: AtomicU64,
     pub shutdown: CancellationToken,

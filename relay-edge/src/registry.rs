@@ -25,6 +25,8 @@ pub const REGISTRY_POLL_INTERVAL: Duration = Duration::from_secs(1);
 const EDGE_CERT_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
 
 pub(crate) struct Registry {
+    pub affinity: Arc<crate::affinity::AffinityTable>,
+    pub affinity_ttl: Duration,
     pub state: Arc<EdgeState>,
     pub agents: Arc<AgentSet>,
     pub metrics: Arc<EdgeMetrics>,
@@ -70,6 +72,7 @@ impl Registry {
                 Ok(_) => {}
                 Err(e) => warn!("registry check failed: {e}"),
             }
+            self.affinity.expire(self.affinity_ttl, Instant::now());
             let connections = connection_status(&self.agents);
             let quic = connections.iter().filter(|c| c.transport == "quic").count();
             self.metrics

@@ -5,6 +5,8 @@ use http::Method;
 use serde::Deserialize;
 
 use crate::admission::AuthCheck;
+use crate::affinity::AffinitySource;
+use http::HeaderName;
 
 /// How a route's path is matched.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +52,8 @@ pub struct Route {
     pub websocket: bool,
     /// Checks every request must pass (all of them), decided at the edge.
     pub auth: Vec<AuthCheck>,
+    /// Where a call's correlation id is, to keep the call on one agent.
+    pub affinity: Option<AffinitySource>,
 }
 
 /// A route as written in the configuration file.
@@ -67,6 +71,47 @@ pub struct RouteConfig {
     /// Checks every request must pass: `acs-jwt`, `event-grid`, `shared-secret`, `source-ip`.
     #[serde(default)]
     pub auth: Vec<AuthCheck>,
+    /// Where the call's key is (one of `header`, `json_pointer`, `path_segment`); ACS's
+    /// correlation id by default on the default paths, none elsewhere.
+    pub affinity: Option<AffinityConfig>,
+}
+
+/// `affinity = { ... }` on a route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AffinityConfig {
+    /// A request header.
+    pub header: Option<String>,
+    /// A JSON pointer into the body.
+    pub json_pointer: Option<String>,
+    /// A path segment, counted from 0.
+    pub path_segment: Option<usize>,
+}
+
+impl AffinityConfig {
+    fn build(&self, route: &str) -> Result<AffinitySource, String> {
+        match (&self.header, &self.json_pointer, self.path_segment) {
+            (Some(h), None, None) => HeaderName::from_bytes(h.as_bytes())
+                .map(AffinitySource::Header)
+                .map_err(|_| format!("route {route:?}: affinity header {h:?} is not a header name")),
+            (None, Some(p), None) if p.starts_with('/') => Ok(AffinitySource::JsonPointer(p.clone())),
+            (None, None, Some(n)) => Ok(AffinitySource::PathSegment(n)),
+            _ => Err(format!(
+                "route {route:?}: affinity needs exactly one of header, json_pointer (starting with '/'), path_segment"
+            )),
+        }
+    }
+}
+
+/// ACS's correlation id where each default route carries it.
+fn default_affinity(path: &str, websocket: bool) -> Option<AffinitySource> {
+    if websocket {
+        Some(AffinitySource::Header(HeaderName::from_static("x-ms-call-correlation-id")))
+    } else if path == "/api/incomingCall" || path.starts_with("/api/callbacks/") {
+        Some(AffinitySource::JsonPointer("/0/data/correlationId".into()))
+    } else {
+        None
+    }
 }
 
 impl RouteConfig {
@@ -89,7 +134,18 @@ impl RouteConfig {
                 })
                 .collect::<Result<_, _>>()?
         };
-        Ok(Route { name: self.path.clone(), pattern, methods, websocket: self.websocket, auth: self.auth.clone() })
+        let affinity = match &self.affinity {
+            Some(cfg) => Some(cfg.build(&self.path)?),
+            None => default_affinity(&self.path, self.websocket),
+        };
+        Ok(Route {
+            name: self.path.clone(),
+            pattern,
+            methods,
+            websocket: self.websocket,
+            auth: self.auth.clone(),
+            affinity,
+        })
     }
 }
 
@@ -102,6 +158,7 @@ pub fn default_routes() -> Vec<Route> {
         methods: vec![if websocket { Method::GET } else { Method::POST }],
         websocket,
         auth: Vec::new(),
+        affinity: default_affinity(path, websocket),
     };
     vec![
         route("/api/incomingCall", PathPattern::Exact("/api/incomingCall".into()), false),

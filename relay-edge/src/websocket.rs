@@ -63,7 +63,8 @@ pub(crate) async fn relay_upgrade(
         return edge_answer(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
     };
 
-    let (in_flight, stream) = match open_exchange(service, &route.name).await {
+    let call_key = route.affinity.as_ref().and_then(|source| source.from_head(&req));
+    let (in_flight, stream) = match open_exchange(service, &route.name, call_key.as_deref()).await {
         Ok(opened) => opened,
         Err(why) => return service.unavailable(why),
     };
@@ -141,6 +142,7 @@ pub(crate) async fn relay_upgrade(
     let max_message = service.settings.max_ws_message_bytes;
     let route_name = route.name.clone();
     let metrics = service.metrics.clone();
+    let affinity = service.affinity.clone();
     service.tasks.spawn(async move {
         let upgraded = match upgrade.await {
             Ok(upgraded) => upgraded,
@@ -154,8 +156,14 @@ pub(crate) async fn relay_upgrade(
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(websocket_config(max_message)))
                 .await;
         metrics.websocket_sessions.inc();
+        if let Some(call) = &call_key {
+            affinity.session(call, true, std::time::Instant::now());
+        }
         let report = pump(ws, BiStream { send, recv }, max_message).await;
         metrics.websocket_sessions.dec();
+        if let Some(call) = &call_key {
+            affinity.session(call, false, std::time::Instant::now());
+        }
         if report.socket_side == relay_exchange::websocket::SideEnd::TooBig {
             metrics.rejection(&route_name, "limit", "ws-message-size");
         }

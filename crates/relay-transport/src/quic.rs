@@ -145,11 +145,15 @@ pub enum DialError {
 
 /// A QUIC tunnel connection.
 ///
-/// A client connection needs no handle on its endpoint: quinn's endpoint driver runs for as long
-/// as any connection of it is alive.
+/// A client connection keeps its endpoint so that closing can wait until the close is sent.
 struct QuicConnection {
     conn: quinn::Connection,
+    endpoint: Option<quinn::Endpoint>,
 }
+
+/// Longest wait for a close to be sent before a process moves on. On loopback it takes a
+/// millisecond; over the internet a few round trips.
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl SendHalf for quinn::SendStream {
     fn reset(&mut self, code: u32) {
@@ -189,6 +193,15 @@ impl TunnelConnection for QuicConnection {
 
     fn close(&self, code: u32, reason: &str) {
         self.conn.close(VarInt::from_u32(code), reason.as_bytes());
+    }
+
+    fn close_and_flush(&self, code: u32, reason: &str) -> BoxFuture<'_, ()> {
+        self.close(code, reason);
+        Box::pin(async move {
+            if let Some(endpoint) = &self.endpoint {
+                let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, endpoint.wait_idle()).await;
+            }
+        })
     }
 
     fn remote_addr(&self) -> SocketAddr {
@@ -323,7 +336,7 @@ impl IncomingTunnel {
                 return Err(HandshakeError::UnknownAlpn);
             }
         };
-        Ok((Arc::new(QuicConnection { conn }), kind))
+        Ok((Arc::new(QuicConnection { conn, endpoint: None }), kind))
     }
 }
 
@@ -338,7 +351,7 @@ async fn dial(
     server_name: &str,
     client: rustls::ClientConfig,
     settings: &QuicSettings,
-) -> Result<quinn::Connection, DialError> {
+) -> Result<(quinn::Connection, quinn::Endpoint), DialError> {
     let bind: SocketAddr =
         if addr.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
     let mut endpoint = quinn::Endpoint::client(bind).map_err(DialError::Bind)?;
@@ -354,7 +367,7 @@ async fn dial(
     match tokio::time::timeout(settings.handshake_timeout, connecting).await {
         Err(_) => Err(DialError::Timeout(addr)),
         Ok(Err(e)) => Err(DialError::Handshake { addr, reason: e.to_string() }),
-        Ok(Ok(conn)) => Ok(conn),
+        Ok(Ok(conn)) => Ok((conn, endpoint)),
     }
 }
 
@@ -369,8 +382,8 @@ pub async fn dial_tunnel(
     settings: &QuicSettings,
 ) -> Result<Arc<dyn TunnelConnection>, DialError> {
     let client = tls::agent_client_config(cert_chain, key, ca)?;
-    let conn = dial(addr, server_name, client, settings).await?;
-    Ok(Arc::new(QuicConnection { conn }))
+    let (conn, endpoint) = dial(addr, server_name, client, settings).await?;
+    Ok(Arc::new(QuicConnection { conn, endpoint: Some(endpoint) }))
 }
 
 /// Dials the edge's pairing ALPN, trusting only a CA that matches `pin`.
@@ -383,7 +396,7 @@ pub async fn dial_pairing(
     let check = PinCheck::default();
     let client = tls::pairing_client_config(pin, check.clone())?;
     match dial(addr, server_name, client, settings).await {
-        Ok(conn) => Ok(Arc::new(QuicConnection { conn })),
+        Ok((conn, endpoint)) => Ok(Arc::new(QuicConnection { conn, endpoint: Some(endpoint) })),
         Err(_) if check.mismatched() => Err(DialError::PinMismatch(addr)),
         Err(err) => Err(err),
     }

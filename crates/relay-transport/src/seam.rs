@@ -51,6 +51,9 @@ pub trait TunnelConnection: Send + Sync + 'static {
     fn closed(&self) -> BoxFuture<'_, ConnectionLost>;
     /// Closes the connection at once with an application code and a short reason.
     fn close(&self, code: u32, reason: &str);
+    /// Closes like [`TunnelConnection::close`], then waits (bounded) until the close has been
+    /// sent, so a process that exits next does not leave the peer waiting for a timeout.
+    fn close_and_flush(&self, code: u32, reason: &str) -> BoxFuture<'_, ()>;
     /// The peer's address.
     fn remote_addr(&self) -> SocketAddr;
     /// Which transport carries this connection (`"quic"`), for logs and metrics.
