@@ -22,17 +22,21 @@ fn one_line_error(output: &Output) -> String {
     stderr
 }
 
+/// A running in-process edge with a state directory under `dir`, and a pairing token for `name`.
+async fn edge_with_token(dir: &std::path::Path, name: &str) -> (Edge, String) {
+    let edge_dir = dir.join("edge");
+    let state = EdgeState::init(&edge_dir, &[], SystemTime::now()).unwrap();
+    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let edge = Edge::start(EdgeSettings::new(edge_dir, loopback, loopback)).await.unwrap();
+    let token =
+        state.create_token(name, &edge.tunnel_addr().to_string(), DEFAULT_TOKEN_TTL, SystemTime::now(), false).unwrap();
+    (edge, token.encode())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pair_succeeds_once_then_reports_the_spent_token_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
-    let edge_dir = dir.path().join("edge");
-    let state = EdgeState::init(&edge_dir, &[], SystemTime::now()).unwrap();
-    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let edge = Edge::start(EdgeSettings::new(edge_dir.clone(), loopback, loopback)).await.unwrap();
-    let token = state
-        .create_token("cli-agent", &edge.tunnel_addr().to_string(), DEFAULT_TOKEN_TTL, SystemTime::now(), false)
-        .unwrap()
-        .encode();
+    let (edge, token) = edge_with_token(dir.path(), "cli-agent").await;
 
     let agent_dir = dir.path().join("agent");
     let first = {
@@ -90,14 +94,7 @@ fn a_missing_or_invalid_bundle_is_a_one_line_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_connects_and_exits_0_on_sigterm_after_draining() {
     let dir = tempfile::tempdir().unwrap();
-    let edge_dir = dir.path().join("edge");
-    let state = EdgeState::init(&edge_dir, &[], SystemTime::now()).unwrap();
-    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let edge = Edge::start(EdgeSettings::new(edge_dir.clone(), loopback, loopback)).await.unwrap();
-    let token = state
-        .create_token("proc", &edge.tunnel_addr().to_string(), DEFAULT_TOKEN_TTL, SystemTime::now(), false)
-        .unwrap()
-        .encode();
+    let (edge, token) = edge_with_token(dir.path(), "proc").await;
     let agent_dir = dir.path().join("agent");
     relay_agent::pair(&agent_dir, &token, &Default::default()).await.unwrap();
 
