@@ -11,7 +11,7 @@ use std::time::Duration;
 use http::header::HeaderName;
 
 pub use relay_cli::config::{ConfigError, parse_duration};
-use relay_cli::config::{load_toml, parse_toml};
+use relay_cli::config::{load_toml, parse_toml, tunnel_liveness, ws_message_limit};
 use relay_transport::QuicSettings;
 use serde::Deserialize;
 
@@ -324,13 +324,7 @@ impl EdgeConfig {
             settings.max_body_bytes = max;
         }
         if let Some(max) = self.max_ws_message_bytes {
-            if max == 0 || max > relay_proto::codec::MAX_FRAME_LEN_CEILING - 1024 * 1024 {
-                return Err(ConfigError::Invalid {
-                    key: "max_ws_message_bytes",
-                    message: "must be between 1 and 16 MiB".into(),
-                });
-            }
-            settings.max_ws_message_bytes = max;
+            settings.max_ws_message_bytes = ws_message_limit(max)?;
         }
         if let Some(max) = self.max_header_bytes {
             // hyper needs room for at least one read buffer.
@@ -370,21 +364,10 @@ impl EdgeConfig {
         if let Some(text) = &self.agent_cert_validity {
             settings.agent_cert_validity = parse_duration("agent_cert_validity", text)?;
         }
-        if let Some(text) = &self.idle_timeout {
-            settings.quic.idle_timeout = parse_duration("idle_timeout", text)?;
-        }
-        if let Some(text) = &self.keep_alive {
-            settings.quic.keep_alive = parse_duration("keep_alive", text)?;
-        }
         if let Some(text) = &self.header_read_timeout {
             settings.header_read_timeout = parse_duration("header_read_timeout", text)?;
         }
-        if settings.quic.keep_alive >= settings.quic.idle_timeout {
-            return Err(ConfigError::Invalid {
-                key: "keep_alive",
-                message: "must be shorter than idle_timeout".into(),
-            });
-        }
+        tunnel_liveness(&mut settings.quic, self.idle_timeout.as_deref(), self.keep_alive.as_deref())?;
         if let Some(routes) = &self.routes {
             settings.routes = routes
                 .iter()

@@ -70,6 +70,37 @@ pub fn parse_duration(key: &'static str, text: &str) -> Result<Duration, ConfigE
     Ok(value)
 }
 
+/// Checks a `max_ws_message_bytes` setting: a message must fit one frame under the codec's
+/// hard ceiling (16 MiB leaves room for the frame around it).
+pub fn ws_message_limit(max: usize) -> Result<usize, ConfigError> {
+    if max == 0 || max > relay_proto::codec::MAX_FRAME_LEN_CEILING - 1024 * 1024 {
+        return Err(ConfigError::Invalid {
+            key: "max_ws_message_bytes",
+            message: "must be between 1 and 16 MiB".into(),
+        });
+    }
+    Ok(max)
+}
+
+/// Applies the tunnel's `idle_timeout` and `keep_alive` settings, both sides alike: keep-alives
+/// must come more often than the idle timeout, or idle tunnels would time out.
+pub fn tunnel_liveness(
+    quic: &mut relay_transport::QuicSettings,
+    idle_timeout: Option<&str>,
+    keep_alive: Option<&str>,
+) -> Result<(), ConfigError> {
+    if let Some(text) = idle_timeout {
+        quic.idle_timeout = parse_duration("idle_timeout", text)?;
+    }
+    if let Some(text) = keep_alive {
+        quic.keep_alive = parse_duration("keep_alive", text)?;
+    }
+    if quic.keep_alive >= quic.idle_timeout {
+        return Err(ConfigError::Invalid { key: "keep_alive", message: "must be shorter than idle_timeout".into() });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
