@@ -28,10 +28,23 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// First reconnection delay after the tunnel drops.
 pub const DEFAULT_RECONNECT_INITIAL: Duration = Duration::from_millis(100);
 
-/// Longest reconnection delay. Capped at 2 s so an agent is back within about two seconds of the
-/// edge returning; jitter (each delay is drawn from half to all of the current step) keeps a
-/// hundred agents from arriving in the same instant.
-pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// Longest reconnection delay. An agent must be back within two seconds of the edge listening
+/// again: the longest wait is this cap, plus one handshake (a few milliseconds to a few hundred),
+/// so 1.5 s leaves room. Jitter (each delay is drawn from half to all of the current step) keeps
+/// a hundred agents from arriving in the same instant.
+pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_millis(1500);
+
+/// While an edge does not answer, a fresh connection attempt starts this often beside the ones
+/// still waiting. QUIC retransmits an unanswered handshake with exponential backoff (1 s, 2 s,
+/// 4 s...), so an agent that kept dialling one attempt during an edge outage could wait seconds
+/// after the edge is back; a fresh attempt each second puts the wait under a second.
+pub const DEFAULT_REDIAL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often each edge name is resolved again, so an agent finds edge replicas that were added
+/// or replaced behind a DNS name (a Kubernetes headless Service returns one address per ready
+/// replica). Ten seconds keeps a new replica's wait for agents short at the cost of one DNS query
+/// per name per interval.
+pub const DEFAULT_EDGE_RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Agent settings as they appear in a file or on the command line; every field optional.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -48,6 +61,13 @@ pub struct AgentConfig {
     pub upstream: Option<String>,
     /// Edge tunnel address overriding the one recorded at pairing (`host:port`).
     pub edge: Option<String>,
+    /// Several edge tunnel addresses (`["host:port", ...]`), one connection to each address
+    /// every name resolves to; overrides the address recorded at pairing.
+    pub edges: Option<Vec<String>>,
+    /// How often edge names are resolved again (`"10s"`).
+    pub edge_resolve_interval: Option<String>,
+    /// How often a fresh connection attempt starts while an edge does not answer (`"1s"`).
+    pub redial_interval: Option<String>,
     /// Admin listener serving `/metrics` (`ip:port`).
     pub admin_listen: Option<std::net::SocketAddr>,
     /// How long the bot has to answer (`"30s"`).
@@ -87,8 +107,13 @@ pub struct AgentSettings {
     pub identity: IdentitySource,
     /// The bot's base URL: scheme `http`, an authority, no path.
     pub upstream: Uri,
-    /// See [`AgentConfig::edge`].
-    pub edge: Option<String>,
+    /// The edges to keep connections to (`host:port`, each name may resolve to several
+    /// replicas); empty means the address recorded at pairing.
+    pub edges: Vec<String>,
+    /// See [`DEFAULT_EDGE_RESOLVE_INTERVAL`].
+    pub edge_resolve_interval: Duration,
+    /// See [`DEFAULT_REDIAL_INTERVAL`].
+    pub redial_interval: Duration,
     /// See [`AgentConfig::admin_listen`]; `None` disables it.
     pub admin_listen: Option<std::net::SocketAddr>,
     /// See [`DEFAULT_BOT_TIMEOUT`].
@@ -126,13 +151,29 @@ pub fn parse_upstream(text: &str) -> Result<Uri, ConfigError> {
         .map_err(|e| invalid(e.to_string()))
 }
 
+/// Checks that an edge address has the `host:port` shape before anything dials it.
+pub fn check_edge_addr(text: &str) -> Result<(), ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid { key: "edges", message };
+    let (host, port) = text.rsplit_once(':').ok_or_else(|| invalid(format!("{text:?}: expected host:port")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(invalid(format!("{text:?}: no host")));
+    }
+    match port.parse::<u16>() {
+        Ok(port) if port != 0 => Ok(()),
+        _ => Err(invalid(format!("{text:?}: the port must be a number from 1 to 65535"))),
+    }
+}
+
 impl AgentSettings {
     /// Settings with every default.
     pub fn new(state_dir: PathBuf, upstream: Uri) -> Self {
         Self {
             identity: IdentitySource::StateDir(state_dir),
             upstream,
-            edge: None,
+            edges: Vec::new(),
+            edge_resolve_interval: DEFAULT_EDGE_RESOLVE_INTERVAL,
+            redial_interval: DEFAULT_REDIAL_INTERVAL,
             // A port from the OS; the binary's configuration defaults to DEFAULT_ADMIN_LISTEN.
             admin_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
             bot_timeout: DEFAULT_BOT_TIMEOUT,
@@ -165,6 +206,9 @@ impl AgentConfig {
             bundle_pem: other.bundle_pem.or(self.bundle_pem),
             upstream: other.upstream.or(self.upstream),
             edge: other.edge.or(self.edge),
+            edges: other.edges.or(self.edges),
+            edge_resolve_interval: other.edge_resolve_interval.or(self.edge_resolve_interval),
+            redial_interval: other.redial_interval.or(self.redial_interval),
             admin_listen: other.admin_listen.or(self.admin_listen),
             bot_timeout: other.bot_timeout.or(self.bot_timeout),
             max_ws_message_bytes: other.max_ws_message_bytes.or(self.max_ws_message_bytes),
@@ -194,7 +238,29 @@ impl AgentConfig {
         let upstream = parse_upstream(self.upstream.as_deref().ok_or(ConfigError::Missing("upstream"))?)?;
         let mut settings = AgentSettings::new(PathBuf::new(), upstream);
         settings.identity = identity;
-        settings.edge = self.edge;
+        settings.edges = match (self.edge, self.edges) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    key: "edges",
+                    message: "give either `edge` or `edges`, not both".into(),
+                });
+            }
+            (Some(one), None) => vec![one],
+            (None, Some(many)) => many,
+            (None, None) => Vec::new(),
+        };
+        for edge in &settings.edges {
+            check_edge_addr(edge)?;
+        }
+        if let Some(text) = &self.edge_resolve_interval {
+            settings.edge_resolve_interval = parse_duration("edge_resolve_interval", text)?;
+            if settings.edge_resolve_interval.is_zero() {
+                return Err(ConfigError::Invalid {
+                    key: "edge_resolve_interval",
+                    message: "must be more than zero".into(),
+                });
+            }
+        }
         settings.admin_listen = Some(match self.admin_listen {
             Some(addr) => addr,
             None => DEFAULT_ADMIN_LISTEN.parse().map_err(|e: std::net::AddrParseError| ConfigError::Invalid {
@@ -202,6 +268,12 @@ impl AgentConfig {
                 message: e.to_string(),
             })?,
         });
+        if let Some(text) = &self.redial_interval {
+            settings.redial_interval = parse_duration("redial_interval", text)?;
+            if settings.redial_interval.is_zero() {
+                return Err(ConfigError::Invalid { key: "redial_interval", message: "must be more than zero".into() });
+            }
+        }
         if let Some(text) = &self.drain_timeout {
             settings.drain_timeout = parse_duration("drain_timeout", text)?;
         }
@@ -245,5 +317,24 @@ mod tests {
         let settings = file.overlay(flags).resolve().unwrap();
         assert_eq!(settings.upstream.port_u16(), Some(2));
         assert_eq!(settings.bot_timeout, DEFAULT_BOT_TIMEOUT);
+    }
+
+    #[test]
+    fn several_edges_come_from_the_file_or_the_flags_and_are_checked() {
+        let file = AgentConfig::parse(
+            "state_dir = \"/s\"\nupstream = \"http://127.0.0.1:1\"\nedges = [\"a.example:4433\", \"[::1]:4433\"]\n",
+            Path::new("f"),
+        )
+        .unwrap();
+        assert_eq!(file.clone().resolve().unwrap().edges, ["a.example:4433", "[::1]:4433"]);
+        let flags = AgentConfig { edges: Some(vec!["b.example:1".into()]), ..Default::default() };
+        assert_eq!(file.clone().overlay(flags).resolve().unwrap().edges, ["b.example:1"]);
+        for bad in ["no-port", "host:0", "host:99999", ":4433"] {
+            let flags = AgentConfig { edges: Some(vec![bad.into()]), ..Default::default() };
+            let err = file.clone().overlay(flags).resolve().unwrap_err().to_string();
+            assert!(err.contains("edges"), "{bad}: {err}");
+        }
+        let both = AgentConfig { edge: Some("c:1".into()), ..file }.resolve().unwrap_err().to_string();
+        assert!(both.contains("not both"), "{both}");
     }
 }

@@ -5,6 +5,7 @@
 //! forwards each to the bot on localhost. [`pair`] enrolls it with a one-time token;
 //! [`Agent::start`] runs it. The binary only parses configuration and calls these.
 
+pub mod cli;
 pub mod config;
 mod forward;
 pub mod metrics;
@@ -42,11 +43,12 @@ pub enum StartError {
 pub struct Agent {
     shutdown: CancellationToken,
     tasks: TaskTracker,
-    connected: watch::Receiver<bool>,
+    connected: watch::Receiver<usize>,
     name: String,
     admin_addr: Option<std::net::SocketAddr>,
     draining: CancellationToken,
     exchanges: TaskTracker,
+    metrics: Arc<metrics::AgentMetrics>,
 }
 
 impl Agent {
@@ -56,14 +58,14 @@ impl Agent {
             IdentitySource::StateDir(dir) => (AgentState::load(dir)?, Some(dir.clone())),
             IdentitySource::Bundle(pem) => (AgentState::from_bundle(pem)?, None),
         };
-        let edge_addr = settings.edge.clone().unwrap_or_else(|| identity.edge_addr.clone());
+        let edges = if settings.edges.is_empty() { vec![identity.edge_addr.clone()] } else { settings.edges.clone() };
         let name = identity.name.clone();
         let settings = Arc::new(settings);
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let draining = CancellationToken::new();
         let exchanges = TaskTracker::new();
-        let (connected_tx, connected) = watch::channel(false);
+        let (connected_tx, connected) = watch::channel(0);
         let metrics = Arc::new(metrics::AgentMetrics::default());
         let admin_addr = match settings.admin_listen {
             Some(addr) => {
@@ -79,19 +81,20 @@ impl Agent {
         };
         let client = Arc::new(tunnel::TunnelClient {
             forwarder: Arc::new(forward::Forwarder::new(settings.clone(), metrics.clone())),
-            metrics,
+            metrics: metrics.clone(),
             state_dir,
             settings,
             identity: std::sync::RwLock::new(identity),
-            edge_addr: edge_addr.clone(),
+            edges: edges.clone(),
             shutdown: shutdown.clone(),
             draining: draining.clone(),
             exchanges: exchanges.clone(),
             connected: connected_tx,
+            renew_lock: tokio::sync::Mutex::new(()),
         });
-        tracing::info!(agent = %name, edge = %edge_addr, "agent starting");
+        tracing::info!(agent = %name, edges = ?edges, "agent starting");
         tasks.spawn(client.run());
-        Ok(Self { shutdown, tasks, connected, name, admin_addr, draining, exchanges })
+        Ok(Self { shutdown, tasks, connected, name, admin_addr, draining, exchanges, metrics })
     }
 
     /// The agent's name from its certificate.
@@ -104,8 +107,18 @@ impl Agent {
         self.admin_addr
     }
 
-    /// Whether the agent holds a welcomed connection to the edge now.
+    /// Whether the agent holds a welcomed connection to at least one edge replica now.
     pub fn is_connected(&self) -> bool {
+        self.connections() > 0
+    }
+
+    /// The agent's metrics in the Prometheus text format, as `/metrics` serves them.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.encode()
+    }
+
+    /// How many welcomed connections the agent holds now (one per edge replica).
+    pub fn connections(&self) -> usize {
         *self.connected.borrow()
     }
 

@@ -46,7 +46,7 @@ pub struct AgentMetrics {
     pub exchanges: Family<ExchangeLabels, Counter>,
     /// Media sessions open to the bot now.
     pub websocket_sessions: Gauge,
-    /// 1 while a welcomed tunnel connection is up.
+    /// Welcomed tunnel connections open now, one per edge replica.
     pub connected: Gauge,
     /// Tunnel connections that ended or could not be made.
     pub reconnects: Counter,
@@ -75,7 +75,11 @@ impl Default for AgentMetrics {
             "Media sessions open to the bot now",
             websocket_sessions.clone(),
         );
-        registry.register("relay_agent_connected", "1 while a tunnel connection to the edge is up", connected.clone());
+        registry.register(
+            "relay_agent_connected",
+            "Tunnel connections to edge replicas that are up now",
+            connected.clone(),
+        );
         registry.register(
             "relay_agent_reconnects",
             "Tunnel connections that ended or could not be made",

@@ -1,6 +1,13 @@
-//! The agent's side of the tunnel: dial the edge, say hello, accept one stream per exchange, and
-//! reconnect with capped, jittered exponential backoff when the connection drops.
+//! The agent's side of the tunnel: keep one connection to every edge replica, say hello on each,
+//! accept one stream per exchange, and reconnect each with capped, jittered exponential backoff
+//! when it drops.
+//!
+//! Each configured edge is a name (or address) that may resolve to several replicas. A
+//! *follower* per name resolves it periodically and runs one *link* per address; a link owns the
+//! reconnect loop for its address and nothing else, so replicas come and go independently.
 
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +18,9 @@ use relay_pki::{AgentIdentity, AgentState, agent_name_from_cert, cert_validity, 
 use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
 use relay_proto::{ControlMessage, ExchangeHead, ExchangeKind, Hello, PROTOCOL_VERSION, RenewOutcome, code};
 use relay_transport::quic::host_of;
-use relay_transport::{BiStream, FrameReadError, FrameReader, TunnelConnection, dial_tunnel, read_frame, write_frame};
+use relay_transport::{
+    BiStream, DialError, FrameReadError, FrameReader, TunnelConnection, dial_tunnel, read_frame, write_frame,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
@@ -39,15 +48,30 @@ pub(crate) struct TunnelClient {
     pub identity: RwLock<AgentIdentity>,
     /// Where renewals are stored (`None` when running from a bundle: renewals live in memory).
     pub state_dir: Option<std::path::PathBuf>,
-    pub edge_addr: String,
+    /// The configured edges (`host:port`); each may resolve to several replicas.
+    pub edges: Vec<String>,
     pub forwarder: Arc<Forwarder>,
     pub shutdown: CancellationToken,
     /// Cancelled when a drain starts: the edge is told to send nothing new.
     pub draining: CancellationToken,
     /// Exchange tasks, so a drain can wait for them.
     pub exchanges: TaskTracker,
-    pub connected: watch::Sender<bool>,
+    /// How many welcomed connections are open now, one per edge replica.
+    pub connected: watch::Sender<usize>,
     pub metrics: Arc<AgentMetrics>,
+    /// Held while a renewal runs, so connections to several replicas renew the certificate once.
+    pub renew_lock: tokio::sync::Mutex<()>,
+}
+
+/// One address of one configured edge: its own connection and reconnect loop.
+struct Link {
+    client: Arc<TunnelClient>,
+    /// The configured name, for logs and as the TLS server name.
+    target: String,
+    addr: SocketAddr,
+    /// Cancelled when DNS no longer returns this address: the link finishes its current
+    /// connection and does not reconnect.
+    retired: CancellationToken,
 }
 
 /// How one connection attempt ended.
@@ -56,6 +80,8 @@ enum Session {
     Ended(String),
     /// We never got a welcomed connection, for this reason.
     Failed(String),
+    /// Nothing answered our handshakes (the edge is down, or packets are dropped on the way).
+    Unanswered(String),
 }
 
 /// Reconnection delays: exponential from `initial` to `max`, reset by a welcomed session, each
@@ -82,6 +108,12 @@ impl Backoff {
                 self.failures = 0;
             }
             Session::Failed(_) => self.failures += 1,
+            // Unanswered attempts cost the edge nothing, and the next try starts with a fresh
+            // handshake: retry at once, jittered up to `initial` so a fleet does not align.
+            Session::Unanswered(_) => {
+                self.failures += 1;
+                return self.initial.mul_f64(fastrand::f64());
+            }
         }
         let half = self.step / 2;
         let delay = half + half.mul_f64(fastrand::f64());
@@ -93,38 +125,64 @@ impl Backoff {
 }
 
 impl TunnelClient {
-    /// Keeps a connection to the edge until shutdown. Every reconnection waits a jittered delay;
-    /// the delay grows after each attempt that did not end in a welcomed connection and starts
-    /// over after one that did, so an edge that refuses us is never hammered.
+    /// Keeps one connection to every address of every configured edge until shutdown or drain.
     pub async fn run(self: Arc<Self>) {
-        let mut backoff = Backoff::new(self.settings.reconnect_initial, self.settings.reconnect_max);
-        while !self.shutdown.is_cancelled() {
-            let outcome = match self.connect().await {
-                Ok(conn) => self.serve(conn).await,
-                Err(e) => Session::Failed(format!("cannot connect to the edge: {e}")),
-            };
-            let _ = self.connected.send(false);
-            self.metrics.connected.set(0);
-            // A draining agent does not come back: it is on its way out.
-            if self.shutdown.is_cancelled() || self.draining.is_cancelled() {
-                break;
-            }
-            self.metrics.reconnects.inc();
-            let delay = backoff.after(&outcome);
-            match outcome {
-                Session::Ended(reason) => warn!(edge = %self.edge_addr, "tunnel lost: {reason}; reconnecting"),
-                Session::Failed(reason) => {
-                    warn!(edge = %self.edge_addr, attempt = backoff.failures, retry_in_ms = delay.as_millis() as u64, "{reason}");
-                }
-            }
-            tokio::select! {
-                () = self.shutdown.cancelled() => break,
-                () = tokio::time::sleep(delay) => {}
-            }
+        let followers = TaskTracker::new();
+        for target in self.edges.clone() {
+            followers.spawn(self.clone().follow(target));
         }
+        followers.close();
+        followers.wait().await;
     }
 
-    /// The certificate chain, key and CA to dial with, refusing a certificate that has expired.
+    /// Follows one configured edge: resolves it now and every resolve interval, starts a link for
+    /// each new address, and retires links whose address DNS no longer returns (a replica that was
+    /// replaced). A failed lookup keeps the links there are.
+    async fn follow(self: Arc<Self>, target: String) {
+        let links = TaskTracker::new();
+        let mut current: HashMap<SocketAddr, CancellationToken> = HashMap::new();
+        // An address literal resolves to itself; there is nothing to follow.
+        let literal = target.parse::<SocketAddr>().is_ok();
+        loop {
+            match tokio::net::lookup_host(&target).await {
+                Ok(found) => {
+                    let found: BTreeSet<SocketAddr> = found.collect();
+                    let (start, retire) = reconcile(&current.keys().copied().collect(), &found);
+                    for addr in retire {
+                        if let Some(retired) = current.remove(&addr) {
+                            info!(edge = %target, %addr, "edge address no longer resolves; not reconnecting to it");
+                            retired.cancel();
+                        }
+                    }
+                    for addr in start {
+                        let retired = CancellationToken::new();
+                        current.insert(addr, retired.clone());
+                        let link = Link { client: self.clone(), target: target.clone(), addr, retired };
+                        links.spawn(link.run());
+                    }
+                    if found.is_empty() {
+                        warn!(edge = %target, "edge name resolved to no address");
+                    }
+                }
+                Err(e) => warn!(edge = %target, "cannot resolve the edge: {e}; keeping current connections"),
+            }
+            if literal && !current.is_empty() {
+                break;
+            }
+            // Without a single address yet, retry as soon as a reconnect would.
+            let wait =
+                if current.is_empty() { self.settings.reconnect_max } else { self.settings.edge_resolve_interval };
+            tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                () = self.draining.cancelled() => break,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+        links.close();
+        links.wait().await;
+    }
+
+    /// The certificate chain, key and CA to dial with    /// The certificate chain, key and CA to dial with, refusing a certificate that has expired.
     fn credentials(
         &self,
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, CertificateDer<'static>), String> {
@@ -140,33 +198,8 @@ impl TunnelClient {
         Ok((identity.cert_chain.clone(), identity.key.clone_key(), identity.ca_cert.clone()))
     }
 
-    async fn connect(&self) -> Result<Arc<dyn TunnelConnection>, String> {
-        let (cert_chain, key, ca_cert) = self.credentials()?;
-        let addrs: Vec<_> = tokio::net::lookup_host(&self.edge_addr)
-            .await
-            .map_err(|e| format!("cannot resolve {}: {e}", self.edge_addr))?
-            .collect();
-        let mut last = format!("{} resolved to no address", self.edge_addr);
-        for addr in addrs {
-            let dialled = dial_tunnel(
-                addr,
-                host_of(&self.edge_addr),
-                cert_chain.clone(),
-                key.clone_key(),
-                &ca_cert,
-                &self.settings.quic,
-            )
-            .await;
-            match dialled {
-                Ok(conn) => return Ok(conn),
-                Err(e) => last = e.to_string(),
-            }
-        }
-        Err(last)
-    }
-
     /// Runs one connection: hello, then exchanges until it ends.
-    async fn serve(self: &Arc<Self>, conn: Arc<dyn TunnelConnection>) -> Session {
+    async fn serve(self: &Arc<Self>, conn: Arc<dyn TunnelConnection>, target: &str) -> Session {
         let agent_name = self.identity.read().map(|id| id.name.clone()).unwrap_or_default();
         let hello = ControlMessage::Hello(Hello {
             agent_name,
@@ -193,9 +226,9 @@ impl TunnelClient {
                 return Session::Failed("no welcome from the edge in time".into());
             }
         };
-        let _ = self.connected.send(true);
-        self.metrics.connected.set(1);
-        info!(edge = %self.edge_addr, remote = %conn.remote_addr(), agent = %name, transport = conn.transport(), "connected to the edge");
+        self.connected.send_modify(|n| *n += 1);
+        self.metrics.connected.set(i64::try_from(*self.connected.borrow()).unwrap_or(i64::MAX));
+        info!(edge = %target, remote = %conn.remote_addr(), agent = %name, transport = conn.transport(), "connected to the edge");
         // The control stream stays open for the life of the connection; renewals use it.
         let renewal = AbortOnDrop(tokio::spawn(renew_loop(self.clone(), control)));
         loop {
@@ -219,6 +252,95 @@ impl TunnelClient {
             }
         }
     }
+}
+
+impl Link {
+    /// Keeps a connection to this address until shutdown, drain or retirement. Every reconnection
+    /// waits a jittered delay; the delay grows after each attempt that did not end in a welcomed
+    /// connection and starts over after one that did, so an edge that refuses us is never
+    /// hammered.
+    async fn run(self) {
+        let client = &self.client;
+        let mut backoff = Backoff::new(client.settings.reconnect_initial, client.settings.reconnect_max);
+        while !client.shutdown.is_cancelled() {
+            let outcome = match self.connect().await {
+                Ok(conn) => client.serve(conn, &self.target).await,
+                Err(DialFailure::Unanswered(e)) => Session::Unanswered(format!("the edge does not answer: {e}")),
+                Err(DialFailure::Refused(e)) => Session::Failed(format!("cannot connect to the edge: {e}")),
+            };
+            if matches!(outcome, Session::Ended(_)) {
+                client.connected.send_modify(|n| *n = n.saturating_sub(1));
+                client.metrics.connected.set(i64::try_from(*client.connected.borrow()).unwrap_or(i64::MAX));
+            }
+            // A draining agent does not come back: it is on its way out.
+            if client.shutdown.is_cancelled() || client.draining.is_cancelled() || self.retired.is_cancelled() {
+                break;
+            }
+            client.metrics.reconnects.inc();
+            let delay = backoff.after(&outcome);
+            match outcome {
+                Session::Ended(reason) => {
+                    warn!(edge = %self.target, addr = %self.addr, "tunnel lost: {reason}; reconnecting");
+                }
+                Session::Failed(reason) | Session::Unanswered(reason) => {
+                    warn!(edge = %self.target, addr = %self.addr, attempt = backoff.failures, retry_in_ms = delay.as_millis() as u64, "{reason}");
+                }
+            }
+            tokio::select! {
+                () = client.shutdown.cancelled() => break,
+                () = self.retired.cancelled() => break,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Dials this address. While no answer comes, a fresh attempt starts every redial interval
+    /// beside the ones still waiting; the first to complete wins and the others are dropped. The
+    /// try ends when an attempt is refused, or when the first attempt times out unanswered (the
+    /// caller then starts a new try at once, so fresh attempts keep coming every interval).
+    async fn connect(&self) -> Result<Arc<dyn TunnelConnection>, DialFailure> {
+        use futures_util::StreamExt as _;
+        let settings = &self.client.settings;
+        let mut pending = futures_util::stream::FuturesUnordered::new();
+        let started = tokio::time::Instant::now();
+        let mut redial = tokio::time::interval_at(started + settings.redial_interval, settings.redial_interval);
+        redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        pending.push(self.dial_once());
+        loop {
+            tokio::select! {
+                Some(outcome) = pending.next() => return outcome,
+                _ = redial.tick() => pending.push(self.dial_once()),
+            }
+        }
+    }
+
+    async fn dial_once(&self) -> Result<Arc<dyn TunnelConnection>, DialFailure> {
+        let (cert_chain, key, ca_cert) = self.client.credentials().map_err(DialFailure::Refused)?;
+        dial_tunnel(self.addr, host_of(&self.target), cert_chain, key, &ca_cert, &self.client.settings.quic)
+            .await
+            .map_err(|e| match e {
+                DialError::Timeout(_) => DialFailure::Unanswered(e.to_string()),
+                other => DialFailure::Refused(other.to_string()),
+            })
+    }
+}
+
+/// Why a connection try failed.
+enum DialFailure {
+    /// No answer within the handshake timeout.
+    Unanswered(String),
+    /// The edge answered and refused, or the attempt could not be made.
+    Refused(String),
+}
+
+/// Which addresses to start links for and which to retire, given the ones linked now and the
+/// ones the name resolves to. An empty answer retires nothing: a name that briefly resolves to
+/// nothing (a DNS hiccup, every replica restarting) must not tear down the links.
+fn reconcile(current: &BTreeSet<SocketAddr>, found: &BTreeSet<SocketAddr>) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+    if found.is_empty() {
+        return (Vec::new(), Vec::new());
+    }
+    (found.difference(current).copied().collect(), current.difference(found).copied().collect())
 }
 
 /// Aborts a task when dropped, so a connection's helper tasks end with it.
@@ -267,7 +389,17 @@ async fn renew_loop(client: Arc<TunnelClient>, mut control: BiStream) {
             }
             continue;
         }
+        // Connections to other replicas run this loop too: the first to take the lock renews, the
+        // others find the fresh certificate not due and go back to sleep.
+        let guard = client.renew_lock.lock().await;
+        let fresh =
+            client.identity.read().ok().and_then(|id| id.cert_chain.first().and_then(|c| cert_validity(c).ok()));
+        if fresh.is_none_or(|(from, until)| !renewal_due(from, until, SystemTime::now())) {
+            drop(guard);
+            continue;
+        }
         let outcome = renew_once(&client, &mut control, &mut reader).await;
+        drop(guard);
         let label = match &outcome {
             Ok(_) => "issued",
             Err(Renewal::ConnectionGone(_)) => "interrupted",
@@ -407,6 +539,34 @@ mod tests {
         for _ in 0..10 {
             assert!(backoff.after(&Session::Failed("handshake refused".into())) >= INITIAL / 2);
         }
+    }
+
+    fn addrs(list: &[&str]) -> BTreeSet<SocketAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn new_replicas_get_links_and_vanished_ones_are_retired() {
+        let (start, retire) = reconcile(&addrs(&["10.0.0.1:1", "10.0.0.2:1"]), &addrs(&["10.0.0.2:1", "10.0.0.3:1"]));
+        assert_eq!(start, Vec::from_iter(addrs(&["10.0.0.3:1"])));
+        assert_eq!(retire, Vec::from_iter(addrs(&["10.0.0.1:1"])));
+    }
+
+    #[test]
+    fn an_empty_answer_retires_nothing() {
+        let (start, retire) = reconcile(&addrs(&["10.0.0.1:1"]), &BTreeSet::new());
+        assert!(start.is_empty() && retire.is_empty());
+    }
+
+    #[test]
+    fn an_unanswered_try_is_retried_at_once_and_does_not_grow_the_backoff() {
+        let mut backoff = Backoff::new(INITIAL, MAX);
+        for _ in 0..10 {
+            assert!(backoff.after(&Session::Unanswered("timed out".into())) <= INITIAL);
+        }
+        assert_eq!(backoff.failures, 10);
+        let refused = backoff.after(&Session::Failed("refused".into()));
+        assert!(refused >= INITIAL / 2 && refused <= INITIAL, "{refused:?}");
     }
 
     #[test]

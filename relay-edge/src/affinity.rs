@@ -137,11 +137,12 @@ pub struct Pinned {
 }
 
 impl AffinityTable {
-    /// The agent for an exchange of call `key`: its pinned agent while connected, otherwise a
-    /// fresh pick, which becomes the pin.
+    /// The agent for an exchange of call `key`: its pinned agent while connected, otherwise the
+    /// agent rendezvous hashing gives the key ([`AgentSet::pick_for_key`], so every edge replica
+    /// agrees), which becomes the pin.
     pub fn choose(&self, key: &str, agents: &AgentSet, limit: usize, now: Instant) -> Result<Pinned, NoAgent> {
         let Ok(mut pins) = self.pins.lock() else {
-            return agents.pick(limit).map(|agent| Pinned { agent, moved_from: None });
+            return agents.pick_for_key(key, limit).map(|agent| Pinned { agent, moved_from: None });
         };
         let mut moved_from = None;
         if let Some(pin) = pins.get_mut(key) {
@@ -151,7 +152,7 @@ impl AffinityTable {
             }
             moved_from = Some(pin.agent_id);
         }
-        let agent = agents.pick(limit)?;
+        let agent = agents.pick_for_key(key, limit)?;
         if pins.len() < MAX_PINS || pins.contains_key(key) {
             let open_sessions = pins.get(key).map_or(0, |p| p.open_sessions);
             pins.insert(key.to_owned(), Pin { agent_id: agent.id, last_seen: now, open_sessions });

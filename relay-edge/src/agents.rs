@@ -86,6 +86,24 @@ pub enum NoAgent {
     AtCapacity,
 }
 
+/// The rendezvous ("highest random weight") weight of agent `name` for call `key`: FNV-1a over
+/// both, finished with the SplitMix64 mixer. It must be the same in every edge process and every
+/// build, so it is written out here rather than taken from `std`'s hasher, whose algorithm may
+/// change between releases.
+pub fn rendezvous_weight(key: &str, name: &str) -> u64 {
+    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash = FNV_OFFSET;
+    // The 0xff separator cannot occur in UTF-8, so ("ab", "c") and ("a", "bc") differ.
+    for byte in key.bytes().chain(std::iter::once(0xff)).chain(name.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(FNV_PRIME);
+    }
+    hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^ (hash >> 31)
+}
+
 /// The connected agents.
 #[derive(Debug, Default)]
 pub struct AgentSet {
@@ -144,6 +162,25 @@ impl AgentSet {
         best.get(fastrand::usize(..best.len())).map(|a| Arc::clone(a)).ok_or(NoAgent::NoneConnected)
     }
 
+    /// The agent for the first exchange of a call with affinity key `key`: the agent with the
+    /// highest rendezvous weight for the key among those not draining and below `limit` (the
+    /// least loaded connection of it, when it has several). Every edge replica sees the same
+    /// agents, so every replica picks the same agent for a call without sharing any state; when
+    /// that agent is gone, each picks the same next one. Falls back to [`AgentSet::pick`] when no
+    /// agent has room.
+    pub fn pick_for_key(&self, key: &str, limit: usize) -> Result<Arc<ConnectedAgent>, NoAgent> {
+        let chosen = self
+            .lock()
+            .iter()
+            .filter(|a| !a.draining.load(Ordering::SeqCst) && a.in_flight.load(Ordering::SeqCst) < limit)
+            .max_by_key(|a| (rendezvous_weight(key, &a.name), std::cmp::Reverse(a.in_flight.load(Ordering::SeqCst))))
+            .cloned();
+        match chosen {
+            Some(agent) => Ok(agent),
+            None => self.pick(limit),
+        }
+    }
+
     /// The connection with `id`, if it is still connected.
     pub fn by_id(&self, id: u64) -> Option<Arc<ConnectedAgent>> {
         self.lock().iter().find(|a| a.id == id).cloned()
@@ -174,5 +211,25 @@ impl AgentSet {
         for agent in self.lock().drain(..) {
             agent.conn.close(code, reason);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendezvous_weights_are_stable_and_spread_calls_evenly() {
+        // Fixed values: a change here would split calls between edge replicas of two versions.
+        assert_eq!(rendezvous_weight("call-1", "agent-a"), 7_696_585_507_065_820_219);
+        assert_ne!(rendezvous_weight("ab", "c"), rendezvous_weight("a", "bc"));
+        let names = ["agent-a", "agent-b", "agent-c"];
+        let mut wins = [0usize; 3];
+        for call in 0..3000 {
+            let key = format!("{call:08x}-correlation");
+            let best = (0..3).max_by_key(|&i| rendezvous_weight(&key, names[i])).unwrap();
+            wins[best] += 1;
+        }
+        assert!(wins.iter().all(|&w| (800..1200).contains(&w)), "{wins:?}");
     }
 }

@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod affinity;
 pub mod agents;
+pub mod cli;
 pub mod config;
 mod forward;
 pub mod listing;

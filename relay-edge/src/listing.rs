@@ -1,5 +1,5 @@
-//! `relay-edge agents`: one row per agent record and per pending token, joined with the running
-//! edge's status file, as text or JSON.
+//! `relay-edge agents`: one row per agent record and per pending token, joined with the status
+//! files of every running edge replica on the state directory, as text or JSON.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -13,6 +13,8 @@ use crate::status::EdgeStatus;
 /// One live connection of a listed agent.
 #[derive(Debug, Clone, Serialize)]
 pub struct ListedConnection {
+    /// The edge replica holding the connection (its host name).
+    pub edge: String,
     /// Where it connected from.
     pub remote: String,
     /// The transport carrying it.
@@ -44,20 +46,22 @@ fn rfc3339(unix: u64) -> String {
 
 /// Builds the rows for a state directory at `now`.
 pub fn agent_rows(state: &EdgeState, now: SystemTime) -> Result<Vec<AgentRow>, EdgeStateError> {
-    let live = EdgeStatus::read_live(state.dir(), now);
+    let live = EdgeStatus::read_live(state.dir(), now, false);
     let connections_of = |name: &str| -> (Option<bool>, Vec<ListedConnection>) {
-        match &live {
-            None => (None, Vec::new()),
-            Some(status) => {
-                let conns: Vec<ListedConnection> = status
-                    .connections
-                    .iter()
-                    .filter(|c| c.agent == name)
-                    .map(|c| ListedConnection { remote: c.remote.clone(), transport: c.transport.clone() })
-                    .collect();
-                (Some(!conns.is_empty()), conns)
-            }
+        if live.is_empty() {
+            return (None, Vec::new());
         }
+        let conns: Vec<ListedConnection> = live
+            .iter()
+            .flat_map(|status| {
+                status.connections.iter().filter(|c| c.agent == name).map(|c| ListedConnection {
+                    edge: status.replica.clone(),
+                    remote: c.remote.clone(),
+                    transport: c.transport.clone(),
+                })
+            })
+            .collect();
+        (Some(!conns.is_empty()), conns)
     };
     let mut rows = Vec::new();
     for entry in state.list_agents()? {

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::agents::AgentSet;
 use crate::metrics::{EdgeMetrics, TransportLabels};
-use crate::status::{ConnectionStatus, EdgeStatus, STATUS_HEARTBEAT, unix_now};
+use crate::status::{ConnectionStatus, EdgeStatus, STATUS_HEARTBEAT, host_name, unix_now};
 
 /// How often agent records are re-read. A revocation takes effect within this (the operator is
 /// promised two seconds); reading a few small files a second costs nothing.
@@ -40,6 +40,10 @@ impl Registry {
         let mut last_written = Instant::now();
         let mut last_cert_check: Option<Instant> = None;
         let mut tick = tokio::time::interval(REGISTRY_POLL_INTERVAL);
+        let replica = host_name();
+        let tunnel_port = self.listener.local_addr().map_or(0, |a| a.port());
+        // Files left by edges that crashed (replicas share the directory, so only stale ones).
+        EdgeStatus::read_live(self.state.dir(), SystemTime::now(), true);
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => break,
@@ -81,7 +85,9 @@ impl Registry {
                 .set(i64::try_from(quic).unwrap_or(i64::MAX));
             if last_status.as_ref() != Some(&connections) || last_written.elapsed() >= STATUS_HEARTBEAT {
                 let status = EdgeStatus {
+                    replica: replica.clone(),
                     pid: std::process::id(),
+                    tunnel_port,
                     updated_at_unix: unix_now(),
                     connections: connections.clone(),
                 };
@@ -92,7 +98,9 @@ impl Registry {
                 last_written = Instant::now();
             }
         }
-        EdgeStatus::remove(self.state.dir());
+        let mine =
+            EdgeStatus { replica, pid: std::process::id(), tunnel_port, updated_at_unix: 0, connections: Vec::new() };
+        mine.remove(self.state.dir());
     }
 }
 

@@ -11,7 +11,7 @@
 //! agents/<name>.toml        a paired agent: status and live certificate serials (see
 //!                           `agent_registry`)
 //! agents/.lock              taken while a record is read, changed and written
-//! status.json               written by the running edge: who is connected (see relay-edge)
+//! status/<host>-<pid>-<port>.json  written by each running edge: who is connected (see relay-edge)
 //! ```
 
 use std::fs;

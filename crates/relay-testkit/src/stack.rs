@@ -105,7 +105,7 @@ impl Stack {
         let mut settings =
             AgentSettings::new(state_dir.to_owned(), relay_agent::config::parse_upstream(&self.bot.url())?);
         // Tests restart edges on new ports; always dial the current one.
-        settings.edge = Some(self.edge.tunnel_addr().to_string());
+        settings.edges = vec![self.edge.tunnel_addr().to_string()];
         Ok(settings)
     }
 

@@ -15,13 +15,17 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use crate::seam::{BiStream, BoxFuture, ConnectionLost, RecvHalf, SendHalf, TunnelConnection};
 use crate::tls::{self, PinCheck, TlsError};
 
-/// A peer silent this long is gone. ACS media flows every 20 ms, so a live call is never idle;
-/// 30 s rides out a short outage without keeping dead peers around.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A peer silent this long is gone, and its connection closed with every exchange on it. This is
+/// how the edge notices an agent that died without a word (SIGKILL, a node lost, a cable pulled):
+/// until then it would keep routing new calls to it. ACS media flows every 20 ms, so a call that
+/// hears nothing for 5 s is lost anyway; with a keep-alive every second, 5 s is five missed
+/// keep-alives in a row, which ordinary loss does not produce.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Keep-alives well under the idle timeout (a third), so an idle tunnel never times out and NAT
-/// bindings on the agent's egress path stay open (most expire UDP mappings after 30-120 s).
-pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// Keep-alives well under the idle timeout (a fifth), so an idle but live tunnel never times out,
+/// and NAT bindings on the agent's egress path stay open. One tiny packet a second each way per
+/// connection costs nothing.
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(1);
 
 /// How long a QUIC + TLS handshake may take. A loopback handshake takes about a millisecond and an
 /// intercontinental one a few hundred; 10 s leaves room for loss and retransmission.
@@ -365,7 +369,9 @@ async fn dial(
         .into_owned();
     let connecting = endpoint.connect(addr, &name)?;
     match tokio::time::timeout(settings.handshake_timeout, connecting).await {
-        Err(_) => Err(DialError::Timeout(addr)),
+        // Quinn's idle timeout also runs during the handshake and may fire first: to the caller
+        // both mean the same thing, nobody answered.
+        Err(_) | Ok(Err(quinn::ConnectionError::TimedOut)) => Err(DialError::Timeout(addr)),
         Ok(Err(e)) => Err(DialError::Handshake { addr, reason: e.to_string() }),
         Ok(Ok(conn)) => Ok((conn, endpoint)),
     }

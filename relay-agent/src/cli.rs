@@ -1,0 +1,132 @@
+//! The `relay-agent` command line: parses arguments and configuration, then runs one subcommand.
+//! The binary's `main` is [`main`]; the end-to-end tests build the same entry point into their own
+//! process so that fault tests run exactly what ships.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::{Agent, AgentConfig};
+use clap::{Args, Parser, Subcommand};
+use relay_transport::QuicSettings;
+
+/// The private half of acs-relay: dials out to the edge and forwards each exchange to the bot
+/// on localhost, so the bot's network accepts no inbound connection.
+#[derive(Debug, Parser)]
+#[command(name = "relay-agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Pair with an edge using a one-time token from `relay-edge pair`.
+    Pair {
+        /// Where to keep the agent's key and certificate.
+        #[arg(long, env = "RELAY_AGENT_STATE_DIR")]
+        state_dir: PathBuf,
+        /// The token printed by `relay-edge pair`.
+        #[arg(long, env = "RELAY_AGENT_TOKEN", hide_env_values = true)]
+        token: String,
+    },
+    /// Run the agent.
+    Run(Box<RunArgs>),
+}
+
+/// Settings for `run`; each overrides the config file, and `RELAY_AGENT_*` overrides the file too.
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "RELAY_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// State directory written by `relay-agent pair`.
+    #[arg(long, env = "RELAY_AGENT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Run from a bundle written by `relay-edge pair --bundle` instead of a state directory.
+    /// `RELAY_AGENT_BUNDLE` may hold the bundle's text instead.
+    #[arg(long, value_name = "FILE")]
+    bundle: Option<PathBuf>,
+    /// The bot's base URL, e.g. `http://127.0.0.1:8080`.
+    #[arg(long, env = "RELAY_AGENT_UPSTREAM")]
+    upstream: Option<String>,
+    /// Edge tunnel address (`HOST:PORT`), overriding the one recorded at pairing. Repeat it (or
+    /// separate with commas) for several edge replicas; a name that resolves to several addresses
+    /// gets one connection per address.
+    #[arg(long = "edge", env = "RELAY_AGENT_EDGE", value_delimiter = ',')]
+    edges: Vec<String>,
+    /// How often edge names are resolved again to find new replicas (e.g. `10s`).
+    #[arg(long, env = "RELAY_AGENT_EDGE_RESOLVE_INTERVAL")]
+    edge_resolve_interval: Option<String>,
+    /// While an edge does not answer, how often a fresh connection attempt starts (e.g. `1s`).
+    #[arg(long, env = "RELAY_AGENT_REDIAL_INTERVAL")]
+    redial_interval: Option<String>,
+    /// Admin listener serving /metrics (default 127.0.0.1:9091).
+    #[arg(long, env = "RELAY_AGENT_ADMIN_LISTEN")]
+    admin_listen: Option<std::net::SocketAddr>,
+    /// How long the bot has to answer (e.g. `30s`).
+    #[arg(long, env = "RELAY_AGENT_BOT_TIMEOUT")]
+    bot_timeout: Option<String>,
+    /// Largest WebSocket message relayed, in bytes.
+    #[arg(long, env = "RELAY_AGENT_MAX_WS_MESSAGE_BYTES")]
+    max_ws_message_bytes: Option<usize>,
+    /// How long open calls may run after SIGTERM before they are closed (e.g. `30s`).
+    #[arg(long, env = "RELAY_AGENT_DRAIN_TIMEOUT")]
+    drain_timeout: Option<String>,
+    /// Tunnel idle timeout (e.g. `30s`).
+    #[arg(long, env = "RELAY_AGENT_IDLE_TIMEOUT")]
+    idle_timeout: Option<String>,
+    /// Tunnel keep-alive interval (e.g. `10s`).
+    #[arg(long, env = "RELAY_AGENT_KEEP_ALIVE")]
+    keep_alive: Option<String>,
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Pair { state_dir, token } => {
+            let paired = crate::pair(&state_dir, &token, &QuicSettings::default()).await?;
+            eprintln!(
+                "paired as {:?} with the edge at {}; identity stored in {}",
+                paired.agent_name,
+                paired.edge_addr,
+                state_dir.display()
+            );
+        }
+        Command::Run(args) => {
+            relay_cli::init_logging();
+            // A bundle path given as a flag wins over bundle text in the environment.
+            let bundle_pem = if args.bundle.is_none() { std::env::var("RELAY_AGENT_BUNDLE").ok() } else { None };
+            let flags = AgentConfig {
+                state_dir: args.state_dir,
+                bundle: args.bundle,
+                bundle_pem,
+                upstream: args.upstream,
+                edge: None,
+                edges: (!args.edges.is_empty()).then_some(args.edges),
+                edge_resolve_interval: args.edge_resolve_interval,
+                redial_interval: args.redial_interval,
+                admin_listen: args.admin_listen,
+                bot_timeout: args.bot_timeout,
+                max_ws_message_bytes: args.max_ws_message_bytes,
+                drain_timeout: args.drain_timeout,
+                idle_timeout: args.idle_timeout,
+                keep_alive: args.keep_alive,
+            };
+            let base = match &args.config {
+                Some(path) => AgentConfig::load(path)?,
+                None => AgentConfig::default(),
+            };
+            let settings = base.overlay(flags).resolve()?;
+            let grace = settings.drain_timeout;
+            let agent = Agent::start(settings).await?;
+            relay_cli::shutdown_signal().await;
+            tracing::info!(grace_s = grace.as_secs(), "draining: finishing in-flight exchanges");
+            agent.drain(grace).await;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the command line and returns the exit status.
+pub fn main() -> ExitCode {
+    relay_cli::main("relay-agent", |cli: Cli| run(cli.command))
+}
