@@ -213,7 +213,8 @@ impl Forwarder {
             return;
         }
         self.metrics.websocket_sessions.inc();
-        let report = pump(ws, BiStream { send, recv }, max).await;
+        // The edge owns the idle timeout (it faces the caller); the agent follows its close.
+        let report = pump(ws, BiStream { send, recv }, max, None).await;
         self.metrics.websocket_sessions.dec();
         self.metrics.exchange("websocket", "101", started.elapsed().as_secs_f64());
         info!(

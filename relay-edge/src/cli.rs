@@ -120,6 +120,9 @@ struct RunArgs {
     /// How long to wait for the agent's answer (e.g. `40s`).
     #[arg(long, env = "RELAY_EDGE_RESPONSE_TIMEOUT")]
     response_timeout: Option<String>,
+    /// How long a media WebSocket may carry no message before both ends get 1001 (e.g. `60s`).
+    #[arg(long, env = "RELAY_EDGE_WS_IDLE_TIMEOUT")]
+    ws_idle_timeout: Option<String>,
     /// How long in-flight exchanges may run after SIGTERM (e.g. `30s`).
     #[arg(long, env = "RELAY_EDGE_DRAIN_TIMEOUT")]
     drain_timeout: Option<String>,
@@ -159,6 +162,7 @@ impl RunArgs {
             max_exchanges_per_agent: self.max_exchanges_per_agent,
             rate_limit_per_source: self.rate_limit_per_source,
             response_timeout: self.response_timeout,
+            ws_idle_timeout: self.ws_idle_timeout,
             drain_timeout: self.drain_timeout,
             affinity_ttl: self.affinity_ttl,
             affinity_prefix_bytes: self.affinity_prefix_bytes,

@@ -49,6 +49,12 @@ pub const DEFAULT_MAX_EXCHANGES_PER_AGENT: usize = 2048;
 /// before SIGKILL by default.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A media WebSocket on which nothing passes either way for this long is closed on both ends
+/// with 1001. ACS sends an audio frame every 20 ms for the whole call, so a silent socket is a
+/// call whose caller vanished without a close (a half-open TCP connection); a minute leaves room
+/// for a bot or platform that pauses media, and still frees the call's resources.
+pub const DEFAULT_WS_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How long the edge waits for the agent's answer head. The agent gives the bot 30 s and then
 /// answers 504 itself, so this only fires when the agent itself is stuck; it sits just above.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(40);
@@ -92,6 +98,8 @@ pub struct EdgeConfig {
     pub rate_limit_per_source: Option<u32>,
     /// How long to wait for the agent's answer (`"40s"`).
     pub response_timeout: Option<String>,
+    /// How long a media WebSocket may pass no message before it is closed (`"60s"`).
+    pub ws_idle_timeout: Option<String>,
     /// How long in-flight exchanges may run after SIGTERM (`"30s"`).
     pub drain_timeout: Option<String>,
     /// How long a call stays pinned to its agent after its last exchange (`"10m"`).
@@ -204,6 +212,8 @@ pub struct EdgeSettings {
     pub rate_limit_per_source: Option<u32>,
     /// See [`DEFAULT_RESPONSE_TIMEOUT`].
     pub response_timeout: Duration,
+    /// See [`DEFAULT_WS_IDLE_TIMEOUT`].
+    pub ws_idle_timeout: Duration,
     /// See [`DEFAULT_DRAIN_TIMEOUT`].
     pub drain_timeout: Duration,
     /// See [`crate::affinity::DEFAULT_AFFINITY_TTL`].
@@ -243,6 +253,7 @@ impl EdgeSettings {
             max_exchanges_per_agent: DEFAULT_MAX_EXCHANGES_PER_AGENT,
             rate_limit_per_source: Some(crate::rate_limit::DEFAULT_RATE_PER_SOURCE),
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            ws_idle_timeout: DEFAULT_WS_IDLE_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             affinity_ttl: crate::affinity::DEFAULT_AFFINITY_TTL,
             affinity_prefix_bytes: crate::affinity::DEFAULT_AFFINITY_PREFIX_BYTES,
@@ -282,6 +293,7 @@ impl EdgeConfig {
             max_exchanges_per_agent: other.max_exchanges_per_agent.or(self.max_exchanges_per_agent),
             rate_limit_per_source: other.rate_limit_per_source.or(self.rate_limit_per_source),
             response_timeout: other.response_timeout.or(self.response_timeout),
+            ws_idle_timeout: other.ws_idle_timeout.or(self.ws_idle_timeout),
             drain_timeout: other.drain_timeout.or(self.drain_timeout),
             affinity_ttl: other.affinity_ttl.or(self.affinity_ttl),
             affinity_prefix_bytes: other.affinity_prefix_bytes.or(self.affinity_prefix_bytes),
@@ -357,6 +369,12 @@ impl EdgeConfig {
         }
         if let Some(text) = &self.drain_timeout {
             settings.drain_timeout = parse_duration("drain_timeout", text)?;
+        }
+        if let Some(text) = &self.ws_idle_timeout {
+            settings.ws_idle_timeout = parse_duration("ws_idle_timeout", text)?;
+            if settings.ws_idle_timeout.is_zero() {
+                return Err(ConfigError::Invalid { key: "ws_idle_timeout", message: "must be more than zero".into() });
+            }
         }
         if let Some(text) = &self.response_timeout {
             settings.response_timeout = parse_duration("response_timeout", text)?;

@@ -140,6 +140,7 @@ pub(crate) async fn relay_upgrade(
 
     let upgrade = hyper::upgrade::on(&mut req);
     let max_message = service.settings.max_ws_message_bytes;
+    let idle_timeout = service.settings.ws_idle_timeout;
     let route_name = route.name.clone();
     let metrics = service.metrics.clone();
     let affinity = service.affinity.clone();
@@ -159,7 +160,7 @@ pub(crate) async fn relay_upgrade(
         if let Some(call) = &call_key {
             affinity.session(call, true, std::time::Instant::now());
         }
-        let report = pump(ws, BiStream { send, recv }, max_message).await;
+        let report = pump(ws, BiStream { send, recv }, max_message, Some(idle_timeout)).await;
         metrics.websocket_sessions.dec();
         if let Some(call) = &call_key {
             affinity.session(call, false, std::time::Instant::now());

@@ -182,3 +182,35 @@ async fn closing_the_socket_with_a_normal_close_reaches_the_bot_as_1000() {
     assert_eq!(session.close.lock().unwrap().as_ref().map(|c| c.0), Some(1000));
     stack.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_silent_media_socket_is_closed_with_1001_on_both_ends_and_a_live_one_is_not() {
+    let idle = Duration::from_millis(600);
+    let stack = Stack::start_with(|s| s.ws_idle_timeout = idle).await.unwrap();
+    let mut live = MediaCall::connect(stack.public(), "/ws", "corr-live").await.unwrap();
+    let mut silent = MediaCall::connect(stack.public(), "/ws", "corr-silent").await.unwrap();
+    silent.socket().send(Message::Text("hello".into())).await.unwrap();
+    assert_eq!(next_non_control(&mut silent).await, Message::Text("hello".into()));
+
+    // The live call sends a frame every 100 ms for three idle periods and is never closed.
+    for i in 0..18 {
+        live.socket().send(Message::Text(format!("frame {i}").into())).await.unwrap();
+        assert_eq!(next_non_control(&mut live).await, Message::Text(format!("frame {i}").into()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // By now the silent one has been closed, with 1001 to the caller ...
+    let close = next_non_control(&mut silent).await;
+    let Message::Close(Some(frame)) = close else { panic!("expected a close frame, got {close:?}") };
+    assert_eq!((frame.code, frame.reason.as_str()), (CloseCode::Away, "idle timeout"));
+    // ... and to the bot.
+    let sessions = stack.bot.sessions();
+    let bot_side = sessions.iter().find(|s| s.headers.get("x-ms-call-correlation-id").unwrap() == "corr-silent");
+    let bot_side = bot_side.unwrap().clone();
+    assert!(eventually(DEADLINE, || async { bot_side.close.lock().unwrap().is_some() }).await);
+    assert_eq!(*bot_side.close.lock().unwrap(), Some((1001, "idle timeout".to_owned())));
+
+    live.socket().send(Message::Text("still here".into())).await.unwrap();
+    assert_eq!(next_non_control(&mut live).await, Message::Text("still here".into()));
+    live.close(1000, "done").await.unwrap();
+    stack.shutdown().await;
+}

@@ -39,6 +39,8 @@ pub enum SideEnd {
     LingerExpired,
     /// The socket sent a message over the size limit; both ends were closed with 1009.
     TooBig,
+    /// Nothing passed either way for the idle timeout; both ends were closed with 1001.
+    Idle,
 }
 
 /// What happened in a session, for the exchange log line.
@@ -84,6 +86,13 @@ pub fn to_message(frame: WsFrame) -> Result<Message, std::string::FromUtf8Error>
     })
 }
 
+/// The close reason sent to both ends of a session closed for silence.
+const IDLE_REASON: &str = "idle timeout";
+
+fn elapsed_ms(since: tokio::time::Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 fn truncate_reason(mut reason: String) -> String {
     if reason.len() > MAX_CLOSE_REASON {
         let mut cut = MAX_CLOSE_REASON;
@@ -100,18 +109,25 @@ fn close_message(code: CloseCode, reason: &str) -> Message {
 }
 
 /// Relays messages between `ws` and `stream` until both directions end (or one ends and the
-/// other does not follow within [`CLOSE_LINGER`]).
-pub async fn pump<S>(ws: WebSocketStream<S>, stream: BiStream, max_message: usize) -> PumpReport
+/// other does not follow within [`CLOSE_LINGER`]). With an `idle_timeout`, a session in which no
+/// message passes either way for that long is closed on both ends with 1001.
+pub async fn pump<S>(
+    ws: WebSocketStream<S>,
+    stream: BiStream,
+    max_message: usize,
+    idle_timeout: Option<Duration>,
+) -> PumpReport
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    pump_with_linger(ws, stream, max_message, CLOSE_LINGER).await
+    pump_with_linger(ws, stream, max_message, idle_timeout, CLOSE_LINGER).await
 }
 
 async fn pump_with_linger<S>(
     ws: WebSocketStream<S>,
     stream: BiStream,
     max_message: usize,
+    idle_timeout: Option<Duration>,
     linger: Duration,
 ) -> PumpReport
 where
@@ -128,9 +144,35 @@ where
     // Set when the socket sends an oversized message: the other direction, which owns the sink,
     // then closes the socket with 1009.
     let too_big = tokio::sync::Notify::new();
+    // Milliseconds from `started` to the last message relayed either way, and the signal both
+    // directions close on when the session has been silent for the idle timeout.
+    let started = tokio::time::Instant::now();
+    let last_activity = AtomicU64::new(0);
+    let touch = || last_activity.store(elapsed_ms(started), Ordering::Relaxed);
+    let idle = tokio_util::sync::CancellationToken::new();
+    let watchdog = async {
+        let Some(limit) = idle_timeout else { return std::future::pending().await };
+        loop {
+            let deadline = started + Duration::from_millis(last_activity.load(Ordering::Relaxed)) + limit;
+            if tokio::time::Instant::now() >= deadline {
+                idle.cancel();
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
     let socket_to_tunnel = async {
         loop {
-            let msg = match source.next().await {
+            let next = tokio::select! {
+                next = source.next() => next,
+                () = idle.cancelled() => {
+                    let close = WsFrame::Close(Some(CloseFrame { code: 1001, reason: IDLE_REASON.into() }));
+                    let _ = write_frame(&mut send, &close, frame_limit).await;
+                    let _ = send.shutdown().await;
+                    return SideEnd::Idle;
+                }
+            };
+            let msg = match next {
                 Some(Ok(msg)) => msg,
                 Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
                     let close = WsFrame::Close(Some(CloseFrame { code: 1009, reason: "message too big".into() }));
@@ -157,6 +199,7 @@ where
                 send.reset(code::ABORTED);
                 return SideEnd::Lost(e.to_string());
             }
+            touch();
             to_tunnel.fetch_add(1, Ordering::Relaxed);
             if let Some(code) = close_code {
                 let _ = send.shutdown().await;
@@ -174,6 +217,11 @@ where
                     let _ = sink.send(close_message(CloseCode::Size, "message too big")).await;
                     recv.stop(code::ABORTED);
                     return SideEnd::Closed(Some(1009));
+                }
+                () = idle.cancelled() => {
+                    let _ = sink.send(close_message(CloseCode::Away, IDLE_REASON)).await;
+                    recv.stop(code::ABORTED);
+                    return SideEnd::Idle;
                 }
             };
             let frame = match next {
@@ -213,20 +261,29 @@ where
                 recv.stop(code::ABORTED);
                 return SideEnd::Lost(e.to_string());
             }
+            touch();
             to_socket.fetch_add(1, Ordering::Relaxed);
         }
     };
 
     tokio::pin!(socket_to_tunnel, tunnel_to_socket);
+    let both = async {
+        tokio::select! {
+            socket_side = &mut socket_to_tunnel => {
+                let tunnel_side = tokio::time::timeout(linger, &mut tunnel_to_socket).await.unwrap_or(SideEnd::LingerExpired);
+                (socket_side, tunnel_side)
+            }
+            tunnel_side = &mut tunnel_to_socket => {
+                let socket_side = tokio::time::timeout(linger, &mut socket_to_tunnel).await.unwrap_or(SideEnd::LingerExpired);
+                (socket_side, tunnel_side)
+            }
+        }
+    };
+    tokio::pin!(both, watchdog);
+    // The watchdog only cancels `idle`; both directions then close and `both` completes.
     let (socket_side, tunnel_side) = tokio::select! {
-        socket_side = &mut socket_to_tunnel => {
-            let tunnel_side = tokio::time::timeout(linger, &mut tunnel_to_socket).await.unwrap_or(SideEnd::LingerExpired);
-            (socket_side, tunnel_side)
-        }
-        tunnel_side = &mut tunnel_to_socket => {
-            let socket_side = tokio::time::timeout(linger, &mut socket_to_tunnel).await.unwrap_or(SideEnd::LingerExpired);
-            (socket_side, tunnel_side)
-        }
+        sides = &mut both => sides,
+        () = &mut watchdog => both.await,
     };
     PumpReport {
         to_tunnel: to_tunnel.load(Ordering::Relaxed),
