@@ -92,7 +92,7 @@ impl Agent {
             connected: connected_tx,
             renew_lock: tokio::sync::Mutex::new(()),
         });
-        tracing::info!(agent = %name, edges = ?edges, "agent starting");
+        tracing::info!(agent = %name, edges = ?edges, admin = ?admin_addr, "agent starting");
         tasks.spawn(client.run());
         Ok(Self { shutdown, tasks, connected, name, admin_addr, draining, exchanges, metrics })
     }

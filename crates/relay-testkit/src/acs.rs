@@ -82,6 +82,8 @@ pub struct MediaStats {
     pub mismatched: u64,
     /// Round-trip time of every matched echo.
     pub rtts: Vec<Duration>,
+    /// The close code the other end (relay or bot) ended the call with, if it closed it.
+    pub closed_by_peer: Option<u16>,
 }
 
 impl MediaStats {
@@ -136,28 +138,50 @@ impl MediaCall {
 
     /// Sends `frames` AudioData messages at ACS's pace and checks that every echo comes back
     /// byte-exact and in order, waiting at most `grace` after the last frame for stragglers.
+    /// A close from the other end stops the call early; `sent` and `closed_by_peer` then say
+    /// how far it got and how it was ended.
     pub async fn stream_audio(&mut self, frames: u64, grace: Duration) -> anyhow::Result<MediaStats> {
         let in_flight: Arc<Mutex<VecDeque<(String, Instant)>>> = Arc::default();
         let (mut sink, mut source) = (&mut self.ws).split();
         let queue = in_flight.clone();
+        let closed = tokio_util::sync::CancellationToken::new();
+        let sender_stop = closed.clone();
         let sender = async move {
             let mut ticker = tokio::time::interval(FRAME_INTERVAL);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut sent = 0;
             for seq in 0..frames {
-                ticker.tick().await;
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    () = sender_stop.cancelled() => break,
+                }
                 let text = audio_frame(seq);
                 if let Ok(mut q) = queue.lock() {
                     q.push_back((text.clone(), Instant::now()));
                 }
-                sink.send(Message::Text(text.into())).await?;
+                if let Err(e) = sink.send(Message::Text(text.into())).await {
+                    if sender_stop.is_cancelled() {
+                        break;
+                    }
+                    return Err(e.into());
+                }
+                sent += 1;
             }
-            anyhow::Ok(())
+            anyhow::Ok(sent)
         };
         let mut stats = MediaStats::default();
         let receiver = async {
             while stats.received + stats.mismatched < frames {
                 let Some(msg) = source.next().await else { break };
-                let Message::Text(text) = msg? else { continue };
+                let text = match msg? {
+                    Message::Text(text) => text,
+                    Message::Close(frame) => {
+                        stats.closed_by_peer = Some(frame.map_or(1005, |f| u16::from(f.code)));
+                        closed.cancel();
+                        break;
+                    }
+                    _ => continue,
+                };
                 let expected = in_flight.lock().ok().and_then(|mut q| q.pop_front());
                 match expected {
                     Some((sent, at)) if sent == text.as_str() => {
@@ -170,11 +194,12 @@ impl MediaCall {
             anyhow::Ok(())
         };
         let send_for = FRAME_INTERVAL * u32::try_from(frames).unwrap_or(u32::MAX) + grace;
-        let (sent, received) =
-            tokio::time::timeout(send_for, async { tokio::join!(sender, receiver) }).await.unwrap_or((Ok(()), Ok(())));
-        sent?;
+        let (sent, received) = tokio::time::timeout(send_for, async { tokio::join!(sender, receiver) })
+            .await
+            .unwrap_or((Ok(frames), Ok(())));
+        let sent = sent?;
         received?;
-        stats.sent = frames;
+        stats.sent = sent;
         Ok(stats)
     }
 

@@ -4,6 +4,8 @@
 //! * [`acs`]: ACS-shaped traffic: Event Grid IncomingCall, callbacks, and a media call that sends
 //!   `AudioData` frames at 50 per second and measures each echo's round trip;
 //! * [`client`]: small HTTP helpers, including bodies generated and hashed on the fly;
+//! * [`impair`]: a seeded UDP link-impairment proxy (loss, delay, jitter, black hole);
+//! * [`procs`]: the real edge and agent as separate processes, for fault tests that kill them;
 //! * [`stack`]: a real edge + paired agent + bot, in process, on ports from the OS;
 //! * [`wait`]: `eventually`, so tests wait on conditions with deadlines instead of sleeping.
 
@@ -11,6 +13,8 @@ pub mod acs;
 pub mod acs_signer;
 pub mod bot;
 pub mod client;
+pub mod impair;
+pub mod procs;
 pub mod stack;
 pub mod wait;
 

@@ -14,7 +14,8 @@ pub mod tls;
 
 pub use frames::{FrameReadError, FrameReader, FrameWriteError, read_frame, write_frame};
 pub use quic::{
-    DialError, HandshakeError, IncomingTunnel, PeerKind, QuicListener, QuicSettings, dial_pairing, dial_tunnel, host_of,
+    Congestion, DialError, HandshakeError, IncomingTunnel, PeerKind, QuicListener, QuicSettings, dial_pairing,
+    dial_tunnel, host_of,
 };
 pub use seam::{BiStream, BoxFuture, ConnectionLost, RecvHalf, SendHalf, TunnelConnection};
 pub use tls::{PinCheck, TlsError};

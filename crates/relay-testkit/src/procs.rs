@@ -1,0 +1,218 @@
+//! The real edge and agent binaries as separate processes, for fault tests that kill them with
+//! signals, restart them, or run them inside a network namespace. Output is captured so a test
+//! can wait for a log line and print the logs when it fails; every child is killed when its
+//! handle drops, so a failing test leaves nothing running.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::client::send_collect;
+use crate::wait::eventually;
+
+/// How long a test waits for a process to start listening or to exit.
+pub const PROC_DEADLINE: Duration = Duration::from_secs(20);
+
+/// A running child process with its output captured.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    /// Starts `program` with `args`, prefixed by `wrapper` (for example `ip netns exec NS`).
+    pub fn spawn(name: &str, wrapper: &[&str], program: &Path, args: &[OsString]) -> anyhow::Result<Self> {
+        let mut command = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut command = Command::new(first);
+                command.args(rest).arg(program);
+                command
+            }
+            None => Command::new(program),
+        };
+        command
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn()?;
+        let log = Arc::new(Mutex::new(String::new()));
+        for pipe in [
+            child.stdout.take().map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            child.stderr.take().map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(pipe).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Ok(mut log) = log.lock() {
+                        log.push_str(&line);
+                        log.push('\n');
+                    }
+                }
+            });
+        }
+        Ok(Self { name: name.to_owned(), child, log })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Sends `signal` (`"TERM"`, `"KILL"`, ...) with kill(1).
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self.pid().ok_or_else(|| anyhow::anyhow!("{} has already exited", self.name))?;
+        let status = std::process::Command::new("kill").args(["-s", signal, &pid.to_string()]).status()?;
+        anyhow::ensure!(status.success(), "kill -s {signal} {pid} failed");
+        Ok(())
+    }
+
+    /// Everything the process printed so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// The first line containing `needle`, waiting up to `deadline` for it.
+    pub async fn wait_line(&self, needle: &str, deadline: Duration) -> Option<String> {
+        let found = |log: &str| log.lines().find(|l| l.contains(needle)).map(str::to_owned);
+        let seen = eventually(deadline, || async { found(&self.log()).is_some() }).await;
+        if seen { found(&self.log()) } else { None }
+    }
+
+    /// Waits up to `deadline` for the process to exit.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> Option<ExitStatus> {
+        tokio::time::timeout(deadline, self.child.wait()).await.ok().and_then(Result::ok)
+    }
+}
+
+/// The value of `key=value` in a tracing log line (`Some(addr)` unwrapped).
+pub fn log_field(line: &str, key: &str) -> Option<String> {
+    let prefix = format!("{key}=");
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(&prefix))
+        .map(|v| v.trim_start_matches("Some(").trim_end_matches(')').trim_matches('"').to_owned())
+}
+
+/// Paths of the binaries under test.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// The edge.
+    pub edge: PathBuf,
+    /// The agent.
+    pub agent: PathBuf,
+}
+
+/// An edge process.
+#[derive(Debug)]
+pub struct EdgeProc {
+    /// The process.
+    pub proc: Proc,
+    /// Public listener.
+    pub public: SocketAddr,
+    /// Tunnel listener.
+    pub tunnel: SocketAddr,
+    /// Admin listener.
+    pub admin: SocketAddr,
+}
+
+impl EdgeProc {
+    /// Runs `relay-edge run` on `state_dir` with `args` added, and waits until it listens.
+    pub async fn start(bins: &Binaries, wrapper: &[&str], state_dir: &Path, args: &[&str]) -> anyhow::Result<Self> {
+        let mut all: Vec<OsString> = vec!["run".into(), "--state-dir".into(), state_dir.into()];
+        let has = |flag: &str| args.contains(&flag);
+        for (flag, default) in
+            [("--listen", "127.0.0.1:0"), ("--tunnel-listen", "127.0.0.1:0"), ("--admin-listen", "127.0.0.1:0")]
+        {
+            if !has(flag) {
+                all.extend([flag.into(), default.into()]);
+            }
+        }
+        all.extend(args.iter().map(OsString::from));
+        let proc = Proc::spawn("edge", wrapper, &bins.edge, &all)?;
+        let Some(line) = proc.wait_line("edge listening", PROC_DEADLINE).await else {
+            anyhow::bail!("the edge did not start:\n{}", proc.log());
+        };
+        let addr = |key| -> anyhow::Result<SocketAddr> {
+            log_field(&line, key).and_then(|v| v.parse().ok()).ok_or_else(|| anyhow::anyhow!("no {key} in {line:?}"))
+        };
+        Ok(Self { public: addr("public_addr")?, tunnel: addr("tunnel_addr")?, admin: addr("admin")?, proc })
+    }
+
+    /// The number of agent connections the edge reports on `/metrics` (updated every second).
+    pub async fn agents_connected(&self) -> u64 {
+        metric(self.admin, "relay_edge_agents_connected{transport=\"quic\"}").await.unwrap_or(0.0) as u64
+    }
+}
+
+/// An agent process.
+#[derive(Debug)]
+pub struct AgentProc {
+    /// The process.
+    pub proc: Proc,
+    /// Admin listener.
+    pub admin: SocketAddr,
+}
+
+impl AgentProc {
+    /// Runs `relay-agent run` from a paired `state_dir`, forwarding to `upstream`, dialling
+    /// `edges`, with `args` added.
+    pub async fn start(
+        bins: &Binaries,
+        wrapper: &[&str],
+        state_dir: &Path,
+        upstream: &str,
+        edges: &[String],
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut all: Vec<OsString> = vec![
+            "run".into(),
+            "--state-dir".into(),
+            state_dir.into(),
+            "--upstream".into(),
+            upstream.into(),
+            "--admin-listen".into(),
+            "127.0.0.1:0".into(),
+        ];
+        for edge in edges {
+            all.extend(["--edge".into(), edge.into()]);
+        }
+        all.extend(args.iter().map(OsString::from));
+        let proc = Proc::spawn("agent", wrapper, &bins.agent, &all)?;
+        let Some(line) = proc.wait_line("agent starting", PROC_DEADLINE).await else {
+            anyhow::bail!("the agent did not start:\n{}", proc.log());
+        };
+        let admin = log_field(&line, "admin")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no admin address in {line:?}"))?;
+        Ok(Self { proc, admin })
+    }
+
+    /// The agent's welcomed connections, from its `/metrics`.
+    pub async fn connections(&self) -> u64 {
+        metric(self.admin, "relay_agent_connected").await.unwrap_or(0.0) as u64
+    }
+}
+
+/// Reads one sample (`name` including any labels) from the Prometheus text at `admin`.
+pub async fn metric(admin: SocketAddr, name: &str) -> Option<f64> {
+    let mut req = http::Request::new(crate::client::full(""));
+    *req.uri_mut() = "/metrics".parse().ok()?;
+    req.headers_mut().insert(http::header::HOST, http::HeaderValue::from_static("admin"));
+    let response = send_collect(admin, req).await.ok()?;
+    let text = String::from_utf8_lossy(response.body()).into_owned();
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}

@@ -1,0 +1,6 @@
+//! The edge's command line, built into this package so fault tests can run it as a process
+//! (Cargo gives integration tests the paths of their own package's binaries only).
+
+fn main() -> std::process::ExitCode {
+    relay_edge::cli::main()
+}
