@@ -4,6 +4,8 @@
 //! namespace. Each test asserts exact outcomes; none sleeps for a fixed time.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::StatusCode;
@@ -39,18 +41,28 @@ async fn pair(state: &Path, tunnel: std::net::SocketAddr, name: &str, dir: &Path
     agent_dir
 }
 
+type Calls = Vec<tokio::task::JoinHandle<(String, MediaStats)>>;
+
 /// Starts `count` concurrent media calls streaming `frames` frames each.
-fn start_calls(
+fn start_calls(public: std::net::SocketAddr, prefix: &str, count: usize, frames: u64) -> Calls {
+    start_counted_calls(public, prefix, count, frames, Arc::default())
+}
+
+/// Like [`start_calls`], counting in `upgraded` the calls whose upgrade the caller has seen.
+fn start_counted_calls(
     public: std::net::SocketAddr,
     prefix: &str,
     count: usize,
     frames: u64,
-) -> Vec<tokio::task::JoinHandle<(String, MediaStats)>> {
+    upgraded: Arc<AtomicUsize>,
+) -> Calls {
     (0..count)
         .map(|i| {
             let corr = format!("{prefix}-{i}");
+            let upgraded = upgraded.clone();
             tokio::spawn(async move {
                 let mut call = MediaCall::connect(public, "/ws", &corr).await.unwrap();
+                upgraded.fetch_add(1, Ordering::SeqCst);
                 let stats = call.stream_audio(frames, Duration::from_secs(15)).await.unwrap();
                 (corr, stats)
             })
@@ -78,9 +90,11 @@ async fn an_agent_killed_mid_call_spares_the_other_agents_calls_and_new_calls_go
 
     // 20 calls of 8 s each; the first agent is killed once every call is flowing.
     let frames = 8 * FPS;
-    let calls = start_calls(edge.public, "kill", 20, frames);
-    let all_up =
-        eventually(PROC_DEADLINE, || async { bots[0].sessions().len() + bots[1].sessions().len() == 20 }).await;
+    let upgraded = Arc::new(AtomicUsize::new(0));
+    let calls = start_counted_calls(edge.public, "kill", 20, frames, upgraded.clone());
+    // Killed only once every caller holds its upgraded socket: an upgrade the bot accepted but
+    // whose answer had not left the agent would rightly fail with 502.
+    let all_up = eventually(PROC_DEADLINE, || async { upgraded.load(Ordering::SeqCst) == 20 }).await;
     assert!(all_up, "every call reaches a bot:\n{}\n{}", agents[0].proc.log(), edge.proc.log());
     assert!(!bots[0].sessions().is_empty() && !bots[1].sessions().is_empty(), "calls spread over both agents");
     agents[0].proc.signal("KILL").unwrap();
@@ -190,7 +204,7 @@ async fn twenty_calls_over_a_lossy_slow_link_arrive_complete_and_in_order() {
         assert!(stats.intact() && stats.sent == frames, "{corr}: {stats:?}");
         relayed.merge(&stats);
     }
-    let dropped = proxy.stats().dropped.load(std::sync::atomic::Ordering::Relaxed);
+    let dropped = proxy.stats().dropped.load(Ordering::Relaxed);
     let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0);
     eprintln!(
         "5% loss, 50±10 ms each way: {} frames, all in order; RTT p50 {:.1} ms, p99 {:.1} ms vs direct p50 {:.2} ms, \
@@ -240,10 +254,12 @@ async fn a_link_gone_silent_is_dropped_by_the_idle_timeout_and_restored_when_it_
     assert!(healed.elapsed() < Duration::from_secs(3), "back {:?} after the link healed", healed.elapsed());
 }
 
-/// A network namespace with a veth pair to the host, `ns_ip` on its inner end. Deleted (with
-/// its veth pair) on drop.
+/// A network namespace with a veth pair to the host: `host_ips` on the host end, `ns_ip` on the
+/// inner end, in one /29 of a private range used for nothing else. Deleted (with its veth pair
+/// and any `/etc/netns/NAME` files) on drop.
 struct Netns {
     name: String,
+    host_ips: [String; 2],
     ns_ip: String,
 }
 
@@ -268,16 +284,19 @@ impl Netns {
         let id = std::process::id() % 10_000;
         let name = format!("acsr-{id}-{tag}");
         let (host_if, ns_if) = (format!("acsrh{id}{tag}"), format!("acsrn{id}{tag}"));
-        // A /30 per test from a private range used for nothing else here.
+        // A /29 per test: .1 and .3 on the host end, .2 inside.
         let subnet = (id % 250) as u8;
-        let (host_ip, ns_ip) = (format!("10.213.{subnet}.{}", tag * 4 + 1), format!("10.213.{subnet}.{}", tag * 4 + 2));
-        let ns = Self { name: name.clone(), ns_ip: ns_ip.clone() };
+        let at = |n: u8| format!("10.213.{subnet}.{}", tag * 8 + n);
+        let (host_ips, ns_ip) = ([at(1), at(3)], at(2));
+        let ns = Self { name: name.clone(), host_ips: host_ips.clone(), ns_ip: ns_ip.clone() };
         run(&["ip", "netns", "add", &name])?;
         run(&["ip", "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if])?;
         run(&["ip", "link", "set", &ns_if, "netns", &name])?;
-        run(&["ip", "addr", "add", &format!("{host_ip}/30"), "dev", &host_if])?;
+        for ip in &host_ips {
+            run(&["ip", "addr", "add", &format!("{ip}/29"), "dev", &host_if])?;
+        }
         run(&["ip", "link", "set", &host_if, "up"])?;
-        ns.exec(&["ip", "addr", "add", &format!("{ns_ip}/30"), "dev", &ns_if])?;
+        ns.exec(&["ip", "addr", "add", &format!("{ns_ip}/29"), "dev", &ns_if])?;
         ns.exec(&["ip", "link", "set", &ns_if, "up"])?;
         ns.exec(&["ip", "link", "set", "lo", "up"])?;
         Ok(ns)
@@ -289,6 +308,15 @@ impl Netns {
         run(&full)
     }
 
+    /// Makes `name` resolve to `ips` for processes run in the namespace (`ip netns exec`
+    /// bind-mounts `/etc/netns/NAME/hosts` over `/etc/hosts`).
+    fn hosts(&self, name: &str, ips: &[String]) -> Result<(), String> {
+        let dir = Path::new("/etc/netns").join(&self.name);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let text: String = ips.iter().map(|ip| format!("{ip} {name}\n")).collect();
+        std::fs::write(dir.join("hosts"), format!("127.0.0.1 localhost\n{text}")).map_err(|e| e.to_string())
+    }
+
     fn wrapper(&self) -> [&str; 4] {
         ["ip", "netns", "exec", self.name.as_str()]
     }
@@ -298,6 +326,7 @@ impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace deletes the veth pair with it.
         let _ = run(&["ip", "netns", "del", &self.name]);
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
     }
 }
 
@@ -347,4 +376,132 @@ async fn udp_silently_dropped_by_the_kernel_is_survived_and_the_agent_returns_wh
     assert!(back < Duration::from_secs(3), "back only {back:?} after UDP passed again");
     assert!(eventually(PROC_DEADLINE, || async { webhook().await == StatusCode::OK }).await);
     drop(ns);
+}
+
+/// `count` correlation ids whose calls rendezvous hashing gives to `wanted` rather than `other`.
+fn keys_for(wanted: &str, other: &str, prefix: &str, count: usize) -> Vec<String> {
+    use relay_edge::agents::rendezvous_weight;
+    (0..10_000)
+        .map(|i| format!("{prefix}-{i}"))
+        .filter(|key| rendezvous_weight(key, wanted) > rendezvous_weight(key, other))
+        .take(count)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_an_agent_finishes_its_webhooks_keeps_its_calls_for_the_grace_and_routes_nothing_new_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = edge_state(dir.path(), &[]);
+    let edge = EdgeProc::start(&bins(), &[], &state, &[]).await.unwrap();
+    let bots = [EchoBot::start().await.unwrap(), EchoBot::start().await.unwrap()];
+    let mut agents = Vec::new();
+    for (i, bot) in bots.iter().enumerate() {
+        let agent_dir = pair(&state, edge.tunnel, &format!("agent-{i}"), dir.path()).await;
+        let edges = [edge.tunnel.to_string()];
+        let args = ["--drain-timeout", "3s"];
+        agents.push(AgentProc::start(&bins(), &[], &agent_dir, &bot.url(), &edges, &args).await.unwrap());
+    }
+    assert!(eventually(PROC_DEADLINE, || async { edge.agents_connected().await == 2 }).await);
+
+    // Ten slow webhooks and five calls, all of calls that belong to agent-0.
+    let keys = keys_for("agent-0", "agent-1", "drain", 15);
+    let public = edge.public;
+    let webhooks: Vec<_> = keys[..10]
+        .iter()
+        .map(|key| {
+            let body = acs::incoming_call_event(key);
+            tokio::spawn(async move {
+                let reply =
+                    send_collect(public, post_json(public, "/api/incomingCall?delay_ms=1500", &body)).await.unwrap();
+                (reply.status(), reply.body().clone(), body)
+            })
+        })
+        .collect();
+    let calls: Vec<_> = keys[10..]
+        .iter()
+        .map(|key| {
+            let key = key.clone();
+            tokio::spawn(async move {
+                let mut call = MediaCall::connect(public, "/ws", &key).await.unwrap();
+                call.stream_audio(10 * FPS, Duration::from_secs(15)).await.unwrap()
+            })
+        })
+        .collect();
+    let all_in = eventually(PROC_DEADLINE, || async { bots[0].hits() == 15 }).await;
+    assert!(all_in, "every webhook and call reached agent-0's bot (it got {})", bots[0].hits());
+
+    agents[0].proc.signal("TERM").unwrap();
+    let signalled = Instant::now();
+    // New exchanges, even of agent-0's calls, go to agent-1 once the drain notice is in.
+    let moved = eventually(PROC_DEADLINE, || async {
+        let before = bots[1].hits();
+        let reply = send_collect(public, post_json(public, "/api/incomingCall", &acs::incoming_call_event(&keys[0])))
+            .await
+            .unwrap();
+        reply.status() == StatusCode::OK && bots[1].hits() == before + 1
+    })
+    .await;
+    assert!(moved);
+    let hits_on_leaving = bots[0].hits();
+    for key in &keys[..5] {
+        let reply =
+            send_collect(public, post_json(public, "/api/incomingCall", &acs::incoming_call_event(key))).await.unwrap();
+        assert_eq!(reply.status(), StatusCode::OK);
+    }
+    assert_eq!(bots[0].hits(), hits_on_leaving, "nothing new reaches the draining agent");
+
+    for webhook in webhooks {
+        let (status, body, sent) = webhook.await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(&body[..], sent.as_bytes(), "each webhook completes with the bot's answer");
+    }
+    for call in calls {
+        let stats = call.await.unwrap();
+        assert_eq!(stats.closed_by_peer, Some(1001), "{stats:?}");
+        assert_eq!(stats.mismatched, 0);
+        assert!(stats.received >= 3 * FPS - FPS / 2, "the call ran through the 3 s grace: {stats:?}");
+    }
+    assert!(signalled.elapsed() >= Duration::from_secs(3));
+    let status = agents[0].proc.wait_exit(PROC_DEADLINE).await.expect("the agent exits after its grace");
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_name_resolving_to_two_replicas_gets_one_connection_to_each() {
+    let ns = match Netns::create(2) {
+        Ok(ns) => ns,
+        Err(reason) => {
+            eprintln!("skipped: this test needs root, ip and iptables for a network namespace ({reason})");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // The agent dials the name; pairing (from the host) dials the first address.
+    let state = edge_state(dir.path(), &["edges.test", &ns.host_ips[0]]);
+    // Two replicas on one state directory, on the two host addresses, same tunnel port.
+    let first_tunnel = format!("{}:0", ns.host_ips[0]);
+    let first = EdgeProc::start(&bins(), &[], &state, &["--tunnel-listen", first_tunnel.as_str()]).await.unwrap();
+    let port = first.tunnel.port();
+    let second_tunnel = format!("{}:{port}", ns.host_ips[1]);
+    let second = EdgeProc::start(&bins(), &[], &state, &["--tunnel-listen", second_tunnel.as_str()]).await.unwrap();
+    ns.hosts("edges.test", &ns.host_ips).unwrap();
+
+    // The bot listens where the namespace can reach it; the agent runs inside the namespace.
+    let bot = EchoBot::start_on(format!("{}:0", ns.host_ips[0]).parse().unwrap()).await.unwrap();
+    let agent_dir = pair(&state, first.tunnel, "agent-0", dir.path()).await;
+    let edges = [format!("edges.test:{port}")];
+    let agent = AgentProc::start(&bins(), &ns.wrapper(), &agent_dir, &bot.url(), &edges, &[]).await.unwrap();
+    let both = eventually(PROC_DEADLINE, || async {
+        first.agents_connected().await == 1 && second.agents_connected().await == 1
+    })
+    .await;
+    assert!(both, "one connection to each address of the name:\n{}", agent.proc.log());
+    for edge in [&first, &second] {
+        let reply =
+            send_collect(edge.public, post_json(edge.public, "/api/incomingCall", &acs::incoming_call_event("dns")))
+                .await
+                .unwrap();
+        assert_eq!(reply.status(), StatusCode::OK);
+    }
+    assert_eq!(bot.hits(), 2);
 }

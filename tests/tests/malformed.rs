@@ -12,7 +12,7 @@ use relay_transport::{read_frame, write_frame};
 use tokio::io::AsyncWriteExt;
 
 #[tokio::test]
-async fn a_malformed_answer_resets_that_exchange_only_and_the_connection_keeps_serving() {
+async fn a_malformed_answer_resets_that_exchange_only_while_others_in_flight_and_after_carry_on() {
     let stack = Stack::start_without_agent(|_| {}).await.unwrap();
     let dir = stack.pair_agent("fake").await.unwrap();
     // A hand-driven agent speaking the protocol, which can misbehave on purpose.
@@ -30,32 +30,51 @@ async fn a_malformed_answer_resets_that_exchange_only_and_the_connection_keeps_s
     assert!(matches!(welcome, ControlMessage::Welcome { .. }));
     stack.wait_connected(1).await.unwrap();
 
+    // The fake agent holds a first exchange open, answers a second with garbage, then finishes
+    // the first and serves a third: the garbage must cost only its own stream.
+    let (held_tx, held_rx) = tokio::sync::oneshot::channel();
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
     let serving = conn.clone();
     let fake_agent = tokio::spawn(async move {
-        for _ in 0..2 {
-            let mut stream = serving.accept_bi().await.unwrap();
-            let head: ExchangeHead = read_frame(&mut stream.recv, DEFAULT_MAX_HEAD_LEN).await.unwrap().unwrap();
-            if head.path_and_query.contains("garbage") {
-                // A length prefix followed by bytes that are no HttpReply.
-                let mut junk = bytes::BytesMut::new();
-                junk.put_u32(6);
-                junk.put_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
-                stream.send.write_all(&junk).await.unwrap();
-            } else {
-                let reply = HttpReply::Response(ResponseHead {
-                    status: 200,
-                    headers: vec![("content-length".into(), b"4".to_vec())],
-                });
-                write_frame(&mut stream.send, &reply, DEFAULT_MAX_HEAD_LEN).await.unwrap();
-                stream.send.write_all(b"fine").await.unwrap();
-            }
+        let answer = |mut stream: relay_transport::BiStream| async move {
+            let reply = HttpReply::Response(ResponseHead {
+                status: 200,
+                headers: vec![("content-length".into(), b"4".to_vec())],
+            });
+            write_frame(&mut stream.send, &reply, DEFAULT_MAX_HEAD_LEN).await.unwrap();
+            stream.send.write_all(b"fine").await.unwrap();
             stream.send.shutdown().await.unwrap();
-        }
+        };
+        let mut first = serving.accept_bi().await.unwrap();
+        let head: ExchangeHead = read_frame(&mut first.recv, DEFAULT_MAX_HEAD_LEN).await.unwrap().unwrap();
+        assert!(head.path_and_query.contains("first"));
+        held_tx.send(()).unwrap();
+        let mut garbage = serving.accept_bi().await.unwrap();
+        let head: ExchangeHead = read_frame(&mut garbage.recv, DEFAULT_MAX_HEAD_LEN).await.unwrap().unwrap();
+        assert!(head.path_and_query.contains("garbage"));
+        // A length prefix followed by bytes that are no HttpReply.
+        let mut junk = bytes::BytesMut::new();
+        junk.put_u32(6);
+        junk.put_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        garbage.send.write_all(&junk).await.unwrap();
+        let _ = garbage.send.shutdown().await;
+        release_rx.await.unwrap();
+        answer(first).await;
+        let mut third = serving.accept_bi().await.unwrap();
+        let _: ExchangeHead = read_frame(&mut third.recv, DEFAULT_MAX_HEAD_LEN).await.unwrap().unwrap();
+        answer(third).await;
     });
 
-    let bad = send_collect(stack.public(), post_json(stack.public(), "/api/callbacks/garbage", "[]")).await.unwrap();
+    let public = stack.public();
+    let first =
+        tokio::spawn(async move { send_collect(public, post_json(public, "/api/callbacks/first", "[]")).await });
+    held_rx.await.unwrap();
+    let bad = send_collect(public, post_json(public, "/api/callbacks/garbage", "[]")).await.unwrap();
     assert_eq!(bad.status(), StatusCode::BAD_GATEWAY);
-    let good = send_collect(stack.public(), post_json(stack.public(), "/api/callbacks/ok", "[]")).await.unwrap();
+    release_tx.send(()).unwrap();
+    let first = first.await.unwrap().unwrap();
+    assert_eq!((first.status(), &first.body()[..]), (StatusCode::OK, &b"fine"[..]), "the held exchange is untouched");
+    let good = send_collect(public, post_json(public, "/api/callbacks/ok", "[]")).await.unwrap();
     assert_eq!(good.status(), StatusCode::OK);
     assert_eq!(&good.body()[..], b"fine");
     assert_eq!(stack.edge.connected_agents(), ["fake"], "the connection must survive a malformed frame");
