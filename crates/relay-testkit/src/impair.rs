@@ -1,10 +1,15 @@
-//! A link-impairment proxy for fault tests: a UDP forwarder placed between agent and edge that
-//! drops, delays, jitters and reorders datagrams with a seeded random generator, so a run is
-//! reproducible and needs no root (this kernel has no `netem`). It can also black-hole the link
-//! entirely, as a pulled cable or a firewall that drops silently would.
+//! Link-impairment proxies for fault tests, placed between agent and edge, so runs are
+//! reproducible and need no root (this kernel has no `netem`):
 //!
-//! The agent dials the proxy's address; each agent source address gets its own upstream socket
-//! towards the edge, so several agents can share one proxy.
+//! * [`UdpImpairProxy`] drops, delays, jitters and reorders datagrams with a seeded random
+//!   generator; each agent source address gets its own upstream socket, so several agents can
+//!   share one proxy;
+//! * [`TcpImpairProxy`] delays and jitters the byte stream of each connection (in order: TCP
+//!   loses nothing, so loss on TCP is the kernel's business, e.g. an `iptables -m statistic`
+//!   rule inside a test's namespace).
+//!
+//! Both can black-hole the link entirely, as a pulled cable or a firewall that drops silently
+//! would: nothing passes and nobody is told.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -195,6 +200,145 @@ async fn back(
     }
 }
 
+/// A running TCP impairment proxy; stops when dropped.
+pub struct TcpImpairProxy {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    /// `true` while black-holed; connections stop carrying bytes (without closing) while set.
+    silence: tokio::sync::watch::Sender<bool>,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for TcpImpairProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpImpairProxy").field("addr", &self.addr).finish()
+    }
+}
+
+impl Drop for TcpImpairProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl TcpImpairProxy {
+    /// Listens on `127.0.0.1` (a port from the OS) and forwards each connection to `target`,
+    /// delaying every chunk by the impairment's delay and jitter (its loss is ignored), drawing
+    /// every random decision from `seed`.
+    pub async fn start(target: SocketAddr, impairment: Impairment, seed: u64) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            impairment: Mutex::new(Impairment { loss: 0.0, ..impairment }),
+            blackhole: AtomicBool::new(false),
+            rng: Mutex::new(fastrand::Rng::with_seed(seed)),
+            stats: ImpairStats::default(),
+        });
+        let (silence, _) = tokio::sync::watch::channel(false);
+        let stop = CancellationToken::new();
+        let (accept_shared, accept_silence, accept_stop) = (shared.clone(), silence.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (inbound, _) = tokio::select! {
+                    () = accept_stop.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(pair) => pair,
+                        Err(_) => continue,
+                    },
+                };
+                let Ok(outbound) = tokio::net::TcpStream::connect(target).await else { continue };
+                let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
+                let (in_read, in_write) = inbound.into_split();
+                let (out_read, out_write) = outbound.into_split();
+                for (from, to) in [(in_read, out_write), (out_read, in_write)] {
+                    let (shared, silence, stop) =
+                        (accept_shared.clone(), accept_silence.subscribe(), accept_stop.clone());
+                    tokio::spawn(carry(from, to, shared, silence, stop));
+                }
+            }
+        });
+        Ok(Self { addr, shared, silence, stop })
+    }
+
+    /// The address agents dial instead of the edge.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Changes the delay and jitter from now on.
+    pub fn set(&self, impairment: Impairment) {
+        if let Ok(mut current) = self.shared.impairment.lock() {
+            *current = Impairment { loss: 0.0, ..impairment };
+        }
+    }
+
+    /// Stops carrying bytes on every connection while `on`, without closing anything.
+    pub fn blackhole(&self, on: bool) {
+        self.silence.send_replace(on);
+    }
+
+    /// Chunks carried so far (`forwarded`); TCP drops nothing.
+    pub fn stats(&self) -> &ImpairStats {
+        &self.shared.stats
+    }
+}
+
+/// Carries one direction of one TCP connection: each chunk read is written after its delay, never
+/// before an earlier chunk, so the stream stays in order; nothing moves while silenced.
+async fn carry(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    shared: Arc<Shared>,
+    mut silence: tokio::sync::watch::Receiver<bool>,
+    stop: CancellationToken,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (queue, mut due) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer_silence = silence.clone();
+    let writer_shared = shared.clone();
+    let writer = tokio::spawn(async move {
+        let mut silence = writer_silence;
+        while let Some((at, chunk)) = due.recv().await {
+            tokio::time::sleep_until(at).await;
+            // Held, not dropped, while the link is silent: TCP would retransmit it later.
+            while *silence.borrow() {
+                if silence.changed().await.is_err() {
+                    return;
+                }
+            }
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+            writer_shared.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = to.shutdown().await;
+    });
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut last = tokio::time::Instant::now();
+    loop {
+        while *silence.borrow() {
+            tokio::select! {
+                () = stop.cancelled() => return writer.abort(),
+                changed = silence.changed() => if changed.is_err() { return },
+            }
+        }
+        let len = tokio::select! {
+            () = stop.cancelled() => return writer.abort(),
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(len) => len,
+            },
+        };
+        let delay = shared.fate().unwrap_or_default();
+        last = last.max(tokio::time::Instant::now() + delay);
+        if queue.send((last, buf.get(..len).map(<[u8]>::to_vec).unwrap_or_default())).is_err() {
+            break;
+        }
+    }
+    drop(queue);
+    let _ = writer.await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,5 +386,40 @@ mod tests {
         client.send_to(b"lost", proxy.addr()).await.unwrap();
         assert!(tokio::time::timeout(Duration::from_millis(300), client.recv_from(&mut buf)).await.is_err());
         assert_eq!(proxy.stats().dropped.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn tcp_bytes_arrive_in_order_after_the_delay_and_stop_while_black_holed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let echo_addr = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let impairment = Impairment { loss: 0.5, delay: Duration::from_millis(30), jitter: Duration::from_millis(20) };
+        let proxy = TcpImpairProxy::start(echo_addr, impairment, 3).await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+        let sent: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        let started = std::time::Instant::now();
+        for chunk in sent.chunks(1000) {
+            client.write_all(chunk).await.unwrap();
+        }
+        let mut back = vec![0u8; sent.len()];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut back)).await.unwrap().unwrap();
+        assert_eq!(back, sent, "every byte, in order, despite jitter and the loss setting");
+        assert!(started.elapsed() >= Duration::from_millis(20), "delayed both ways");
+
+        proxy.blackhole(true);
+        client.write_all(b"held").await.unwrap();
+        let mut four = [0u8; 4];
+        assert!(tokio::time::timeout(Duration::from_millis(300), client.read_exact(&mut four)).await.is_err());
+        proxy.blackhole(false);
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut four)).await.unwrap().unwrap();
+        assert_eq!(&four, b"held", "bytes held during the silence arrive after it");
     }
 }
