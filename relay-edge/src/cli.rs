@@ -256,3 +256,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
 pub fn main() -> ExitCode {
     relay_cli::main("relay-edge", |cli: Cli| run(cli.command))
 }
+
+/// Runs the command line on `args` (the first names the program) and returns the exit status.
+pub fn main_from<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    relay_cli::main_from("relay-edge", args, |cli: Cli| run(cli.command))
+}

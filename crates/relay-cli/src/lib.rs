@@ -24,15 +24,29 @@ fn one_line(error: &clap::Error) -> String {
         .join(" ")
 }
 
-/// Parses `C`, runs `run` on a multi-threaded runtime, and turns the outcome into an exit code.
-/// `--help` and `--version` print as usual and exit 0; usage errors exit 2; failures exit 1.
+/// Parses `C` from the process's arguments, runs `run` on a multi-threaded runtime, and turns the
+/// outcome into an exit code. `--help` and `--version` print as usual and exit 0; usage errors
+/// exit 2; failures exit 1.
 pub fn main<C, F, Fut>(program: &str, run: F) -> ExitCode
 where
     C: Parser,
     F: FnOnce(C) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let cli = match C::try_parse() {
+    main_from(program, std::env::args_os(), run)
+}
+
+/// [`main`] with the arguments given (the first one names the program), for a binary that
+/// embeds another's command line, as `relay-bench` embeds the edge's and the agent's.
+pub fn main_from<C, F, Fut, I, T>(program: &str, args: I, run: F) -> ExitCode
+where
+    C: Parser,
+    F: FnOnce(C) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match C::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
             let _ = e.print();

@@ -1,0 +1,378 @@
+//! `relay-bench compare`: the same load straight to the bot and through a freshly paired edge +
+//! agent on loopback, in one run, with the CPU and memory of each process read from `/proc`.
+//! The bot, edge and agent are separate processes (this binary, re-run as `bot`, `edge` and
+//! `agent`), so each one's cost is its own and the versions always match.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::media::{self, MediaLoad, MediaReport, Percentiles};
+use crate::procstat::{self, ProcSample};
+use crate::webhooks::{self, HttpClient, WebhookLoad, WebhookReport};
+
+/// How long a child process has to come up.
+const START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// What to compare.
+#[derive(Debug, Clone)]
+pub struct CompareSettings {
+    /// Concurrent media calls.
+    pub calls: usize,
+    /// How long the calls stream.
+    pub duration: Duration,
+    /// Callback POSTs per call during the media phase.
+    pub callbacks_per_call: usize,
+    /// Concurrent webhook requests in the webhook phase.
+    pub webhook_concurrency: usize,
+    /// How long the webhook phase runs (zero skips it).
+    pub webhook_duration: Duration,
+    /// Extra arguments for `relay-edge run`.
+    pub edge_args: Vec<String>,
+    /// Extra arguments for `relay-agent run`.
+    pub agent_args: Vec<String>,
+}
+
+/// One target's figures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Side {
+    /// The media phase.
+    pub media: MediaReport,
+    /// The webhook phase.
+    pub webhooks: WebhookReport,
+    /// CPU cores used during the media phase, per process.
+    pub media_cpu_cores: BTreeMap<String, f64>,
+    /// Resident memory added per open, idle call, in KiB, per process.
+    pub idle_kib_per_call: BTreeMap<String, f64>,
+    /// Peak resident memory at the end, in KiB, per process.
+    pub peak_rss_kib: BTreeMap<String, u64>,
+}
+
+/// The whole comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    /// Concurrent calls.
+    pub calls: usize,
+    /// Seconds each call streamed.
+    pub duration_seconds: f64,
+    /// Webhook concurrency.
+    pub webhook_concurrency: usize,
+    /// Straight to the bot.
+    pub direct: Side,
+    /// Through edge + agent.
+    pub relay: Side,
+    /// Round trip the relay adds, in milliseconds.
+    pub added_rtt_ms: Percentiles,
+    /// Relay webhook requests/s as a fraction of direct.
+    pub webhook_ratio: f64,
+    /// Edge + agent CPU cores during the media phase.
+    pub relay_cpu_cores: f64,
+}
+
+/// A child process whose output is drained (so it never blocks on a full pipe) and searched
+/// for one line.
+struct Spawned {
+    child: Child,
+    line: String,
+}
+
+async fn spawn(program: &Path, args: &[String], wanted: &str) -> anyhow::Result<Spawned> {
+    let mut child = Command::new(program)
+        .args(args)
+        // The line waited for is logged at info; the level of everything else stays the operator's.
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG")
+                .map_or_else(|_| "info".to_owned(), |level| format!("{level},relay_edge=info,relay_agent=info")),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", program.display()))?;
+    let (found_tx, mut found_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let pipes: Vec<Box<dyn tokio::io::AsyncRead + Send + Unpin>> = [
+        child.stdout.take().map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        child.stderr.take().map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for pipe in pipes {
+        let (found, wanted) = (found_tx.clone(), wanted.to_owned());
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(pipe).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains(&wanted) || line.contains("ERROR") {
+                    let _ = found.send(line);
+                }
+            }
+        });
+    }
+    drop(found_tx);
+    let line = tokio::time::timeout(START_DEADLINE, found_rx.recv())
+        .await
+        .ok()
+        .flatten()
+        .with_context(|| format!("{} {} did not start", program.display(), args.join(" ")))?;
+    if !line.contains(wanted) {
+        bail!("{} failed: {line}", program.display());
+    }
+    Ok(Spawned { child, line })
+}
+
+/// The value of `key=value` in a log line.
+fn field(line: &str, key: &str) -> Option<SocketAddr> {
+    let prefix = format!("{key}=");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&prefix))
+        .map(|v| v.trim_start_matches("Some(").trim_end_matches(')'))
+        .and_then(|v| v.parse().ok())
+}
+
+fn pid(child: &Child) -> anyhow::Result<u32> {
+    child.id().context("child already exited")
+}
+
+/// Runs the media and webhook phases against `target`, sampling `procs` around them.
+async fn measure(settings: &CompareSettings, target: SocketAddr, procs: &[(&str, u32)]) -> Side {
+    let sample_all = || -> BTreeMap<String, ProcSample> {
+        procs.iter().filter_map(|(name, pid)| Some(((*name).to_owned(), procstat::sample(*pid)?))).collect()
+    };
+    let before = sample_all();
+    let mut at_start = BTreeMap::new();
+    let load = MediaLoad {
+        target,
+        calls: settings.calls,
+        duration: settings.duration,
+        callbacks_per_call: settings.callbacks_per_call,
+    };
+    let media = media::run(load, || at_start = sample_all()).await;
+    let at_end = sample_all();
+    let mut side = Side { media, ..Side::default() };
+    let calls = side.media.calls_connected.max(1) as f64;
+    for (name, end) in &at_end {
+        if let (Some(start), Some(zero)) = (at_start.get(name), before.get(name)) {
+            let cores = (end.cpu_seconds - start.cpu_seconds) / side.media.wall_seconds.max(f64::EPSILON);
+            side.media_cpu_cores.insert(name.clone(), cores);
+            side.idle_kib_per_call.insert(name.clone(), (start.rss_kib as f64 - zero.rss_kib as f64) / calls);
+        }
+    }
+    if !settings.webhook_duration.is_zero() {
+        side.webhooks = webhooks::run(WebhookLoad {
+            target,
+            concurrency: settings.webhook_concurrency,
+            duration: settings.webhook_duration,
+        })
+        .await;
+    }
+    for (name, sample) in sample_all() {
+        side.peak_rss_kib.insert(name, sample.peak_rss_kib);
+    }
+    side
+}
+
+/// Runs the whole comparison; `exe` is this binary.
+pub async fn run(exe: &Path, settings: CompareSettings) -> anyhow::Result<Comparison> {
+    let mut bot = spawn(exe, &["bot".into(), "--listen".into(), "127.0.0.1:0".into()], "listening on").await?;
+    let bot_addr: SocketAddr = bot
+        .line
+        .rsplit(' ')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("bot printed {:?}", bot.line))?;
+    let bot_pid = pid(&bot.child)?;
+    eprintln!("direct: {} calls for {:?} against the bot at {bot_addr}", settings.calls, settings.duration);
+    let direct = measure(&settings, bot_addr, &[("bot", bot_pid)]).await;
+
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("edge");
+    let edge_state = relay_pki::EdgeState::init(&state, &[], SystemTime::now())?;
+    let state_arg = state.display().to_string();
+    let mut edge_args: Vec<String> = [
+        "edge",
+        "run",
+        "--state-dir",
+        &state_arg,
+        "--listen",
+        "127.0.0.1:0",
+        "--tunnel-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        // One load generator on one address would trip the per-source limit meant for floods.
+        "--rate-limit-per-source",
+        "0",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    edge_args.extend(settings.edge_args.iter().cloned());
+    let mut edge = spawn(exe, &edge_args, "edge listening").await?;
+    let (public, tunnel) = match (field(&edge.line, "public_addr"), field(&edge.line, "tunnel_addr")) {
+        (Some(p), Some(t)) => (p, t),
+        _ => bail!("cannot read the edge's addresses from {:?}", edge.line),
+    };
+    let token = edge_state.create_token(
+        "bench-agent",
+        &tunnel.to_string(),
+        relay_pki::DEFAULT_TOKEN_TTL,
+        SystemTime::now(),
+        false,
+    )?;
+    let agent_dir = dir.path().join("agent");
+    relay_agent::pair(&agent_dir, &token.encode(), &Default::default()).await?;
+    let agent_state = agent_dir.display().to_string();
+    let upstream = format!("http://{bot_addr}");
+    let mut agent_args: Vec<String> =
+        ["agent", "run", "--state-dir", &agent_state, "--upstream", &upstream, "--admin-listen", "127.0.0.1:0"]
+            .map(str::to_owned)
+            .to_vec();
+    agent_args.extend(settings.agent_args.iter().cloned());
+    let mut agent = spawn(exe, &agent_args, "agent starting").await?;
+    wait_ready(public).await?;
+    let (edge_pid, agent_pid) = (pid(&edge.child)?, pid(&agent.child)?);
+    eprintln!("relay: the same load through the edge at {public} (agent pid {agent_pid}, edge pid {edge_pid})");
+    let relay = measure(&settings, public, &[("edge", edge_pid), ("agent", agent_pid), ("bot", bot_pid)]).await;
+
+    let _ = agent.child.kill().await;
+    let _ = edge.child.kill().await;
+    let _ = bot.child.kill().await;
+    let diff = |a: f64, b: f64| a - b;
+    Ok(Comparison {
+        calls: settings.calls,
+        duration_seconds: settings.duration.as_secs_f64(),
+        webhook_concurrency: settings.webhook_concurrency,
+        added_rtt_ms: Percentiles {
+            p50: diff(relay.media.rtt_ms.p50, direct.media.rtt_ms.p50),
+            p90: diff(relay.media.rtt_ms.p90, direct.media.rtt_ms.p90),
+            p99: diff(relay.media.rtt_ms.p99, direct.media.rtt_ms.p99),
+            max: diff(relay.media.rtt_ms.max, direct.media.rtt_ms.max),
+        },
+        webhook_ratio: if direct.webhooks.requests_per_second > 0.0 {
+            relay.webhooks.requests_per_second / direct.webhooks.requests_per_second
+        } else {
+            0.0
+        },
+        relay_cpu_cores: relay.media_cpu_cores.get("edge").copied().unwrap_or(0.0)
+            + relay.media_cpu_cores.get("agent").copied().unwrap_or(0.0),
+        direct,
+        relay,
+    })
+}
+
+/// Waits until a webhook through the edge reaches the bot (the agent is connected).
+async fn wait_ready(public: SocketAddr) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + START_DEADLINE;
+    let mut client = HttpClient::new(public);
+    while tokio::time::Instant::now() < deadline {
+        if client.post("/api/callbacks/ready", webhooks::callback_body(0, 0)).await.is_ok_and(|s| s.is_success()) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("the agent did not connect to the edge within {START_DEADLINE:?}")
+}
+
+/// The comparison as a table.
+pub fn render(c: &Comparison) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let (d, r) = (&c.direct, &c.relay);
+    let _ = writeln!(
+        out,
+        "{} calls x {:.0} s at 50 frames/s each way, {} webhook workers",
+        c.calls, c.duration_seconds, c.webhook_concurrency
+    );
+    let _ = writeln!(out, "{:<34} {:>14} {:>14} {:>16}", "", "direct", "acs-relay", "relay cost");
+    let row = |out: &mut String, name: &str, a: String, b: String, cost: String| {
+        let _ = writeln!(out, "{name:<34} {a:>14} {b:>14} {cost:>16}");
+    };
+    row(
+        &mut out,
+        "calls connected",
+        d.media.calls_connected.to_string(),
+        r.media.calls_connected.to_string(),
+        String::new(),
+    );
+    row(&mut out, "frames sent", d.media.frames_sent.to_string(), r.media.frames_sent.to_string(), String::new());
+    row(&mut out, "frames lost", d.media.frames_lost.to_string(), r.media.frames_lost.to_string(), String::new());
+    row(
+        &mut out,
+        "frames reordered / corrupt",
+        format!("{} / {}", d.media.frames_reordered, d.media.frames_corrupt),
+        format!("{} / {}", r.media.frames_reordered, r.media.frames_corrupt),
+        String::new(),
+    );
+    for (name, a, b, added) in [
+        ("RTT p50 (ms)", d.media.rtt_ms.p50, r.media.rtt_ms.p50, c.added_rtt_ms.p50),
+        ("RTT p90 (ms)", d.media.rtt_ms.p90, r.media.rtt_ms.p90, c.added_rtt_ms.p90),
+        ("RTT p99 (ms)", d.media.rtt_ms.p99, r.media.rtt_ms.p99, c.added_rtt_ms.p99),
+        ("RTT max (ms)", d.media.rtt_ms.max, r.media.rtt_ms.max, c.added_rtt_ms.max),
+    ] {
+        row(&mut out, name, format!("{a:.2}"), format!("{b:.2}"), format!("{added:+.2}"));
+    }
+    row(
+        &mut out,
+        "callbacks during calls ok / failed",
+        format!("{} / {}", d.media.callbacks_ok, d.media.callbacks_failed),
+        format!("{} / {}", r.media.callbacks_ok, r.media.callbacks_failed),
+        String::new(),
+    );
+    let cores = |s: &Side, p: &str| s.media_cpu_cores.get(p).copied().unwrap_or(0.0);
+    row(
+        &mut out,
+        "media CPU, cores (edge + agent)",
+        String::new(),
+        format!("{:.3} + {:.3}", cores(r, "edge"), cores(r, "agent")),
+        format!("{:.1}% of a core", c.relay_cpu_cores * 100.0),
+    );
+    row(
+        &mut out,
+        "media CPU, cores (bot)",
+        format!("{:.3}", cores(d, "bot")),
+        format!("{:.3}", cores(r, "bot")),
+        String::new(),
+    );
+    let idle = |s: &Side, p: &str| s.idle_kib_per_call.get(p).copied().unwrap_or(0.0);
+    row(
+        &mut out,
+        "idle memory per call, KiB (e / a)",
+        String::new(),
+        format!("{:.1} / {:.1}", idle(r, "edge"), idle(r, "agent")),
+        String::new(),
+    );
+    let peak = |s: &Side, p: &str| s.peak_rss_kib.get(p).copied().unwrap_or(0) / 1024;
+    row(
+        &mut out,
+        "peak RSS, MiB (edge / agent / bot)",
+        format!("- / - / {}", peak(d, "bot")),
+        format!("{} / {} / {}", peak(r, "edge"), peak(r, "agent"), peak(r, "bot")),
+        String::new(),
+    );
+    if d.webhooks.ok + r.webhooks.ok > 0 {
+        row(
+            &mut out,
+            "webhooks/s (1 KB JSON POST)",
+            format!("{:.0}", d.webhooks.requests_per_second),
+            format!("{:.0}", r.webhooks.requests_per_second),
+            format!("{:.2}x direct", c.webhook_ratio),
+        );
+        row(
+            &mut out,
+            "webhook latency p50 / p99 (ms)",
+            format!("{:.2} / {:.2}", d.webhooks.latency_ms.p50, d.webhooks.latency_ms.p99),
+            format!("{:.2} / {:.2}", r.webhooks.latency_ms.p50, r.webhooks.latency_ms.p99),
+            String::new(),
+        );
+        row(&mut out, "webhooks failed", d.webhooks.failed.to_string(), r.webhooks.failed.to_string(), String::new());
+    }
+    out
+}

@@ -1,0 +1,196 @@
+//! The `relay-bench` command: parses arguments and runs one subcommand. `relay-bench edge ...`
+//! and `relay-bench agent ...` run the edge's and the agent's own command lines, so `compare`
+//! can start them as processes from this one binary.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use relay_bench::compare::{self, CompareSettings};
+use relay_bench::media::{self, MediaLoad};
+use relay_bench::{procstat, webhooks};
+
+/// Call-load benchmark for acs-relay: ACS-shaped media calls and webhooks, direct vs relayed.
+#[derive(Debug, Parser)]
+#[command(name = "relay-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the echo bot (webhooks answered with their body, media messages echoed).
+    Bot {
+        /// Address to listen on; port 0 picks one, printed as `listening on ADDR`.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+    /// Run the load against any target (a bot, an edge, another tunnel) and report.
+    Load(LoadArgs),
+    /// Run the same load direct to a bot and through a fresh edge + agent, and compare.
+    Compare(CompareArgs),
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// Concurrent media calls.
+    #[arg(long, default_value_t = 100)]
+    calls: usize,
+    /// How long each call streams (e.g. `30s`).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Callback POSTs each call sends while it streams.
+    #[arg(long, default_value_t = 3)]
+    callbacks_per_call: usize,
+    /// Webhook requests in flight at once in the webhook phase.
+    #[arg(long, default_value_t = 64)]
+    webhook_concurrency: usize,
+    /// How long the webhook phase runs (`0s` skips it).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    webhook_duration: Duration,
+    /// Also write the figures as JSON to this file (`-` for standard output).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct LoadArgs {
+    /// `HOST:PORT` serving `/ws` and `/api/callbacks/*`.
+    #[arg(long)]
+    target: SocketAddr,
+    /// Processes to measure, as `NAME=PID` (repeatable).
+    #[arg(long = "pid", value_parser = parse_pid)]
+    pids: Vec<(String, u32)>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Args)]
+struct CompareArgs {
+    /// Extra argument for `relay-edge run` (repeatable).
+    #[arg(long = "edge-arg", allow_hyphen_values = true)]
+    edge_args: Vec<String>,
+    /// Extra argument for `relay-agent run` (repeatable).
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+fn parse_pid(text: &str) -> Result<(String, u32), String> {
+    let (name, pid) = text.split_once('=').ok_or("expected NAME=PID")?;
+    Ok((name.to_owned(), pid.parse().map_err(|_| format!("{pid:?} is not a process id"))?))
+}
+
+fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value)? + "\n";
+    if path.as_os_str() == "-" {
+        print!("{text}");
+        Ok(())
+    } else {
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Bot { listen } => {
+            let addr = relay_bench::bot::start(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+            println!("listening on {addr}");
+            tokio::signal::ctrl_c().await?;
+        }
+        Command::Load(args) => {
+            let c = &args.common;
+            let sample = || -> BTreeMap<String, procstat::ProcSample> {
+                args.pids.iter().filter_map(|(n, p)| Some((n.clone(), procstat::sample(*p)?))).collect()
+            };
+            let before = sample();
+            let load = MediaLoad {
+                target: args.target,
+                calls: c.calls,
+                duration: c.duration,
+                callbacks_per_call: c.callbacks_per_call,
+            };
+            let media = media::run(load, || {}).await;
+            let after = sample();
+            let hooks = if c.webhook_duration.is_zero() {
+                webhooks::WebhookReport::default()
+            } else {
+                webhooks::run(webhooks::WebhookLoad {
+                    target: args.target,
+                    concurrency: c.webhook_concurrency,
+                    duration: c.webhook_duration,
+                })
+                .await
+            };
+            let cpu: BTreeMap<String, f64> = after
+                .iter()
+                .filter_map(|(n, a)| {
+                    let b = before.get(n)?;
+                    Some((n.clone(), (a.cpu_seconds - b.cpu_seconds) / media.wall_seconds.max(f64::EPSILON)))
+                })
+                .collect();
+            println!(
+                "{} calls: {} frames sent, {} lost, {} reordered; RTT p50 {:.2} p90 {:.2} p99 {:.2} max {:.2} ms; \
+                 callbacks {} ok {} failed",
+                media.calls_connected,
+                media.frames_sent,
+                media.frames_lost,
+                media.frames_reordered,
+                media.rtt_ms.p50,
+                media.rtt_ms.p90,
+                media.rtt_ms.p99,
+                media.rtt_ms.max,
+                media.callbacks_ok,
+                media.callbacks_failed
+            );
+            for (name, cores) in &cpu {
+                println!("{name}: {:.1}% of a core during the calls", cores * 100.0);
+            }
+            if hooks.ok + hooks.failed > 0 {
+                println!(
+                    "webhooks: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, {} failed",
+                    hooks.requests_per_second, hooks.latency_ms.p50, hooks.latency_ms.p99, hooks.failed
+                );
+            }
+            if let Some(path) = &c.json {
+                let report = serde_json::json!({ "media": media, "webhooks": hooks, "media_cpu_cores": cpu });
+                write_json(path, &report)?;
+            }
+        }
+        Command::Compare(args) => {
+            let c = args.common;
+            let exe = std::env::current_exe().context("cannot find this program's path")?;
+            let settings = CompareSettings {
+                calls: c.calls,
+                duration: c.duration,
+                callbacks_per_call: c.callbacks_per_call,
+                webhook_concurrency: c.webhook_concurrency,
+                webhook_duration: c.webhook_duration,
+                edge_args: args.edge_args,
+                agent_args: args.agent_args,
+            };
+            let comparison = compare::run(&exe, settings).await?;
+            print!("{}", compare::render(&comparison));
+            if let Some(path) = &c.json {
+                write_json(path, &comparison)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1);
+    match args.next() {
+        // The embedded command lines: `relay-bench edge run ...` is `relay-edge run ...`.
+        Some(sub) if sub == "edge" => relay_edge::cli::main_from(std::iter::once("relay-edge".into()).chain(args)),
+        Some(sub) if sub == "agent" => relay_agent::cli::main_from(std::iter::once("relay-agent".into()).chain(args)),
+        _ => relay_cli::main("relay-bench", |cli: Cli| run(cli.command)),
+    }
+}
