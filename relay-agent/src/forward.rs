@@ -16,7 +16,6 @@ use relay_proto::headers::{from_wire, strip_hop_by_hop, to_wire};
 use relay_proto::{ExchangeHead, Failure, FailureKind, HttpReply, ResponseHead, WsReply, code};
 use relay_transport::{BiStream, write_frame};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{info, warn};
 
 use crate::config::AgentSettings;
@@ -164,7 +163,7 @@ impl Forwarder {
             }
         };
         let max = self.settings.max_ws_message_bytes;
-        let config = WebSocketConfig::default().max_message_size(Some(max)).max_frame_size(Some(max));
+        let config = relay_exchange::websocket::websocket_config(max);
         let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
         let reply = match tokio::time::timeout(self.settings.bot_timeout, connect).await {
             Ok(Ok((ws, response))) => {

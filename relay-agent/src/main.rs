@@ -1,5 +1,9 @@
 //! The `relay-agent` binary: the command line lives in [`relay_agent::cli`].
 
+/// mimalloc rather than the system allocator: see the workspace manifest for the measurement.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     relay_agent::cli::main()
 }

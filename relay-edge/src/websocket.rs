@@ -10,13 +10,14 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use relay_exchange::body::{RelayBody, empty, full};
 use relay_exchange::websocket::pump;
+use relay_exchange::websocket::websocket_config;
 use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
 use relay_proto::headers::{from_wire, strip_hop_by_hop};
 use relay_proto::{ExchangeKind, FailureKind, WsReply, code};
 use relay_transport::{BiStream, read_frame, write_frame};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{info, warn};
 
 use crate::forward::{exchange_head, forwarded_headers, open_exchange};
@@ -34,10 +35,6 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-pub(crate) fn websocket_config(max_message: usize) -> WebSocketConfig {
-    WebSocketConfig::default().max_message_size(Some(max_message)).max_frame_size(Some(max_message))
 }
 
 pub(crate) async fn relay_upgrade(

@@ -185,6 +185,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The same allocator as the shipped edge and agent, which this binary embeds.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
     match args.next() {
