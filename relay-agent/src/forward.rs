@@ -16,7 +16,7 @@ use relay_proto::headers::{from_wire, strip_hop_by_hop, to_wire};
 use relay_proto::{ExchangeHead, Failure, FailureKind, HttpReply, ResponseHead, WsReply, code};
 use relay_transport::{BiStream, write_frame};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::AgentSettings;
 use crate::metrics::{AgentMetrics, status_class};
@@ -115,7 +115,8 @@ impl Forwarder {
         let copied = copy_body_to_stream(body, &mut send, None).await;
         self.metrics.exchange("http", status_class(parts.status.as_u16()), started.elapsed().as_secs_f64());
         match copied {
-            Ok(bytes_out) => info!(
+            // The edge logs every exchange at info; the agent's line is detail for debugging.
+            Ok(bytes_out) => debug!(
                 request_id,
                 method = %head.method,
                 path = %path_of(&head),
