@@ -49,6 +49,21 @@ const MAX_AGENT_INITIATED_STREAMS: u32 = 8;
 /// never reaches.
 pub const REORDER_PACKET_THRESHOLD: u32 = 100;
 
+/// Bytes one stream may have in flight towards its reader. A media call needs a few KiB; a
+/// webhook body streams at up to ~80 Mbit/s per stream on a 100 ms path with 1 MiB; quinn's
+/// default (1.25 MB) is about the same, named here so it is a decision.
+pub const STREAM_RECEIVE_WINDOW: u32 = 1024 * 1024;
+
+/// Bytes all streams of one connection together may have in flight towards their readers. Quinn
+/// leaves this unbounded, so a peer could make the other side buffer up to a full stream window
+/// on each of thousands of streams; 16 MiB bounds that while leaving room for ~1.3 Gbit/s at a
+/// 100 ms round trip.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// Bytes this side keeps sent but unacknowledged across all streams (quinn's default is eight
+/// stream windows); matched to the peer's connection window.
+pub const SEND_WINDOW: u64 = 16 * 1024 * 1024;
+
 /// Which congestion controller paces each connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Congestion {
@@ -101,7 +116,10 @@ impl QuicSettings {
             .keep_alive_interval(Some(self.keep_alive))
             .max_concurrent_bidi_streams(VarInt::from_u32(incoming_bidi))
             .max_concurrent_uni_streams(VarInt::from_u32(0))
-            .packet_threshold(REORDER_PACKET_THRESHOLD);
+            .packet_threshold(REORDER_PACKET_THRESHOLD)
+            .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
+            .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
+            .send_window(SEND_WINDOW);
         match self.congestion {
             Congestion::Bbr => {
                 transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
