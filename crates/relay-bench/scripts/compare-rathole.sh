@@ -52,28 +52,34 @@ run_rathole() {
     public="$(free_port)"
     local tls_server="" tls_client=""
     if [ "$transport" = tls ]; then
-        tls_server=$'[server.transport.tls]\npkcs12 = "'"$WORK"'/identity.pfx"\npkcs12_password = "bench"'
-        tls_client=$'[client.transport.tls]\ntrusted_root = "'"$WORK"'/cert.pem"\nhostname = "localhost"'
+        tls_server="$(printf '[server.transport.tls]\npkcs12 = "%s/identity.pfx"\npkcs12_password = "bench"' "$WORK")"
+        tls_client="$(printf '[client.transport.tls]\ntrusted_root = "%s/cert.pem"\nhostname = "localhost"' "$WORK")"
     fi
     cat > "$WORK/server-$transport.toml" <<EOF
 [server]
 bind_addr = "127.0.0.1:$tunnel"
 [server.transport]
 type = "$transport"
+[server.transport.tcp]
+nodelay = true
 $tls_server
 [server.services.bot]
 token = "bench"
 bind_addr = "127.0.0.1:$public"
+nodelay = true
 EOF
     cat > "$WORK/client-$transport.toml" <<EOF
 [client]
 remote_addr = "localhost:$tunnel"
 [client.transport]
 type = "$transport"
+[client.transport.tcp]
+nodelay = true
 $tls_client
 [client.services.bot]
 token = "bench"
 local_addr = "$BOT_ADDR"
+nodelay = true
 EOF
     RUST_LOG=warn "$ROOT/bin/rathole" "$WORK/server-$transport.toml" > "$WORK/server-$transport.log" 2>&1 &
     local server=$!
@@ -81,10 +87,19 @@ EOF
     RUST_LOG=warn "$ROOT/bin/rathole" "$WORK/client-$transport.toml" > "$WORK/client-$transport.log" 2>&1 &
     local client=$!
     PIDS+=($client)
+    local ready=""
     for _ in $(seq 1 100); do
-        python3 -c "import urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:$public/api/callbacks/ready', data=b'{}'), timeout=1)" 2>/dev/null && break
+        if python3 -c "import urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:$public/api/callbacks/ready', data=b'{}'), timeout=1)" 2>/dev/null; then
+            ready=yes
+            break
+        fi
         sleep 0.1
     done
+    if [ -z "$ready" ]; then
+        echo "rathole over $transport did not come up:" >&2
+        cat "$WORK/server-$transport.log" "$WORK/client-$transport.log" >&2
+        return 1
+    fi
     echo "== rathole over $transport"
     "$BENCH" load --target "127.0.0.1:$public" --calls "$CALLS" --duration "$DURATION" \
         --webhook-duration "$WEBHOOK_DURATION" \

@@ -38,6 +38,9 @@ pub struct CompareSettings {
     pub edge_args: Vec<String>,
     /// Extra arguments for `relay-agent run`.
     pub agent_args: Vec<String>,
+    /// A bot already running there (another implementation, e.g. Python) instead of this tool's
+    /// own echo bot; its CPU and memory are then not measured.
+    pub bot: Option<SocketAddr>,
 }
 
 /// One target's figures.
@@ -182,16 +185,25 @@ async fn measure(settings: &CompareSettings, target: SocketAddr, procs: &[(&str,
 
 /// Runs the whole comparison; `exe` is this binary.
 pub async fn run(exe: &Path, settings: CompareSettings) -> anyhow::Result<Comparison> {
-    let mut bot = spawn(exe, &["bot".into(), "--listen".into(), "127.0.0.1:0".into()], "listening on").await?;
-    let bot_addr: SocketAddr = bot
-        .line
-        .rsplit(' ')
-        .next()
-        .and_then(|a| a.parse().ok())
-        .with_context(|| format!("bot printed {:?}", bot.line))?;
-    let bot_pid = pid(&bot.child)?;
+    let mut bot = match settings.bot {
+        Some(_) => None,
+        None => Some(spawn(exe, &["bot".into(), "--listen".into(), "127.0.0.1:0".into()], "listening on").await?),
+    };
+    let (bot_addr, bot_procs): (SocketAddr, Vec<(&str, u32)>) = match (&bot, settings.bot) {
+        (_, Some(addr)) => (addr, Vec::new()),
+        (Some(own), None) => {
+            let addr = own
+                .line
+                .rsplit(' ')
+                .next()
+                .and_then(|a| a.parse().ok())
+                .with_context(|| format!("bot printed {:?}", own.line))?;
+            (addr, vec![("bot", pid(&own.child)?)])
+        }
+        (None, None) => bail!("no bot"),
+    };
     eprintln!("direct: {} calls for {:?} against the bot at {bot_addr}", settings.calls, settings.duration);
-    let direct = measure(&settings, bot_addr, &[("bot", bot_pid)]).await;
+    let direct = measure(&settings, bot_addr, &bot_procs).await;
 
     let dir = tempfile::tempdir()?;
     let state = dir.path().join("edge");
@@ -240,11 +252,15 @@ pub async fn run(exe: &Path, settings: CompareSettings) -> anyhow::Result<Compar
     wait_ready(public).await?;
     let (edge_pid, agent_pid) = (pid(&edge.child)?, pid(&agent.child)?);
     eprintln!("relay: the same load through the edge at {public} (agent pid {agent_pid}, edge pid {edge_pid})");
-    let relay = measure(&settings, public, &[("edge", edge_pid), ("agent", agent_pid), ("bot", bot_pid)]).await;
+    let mut relay_procs = vec![("edge", edge_pid), ("agent", agent_pid)];
+    relay_procs.extend(bot_procs.iter().copied());
+    let relay = measure(&settings, public, &relay_procs).await;
 
     let _ = agent.child.kill().await;
     let _ = edge.child.kill().await;
-    let _ = bot.child.kill().await;
+    if let Some(own) = bot.as_mut() {
+        let _ = own.child.kill().await;
+    }
     let diff = |a: f64, b: f64| a - b;
     Ok(Comparison {
         calls: settings.calls,

@@ -78,6 +78,9 @@ struct CompareArgs {
     /// Extra argument for `relay-agent run` (repeatable).
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     agent_args: Vec<String>,
+    /// Use a bot already listening here (e.g. a Python one) instead of the built-in echo bot.
+    #[arg(long)]
+    bot: Option<SocketAddr>,
     #[command(flatten)]
     common: Common,
 }
@@ -174,6 +177,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 webhook_duration: c.webhook_duration,
                 edge_args: args.edge_args,
                 agent_args: args.agent_args,
+                bot: args.bot,
             };
             let comparison = compare::run(&exe, settings).await?;
             print!("{}", compare::render(&comparison));
