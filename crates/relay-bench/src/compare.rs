@@ -77,6 +77,8 @@ pub struct Comparison {
     pub webhook_ratio: f64,
     /// Edge + agent CPU cores during the media phase.
     pub relay_cpu_cores: f64,
+    /// Edge + agent CPU per streaming call, in milliseconds of CPU per second of call.
+    pub relay_cpu_ms_per_call_second: f64,
 }
 
 /// A child process whose output is drained (so it never blocks on a full pipe) and searched
@@ -262,6 +264,8 @@ pub async fn run(exe: &Path, settings: CompareSettings) -> anyhow::Result<Compar
         let _ = own.child.kill().await;
     }
     let diff = |a: f64, b: f64| a - b;
+    let relay_cpu_cores = relay.media_cpu_cores.get("edge").copied().unwrap_or(0.0)
+        + relay.media_cpu_cores.get("agent").copied().unwrap_or(0.0);
     Ok(Comparison {
         calls: settings.calls,
         duration_seconds: settings.duration.as_secs_f64(),
@@ -277,8 +281,8 @@ pub async fn run(exe: &Path, settings: CompareSettings) -> anyhow::Result<Compar
         } else {
             0.0
         },
-        relay_cpu_cores: relay.media_cpu_cores.get("edge").copied().unwrap_or(0.0)
-            + relay.media_cpu_cores.get("agent").copied().unwrap_or(0.0),
+        relay_cpu_cores,
+        relay_cpu_ms_per_call_second: relay_cpu_cores * 1000.0 / relay.media.calls_connected.max(1) as f64,
         direct,
         relay,
     })
@@ -349,6 +353,13 @@ pub fn render(c: &Comparison) -> String {
         String::new(),
         format!("{:.3} + {:.3}", cores(r, "edge"), cores(r, "agent")),
         format!("{:.1}% of a core", c.relay_cpu_cores * 100.0),
+    );
+    row(
+        &mut out,
+        "relay CPU per call (edge + agent)",
+        String::new(),
+        format!("{:.2} ms/s", c.relay_cpu_ms_per_call_second),
+        String::new(),
     );
     row(
         &mut out,

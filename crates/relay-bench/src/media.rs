@@ -55,7 +55,8 @@ pub struct MediaReport {
     pub frames_sent: u64,
     /// Echoes received.
     pub frames_received: u64,
-    /// Frames never echoed.
+    /// Frames not echoed within [`ECHO_GRACE`] of the call's last frame (late counts as lost: a
+    /// voice frame that late is as good as gone).
     pub frames_lost: u64,
     /// Echoes that arrived after a later frame's echo.
     pub frames_reordered: u64,
