@@ -254,7 +254,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
 
 /// Runs the command line and returns the exit status.
 pub fn main() -> ExitCode {
-    relay_cli::main("relay-edge", |cli: Cli| run(cli.command))
+    main_from(std::env::args_os())
 }
 
 /// Runs the command line on `args` (the first names the program) and returns the exit status.

@@ -70,12 +70,9 @@ fn start_counted_calls(
         .collect()
 }
 
-fn carried_by(bot: &EchoBot, corr: &str) -> bool {
-    bot.sessions().iter().any(|s| s.headers.get("x-ms-call-correlation-id").is_some_and(|v| v == corr))
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_killed_mid_call_spares_the_other_agents_calls_and_new_calls_go_to_the_survivor() {
+/// An edge process with two paired agent processes (`agent-0`, `agent-1`), each forwarding to
+/// its own bot so where an exchange lands is visible; `agent_args` go to both agents.
+async fn edge_with_two_agents(agent_args: &[&str]) -> (tempfile::TempDir, EdgeProc, [EchoBot; 2], Vec<AgentProc>) {
     let dir = tempfile::tempdir().unwrap();
     let state = edge_state(dir.path(), &[]);
     let edge = EdgeProc::start(&bins(), &[], &state, &[]).await.unwrap();
@@ -84,9 +81,19 @@ async fn an_agent_killed_mid_call_spares_the_other_agents_calls_and_new_calls_go
     for (i, bot) in bots.iter().enumerate() {
         let agent_dir = pair(&state, edge.tunnel, &format!("agent-{i}"), dir.path()).await;
         let edges = [edge.tunnel.to_string()];
-        agents.push(AgentProc::start(&bins(), &[], &agent_dir, &bot.url(), &edges, &[]).await.unwrap());
+        agents.push(AgentProc::start(&bins(), &[], &agent_dir, &bot.url(), &edges, agent_args).await.unwrap());
     }
     assert!(eventually(PROC_DEADLINE, || async { edge.agents_connected().await == 2 }).await);
+    (dir, edge, bots, agents)
+}
+
+fn carried_by(bot: &EchoBot, corr: &str) -> bool {
+    bot.sessions().iter().any(|s| s.headers.get("x-ms-call-correlation-id").is_some_and(|v| v == corr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_call_spares_the_other_agents_calls_and_new_calls_go_to_the_survivor() {
+    let (_dir, edge, bots, agents) = edge_with_two_agents(&[]).await;
 
     // 20 calls of 8 s each; the first agent is killed once every call is flowing.
     let frames = 8 * FPS;
@@ -390,18 +397,7 @@ fn keys_for(wanted: &str, other: &str, prefix: &str, count: usize) -> Vec<String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_to_an_agent_finishes_its_webhooks_keeps_its_calls_for_the_grace_and_routes_nothing_new_to_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = edge_state(dir.path(), &[]);
-    let edge = EdgeProc::start(&bins(), &[], &state, &[]).await.unwrap();
-    let bots = [EchoBot::start().await.unwrap(), EchoBot::start().await.unwrap()];
-    let mut agents = Vec::new();
-    for (i, bot) in bots.iter().enumerate() {
-        let agent_dir = pair(&state, edge.tunnel, &format!("agent-{i}"), dir.path()).await;
-        let edges = [edge.tunnel.to_string()];
-        let args = ["--drain-timeout", "3s"];
-        agents.push(AgentProc::start(&bins(), &[], &agent_dir, &bot.url(), &edges, &args).await.unwrap());
-    }
-    assert!(eventually(PROC_DEADLINE, || async { edge.agents_connected().await == 2 }).await);
+    let (_dir, edge, bots, mut agents) = edge_with_two_agents(&["--drain-timeout", "3s"]).await;
 
     // Ten slow webhooks and five calls, all of calls that belong to agent-0.
     let keys = keys_for("agent-0", "agent-1", "drain", 15);
