@@ -72,12 +72,15 @@ struct RunArgs {
     /// How long open calls may run after SIGTERM before they are closed (e.g. `30s`).
     #[arg(long, env = "RELAY_AGENT_DRAIN_TIMEOUT")]
     drain_timeout: Option<String>,
-    /// Tunnel idle timeout (e.g. `30s`).
+    /// Tunnel idle timeout (e.g. `5s`).
     #[arg(long, env = "RELAY_AGENT_IDLE_TIMEOUT")]
     idle_timeout: Option<String>,
-    /// Tunnel keep-alive interval (e.g. `10s`).
+    /// Tunnel keep-alive interval (e.g. `1s`).
     #[arg(long, env = "RELAY_AGENT_KEEP_ALIVE")]
     keep_alive: Option<String>,
+    /// How long a tunnel handshake may take (e.g. `10s`).
+    #[arg(long, env = "RELAY_AGENT_HANDSHAKE_TIMEOUT")]
+    handshake_timeout: Option<String>,
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -110,6 +113,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 drain_timeout: args.drain_timeout,
                 idle_timeout: args.idle_timeout,
                 keep_alive: args.keep_alive,
+                handshake_timeout: args.handshake_timeout,
             };
             let base = match &args.config {
                 Some(path) => AgentConfig::load(path)?,

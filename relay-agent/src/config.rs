@@ -76,10 +76,12 @@ pub struct AgentConfig {
     pub max_ws_message_bytes: Option<usize>,
     /// How long open calls may run after SIGTERM (`"30s"`).
     pub drain_timeout: Option<String>,
-    /// Tunnel idle timeout (`"30s"`).
+    /// Tunnel idle timeout (`"5s"`).
     pub idle_timeout: Option<String>,
-    /// Tunnel keep-alive interval (`"10s"`).
+    /// Tunnel keep-alive interval (`"1s"`).
     pub keep_alive: Option<String>,
+    /// How long a tunnel handshake may take (`"10s"`).
+    pub handshake_timeout: Option<String>,
 }
 
 /// Where the agent's key and certificate come from.
@@ -215,6 +217,7 @@ impl AgentConfig {
             drain_timeout: other.drain_timeout.or(self.drain_timeout),
             idle_timeout: other.idle_timeout.or(self.idle_timeout),
             keep_alive: other.keep_alive.or(self.keep_alive),
+            handshake_timeout: other.handshake_timeout.or(self.handshake_timeout),
         }
     }
 
@@ -283,7 +286,12 @@ impl AgentConfig {
         if let Some(max) = self.max_ws_message_bytes {
             settings.max_ws_message_bytes = ws_message_limit(max)?;
         }
-        tunnel_liveness(&mut settings.quic, self.idle_timeout.as_deref(), self.keep_alive.as_deref())?;
+        tunnel_liveness(
+            &mut settings.quic,
+            self.idle_timeout.as_deref(),
+            self.keep_alive.as_deref(),
+            self.handshake_timeout.as_deref(),
+        )?;
         Ok(settings)
     }
 }
@@ -317,6 +325,22 @@ mod tests {
         let settings = file.overlay(flags).resolve().unwrap();
         assert_eq!(settings.upstream.port_u16(), Some(2));
         assert_eq!(settings.bot_timeout, DEFAULT_BOT_TIMEOUT);
+    }
+
+    #[test]
+    fn tunnel_timeouts_are_configurable_and_checked() {
+        let base = "state_dir = \"/s\"\nupstream = \"http://127.0.0.1:1\"\n";
+        let text = format!("{base}handshake_timeout = \"2s\"\nidle_timeout = \"3s\"\nkeep_alive = \"500ms\"\n");
+        let quic = AgentConfig::parse(&text, Path::new("f")).unwrap().resolve().unwrap().quic;
+        assert_eq!(
+            (quic.handshake_timeout, quic.idle_timeout, quic.keep_alive),
+            (Duration::from_secs(2), Duration::from_secs(3), Duration::from_millis(500))
+        );
+        for bad in ["handshake_timeout = \"0s\"", "keep_alive = \"9s\""] {
+            let err = AgentConfig::parse(&format!("{base}{bad}\n"), Path::new("f")).unwrap().resolve().unwrap_err();
+            let key = bad.split(' ').next().unwrap();
+            assert!(err.to_string().contains(key), "{bad}: {err}");
+        }
     }
 
     #[test]

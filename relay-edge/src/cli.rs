@@ -135,12 +135,15 @@ struct RunArgs {
     /// Validity of agent certificates issued at pairing (e.g. `24h`).
     #[arg(long, env = "RELAY_EDGE_AGENT_CERT_VALIDITY")]
     agent_cert_validity: Option<String>,
-    /// Tunnel idle timeout (e.g. `30s`).
+    /// Tunnel idle timeout (e.g. `5s`).
     #[arg(long, env = "RELAY_EDGE_IDLE_TIMEOUT")]
     idle_timeout: Option<String>,
-    /// Tunnel keep-alive interval (e.g. `10s`).
+    /// Tunnel keep-alive interval (e.g. `1s`).
     #[arg(long, env = "RELAY_EDGE_KEEP_ALIVE")]
     keep_alive: Option<String>,
+    /// How long a tunnel handshake may take (e.g. `10s`).
+    #[arg(long, env = "RELAY_EDGE_HANDSHAKE_TIMEOUT")]
+    handshake_timeout: Option<String>,
     /// How long a client has to send a request head (e.g. `10s`).
     #[arg(long, env = "RELAY_EDGE_HEADER_READ_TIMEOUT")]
     header_read_timeout: Option<String>,
@@ -169,6 +172,7 @@ impl RunArgs {
             agent_cert_validity: self.agent_cert_validity,
             idle_timeout: self.idle_timeout,
             keep_alive: self.keep_alive,
+            handshake_timeout: self.handshake_timeout,
             header_read_timeout: self.header_read_timeout,
             trusted_proxies: self.trusted_proxies,
             ..EdgeConfig::default()

@@ -108,10 +108,12 @@ pub struct EdgeConfig {
     pub affinity_prefix_bytes: Option<usize>,
     /// Validity of agent certificates issued at pairing (`"24h"`).
     pub agent_cert_validity: Option<String>,
-    /// Tunnel idle timeout (`"30s"`).
+    /// Tunnel idle timeout (`"5s"`).
     pub idle_timeout: Option<String>,
-    /// Tunnel keep-alive interval (`"10s"`).
+    /// Tunnel keep-alive interval (`"1s"`).
     pub keep_alive: Option<String>,
+    /// How long a tunnel handshake may take (`"10s"`).
+    pub handshake_timeout: Option<String>,
     /// How long a client has to send a request head (`"10s"`).
     pub header_read_timeout: Option<String>,
     /// Peers whose `X-Forwarded-For`/`-Proto` are believed (CIDRs).
@@ -300,6 +302,7 @@ impl EdgeConfig {
             agent_cert_validity: other.agent_cert_validity.or(self.agent_cert_validity),
             idle_timeout: other.idle_timeout.or(self.idle_timeout),
             keep_alive: other.keep_alive.or(self.keep_alive),
+            handshake_timeout: other.handshake_timeout.or(self.handshake_timeout),
             header_read_timeout: other.header_read_timeout.or(self.header_read_timeout),
             trusted_proxies: other.trusted_proxies.or(self.trusted_proxies),
             routes: other.routes.or(self.routes),
@@ -385,7 +388,12 @@ impl EdgeConfig {
         if let Some(text) = &self.header_read_timeout {
             settings.header_read_timeout = parse_duration("header_read_timeout", text)?;
         }
-        tunnel_liveness(&mut settings.quic, self.idle_timeout.as_deref(), self.keep_alive.as_deref())?;
+        tunnel_liveness(
+            &mut settings.quic,
+            self.idle_timeout.as_deref(),
+            self.keep_alive.as_deref(),
+            self.handshake_timeout.as_deref(),
+        )?;
         if let Some(routes) = &self.routes {
             settings.routes = routes
                 .iter()
