@@ -74,6 +74,8 @@ pub struct EdgeMetrics {
     pub exchange_duration: HistogramFamily,
     /// Calls moved to another agent because theirs went away.
     pub affinity_moves: Counter,
+    /// Media WebSockets closed by the edge because nothing passed for `ws_idle_timeout`.
+    pub websocket_idle_closes: Counter,
 }
 
 impl Default for EdgeMetrics {
@@ -86,6 +88,12 @@ impl Default for EdgeMetrics {
         let bytes = Family::<DirectionLabels, Counter>::default();
         let exchange_duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
         let affinity_moves = Counter::default();
+        let websocket_idle_closes = Counter::default();
+        registry.register(
+            "relay_edge_websocket_idle_closes",
+            "Media WebSockets closed because nothing passed either way for ws_idle_timeout",
+            websocket_idle_closes.clone(),
+        );
         registry.register(
             "relay_edge_affinity_moves",
             "Calls moved to another agent because theirs went away",
@@ -122,6 +130,7 @@ impl Default for EdgeMetrics {
             bytes,
             exchange_duration,
             affinity_moves,
+            websocket_idle_closes,
         }
     }
 }

@@ -162,6 +162,9 @@ pub(crate) async fn relay_upgrade(
         if let Some(call) = &call_key {
             affinity.session(call, false, std::time::Instant::now());
         }
+        if report.socket_side == relay_exchange::websocket::SideEnd::Idle {
+            metrics.websocket_idle_closes.inc();
+        }
         if report.socket_side == relay_exchange::websocket::SideEnd::TooBig {
             metrics.rejection(&route_name, "limit", "ws-message-size");
         }

@@ -211,6 +211,12 @@ async fn a_silent_media_socket_is_closed_with_1001_on_both_ends_and_a_live_one_i
 
     live.socket().send(Message::Text("still here".into())).await.unwrap();
     assert_eq!(next_non_control(&mut live).await, Message::Text("still here".into()));
+    let admin = stack.edge.admin_addr().unwrap();
+    let counted = eventually(DEADLINE, || async {
+        relay_testkit::procs::metric(admin, "relay_edge_websocket_idle_closes_total").await == Some(1.0)
+    })
+    .await;
+    assert!(counted, "the idle close is counted");
     live.close(1000, "done").await.unwrap();
     stack.shutdown().await;
 }
