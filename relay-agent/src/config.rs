@@ -257,12 +257,6 @@ impl AgentConfig {
         }
         if let Some(text) = &self.edge_resolve_interval {
             settings.edge_resolve_interval = parse_duration("edge_resolve_interval", text)?;
-            if settings.edge_resolve_interval.is_zero() {
-                return Err(ConfigError::Invalid {
-                    key: "edge_resolve_interval",
-                    message: "must be more than zero".into(),
-                });
-            }
         }
         settings.admin_listen = Some(match self.admin_listen {
             Some(addr) => addr,
@@ -273,9 +267,6 @@ impl AgentConfig {
         });
         if let Some(text) = &self.redial_interval {
             settings.redial_interval = parse_duration("redial_interval", text)?;
-            if settings.redial_interval.is_zero() {
-                return Err(ConfigError::Invalid { key: "redial_interval", message: "must be more than zero".into() });
-            }
         }
         if let Some(text) = &self.drain_timeout {
             settings.drain_timeout = parse_duration("drain_timeout", text)?;

@@ -182,7 +182,16 @@ impl TunnelClient {
         links.wait().await;
     }
 
-    /// The certificate chain, key and CA to dial with    /// The certificate chain, key and CA to dial with, refusing a certificate that has expired.
+    /// Counts a welcomed connection opening (`true`) or ending, in the watch `Agent` reads and
+    /// in the gauge, updated together so they cannot disagree.
+    fn count_connection(&self, opened: bool) {
+        self.connected.send_modify(|n| {
+            *n = if opened { *n + 1 } else { n.saturating_sub(1) };
+            self.metrics.connected.set(i64::try_from(*n).unwrap_or(i64::MAX));
+        });
+    }
+
+    /// The certificate chain, key and CA to dial with, refusing a certificate that has expired.
     fn credentials(
         &self,
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, CertificateDer<'static>), String> {
@@ -226,8 +235,7 @@ impl TunnelClient {
                 return Session::Failed("no welcome from the edge in time".into());
             }
         };
-        self.connected.send_modify(|n| *n += 1);
-        self.metrics.connected.set(i64::try_from(*self.connected.borrow()).unwrap_or(i64::MAX));
+        self.count_connection(true);
         info!(edge = %target, remote = %conn.remote_addr(), agent = %name, transport = conn.transport(), "connected to the edge");
         // The control stream stays open for the life of the connection; renewals use it.
         let renewal = AbortOnDrop(tokio::spawn(renew_loop(self.clone(), control)));
@@ -269,8 +277,7 @@ impl Link {
                 Err(DialFailure::Refused(e)) => Session::Failed(format!("cannot connect to the edge: {e}")),
             };
             if matches!(outcome, Session::Ended(_)) {
-                client.connected.send_modify(|n| *n = n.saturating_sub(1));
-                client.metrics.connected.set(i64::try_from(*client.connected.borrow()).unwrap_or(i64::MAX));
+                client.count_connection(false);
             }
             // A draining agent does not come back: it is on its way out.
             if client.shutdown.is_cancelled() || client.draining.is_cancelled() || self.retired.is_cancelled() {

@@ -375,9 +375,6 @@ impl EdgeConfig {
         }
         if let Some(text) = &self.ws_idle_timeout {
             settings.ws_idle_timeout = parse_duration("ws_idle_timeout", text)?;
-            if settings.ws_idle_timeout.is_zero() {
-                return Err(ConfigError::Invalid { key: "ws_idle_timeout", message: "must be more than zero".into() });
-            }
         }
         if let Some(text) = &self.response_timeout {
             settings.response_timeout = parse_duration("response_timeout", text)?;

@@ -92,9 +92,6 @@ pub fn tunnel_liveness(
 ) -> Result<(), ConfigError> {
     if let Some(text) = handshake_timeout {
         quic.handshake_timeout = parse_duration("handshake_timeout", text)?;
-        if quic.handshake_timeout.is_zero() {
-            return Err(ConfigError::Invalid { key: "handshake_timeout", message: "must be more than zero".into() });
-        }
     }
     if let Some(text) = idle_timeout {
         quic.idle_timeout = parse_duration("idle_timeout", text)?;

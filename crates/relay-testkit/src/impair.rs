@@ -61,6 +61,16 @@ struct Shared {
 }
 
 impl Shared {
+    /// A link with `impairment`, not black-holed, drawing its decisions from `seed`.
+    fn new(impairment: Impairment, seed: u64) -> Self {
+        Self {
+            impairment: Mutex::new(impairment),
+            blackhole: AtomicBool::new(false),
+            rng: Mutex::new(fastrand::Rng::with_seed(seed)),
+            stats: ImpairStats::default(),
+        }
+    }
+
     /// Decides one datagram's fate: `None` to drop it, or the delay before it is sent.
     fn fate(&self) -> Option<Duration> {
         if self.blackhole.load(Ordering::SeqCst) {
@@ -103,12 +113,7 @@ impl UdpImpairProxy {
     pub async fn start(target: SocketAddr, impairment: Impairment, seed: u64) -> std::io::Result<Self> {
         let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
         let addr = socket.local_addr()?;
-        let shared = Arc::new(Shared {
-            impairment: Mutex::new(impairment),
-            blackhole: AtomicBool::new(false),
-            rng: Mutex::new(fastrand::Rng::with_seed(seed)),
-            stats: ImpairStats::default(),
-        });
+        let shared = Arc::new(Shared::new(impairment, seed));
         let stop = CancellationToken::new();
         tokio::spawn(run(socket, target, shared.clone(), stop.clone()));
         Ok(Self { addr, shared, stop })
@@ -228,12 +233,7 @@ impl TcpImpairProxy {
     pub async fn start(target: SocketAddr, impairment: Impairment, seed: u64) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared {
-            impairment: Mutex::new(Impairment { loss: 0.0, ..impairment }),
-            blackhole: AtomicBool::new(false),
-            rng: Mutex::new(fastrand::Rng::with_seed(seed)),
-            stats: ImpairStats::default(),
-        });
+        let shared = Arc::new(Shared::new(Impairment { loss: 0.0, ..impairment }, seed));
         let (silence, _) = tokio::sync::watch::channel(false);
         let stop = CancellationToken::new();
         let (accept_shared, accept_silence, accept_stop) = (shared.clone(), silence.clone(), stop.clone());
@@ -345,16 +345,8 @@ mod tests {
 
     #[test]
     fn the_same_seed_makes_the_same_decisions() {
-        let shared = |seed| Shared {
-            impairment: Mutex::new(Impairment {
-                loss: 0.05,
-                delay: Duration::from_millis(50),
-                jitter: Duration::from_millis(10),
-            }),
-            blackhole: AtomicBool::new(false),
-            rng: Mutex::new(fastrand::Rng::with_seed(seed)),
-            stats: ImpairStats::default(),
-        };
+        let impairment = Impairment { loss: 0.05, delay: Duration::from_millis(50), jitter: Duration::from_millis(10) };
+        let shared = |seed| Shared::new(impairment, seed);
         let (a, b) = (shared(7), shared(7));
         let fates_a: Vec<_> = (0..1000).map(|_| a.fate()).collect();
         let fates_b: Vec<_> = (0..1000).map(|_| b.fate()).collect();
