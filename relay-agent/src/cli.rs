@@ -5,9 +5,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::{Agent, AgentConfig};
+use crate::config::TransportChoice;
+use crate::{Agent, AgentConfig, PairTransport};
 use clap::{Args, Parser, Subcommand};
-use relay_transport::QuicSettings;
+use relay_transport::TunnelSettings;
 
 /// The private half of acs-relay: dials out to the edge and forwards each exchange to the bot
 /// on localhost, so the bot's network accepts no inbound connection.
@@ -28,6 +29,12 @@ enum Command {
         /// The token printed by `relay-edge pair`.
         #[arg(long, env = "RELAY_AGENT_TOKEN", hide_env_values = true)]
         token: String,
+        /// Transport: `auto` (QUIC, else TLS/TCP when UDP does not pass), `quic` or `tcp`.
+        #[arg(long, env = "RELAY_AGENT_TRANSPORT", default_value = "auto")]
+        transport: String,
+        /// With `auto`: how long QUIC may go unanswered before TCP is used (e.g. `3s`).
+        #[arg(long, env = "RELAY_AGENT_QUIC_FALLBACK_AFTER", default_value = "3s")]
+        quic_fallback_after: String,
     },
     /// Run the agent.
     Run(Box<RunArgs>),
@@ -81,12 +88,25 @@ struct RunArgs {
     /// How long a tunnel handshake may take (e.g. `10s`).
     #[arg(long, env = "RELAY_AGENT_HANDSHAKE_TIMEOUT")]
     handshake_timeout: Option<String>,
+    /// Tunnel transport: `auto` (QUIC, else TLS/TCP when UDP does not pass), `quic` or `tcp`.
+    #[arg(long, env = "RELAY_AGENT_TRANSPORT")]
+    transport: Option<String>,
+    /// With `auto`: how long QUIC may go unanswered before TCP is used (e.g. `3s`).
+    #[arg(long, env = "RELAY_AGENT_QUIC_FALLBACK_AFTER")]
+    quic_fallback_after: Option<String>,
+    /// With `auto`: how often QUIC is tried again while on TCP (e.g. `5m`).
+    #[arg(long, env = "RELAY_AGENT_QUIC_PROBE_INTERVAL")]
+    quic_probe_interval: Option<String>,
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Pair { state_dir, token } => {
-            let paired = crate::pair(&state_dir, &token, &QuicSettings::default()).await?;
+        Command::Pair { state_dir, token, transport, quic_fallback_after } => {
+            let transport = PairTransport {
+                choice: TransportChoice::parse(&transport)?,
+                quic_fallback_after: relay_cli::config::parse_duration("quic_fallback_after", &quic_fallback_after)?,
+            };
+            let paired = crate::pair(&state_dir, &token, &TunnelSettings::default(), transport).await?;
             eprintln!(
                 "paired as {:?} with the edge at {}; identity stored in {}",
                 paired.agent_name,
@@ -114,6 +134,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 idle_timeout: args.idle_timeout,
                 keep_alive: args.keep_alive,
                 handshake_timeout: args.handshake_timeout,
+                transport: args.transport,
+                quic_fallback_after: args.quic_fallback_after,
+                quic_probe_interval: args.quic_probe_interval,
             };
             let base = match &args.config {
                 Some(path) => AgentConfig::load(path)?,

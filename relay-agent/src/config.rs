@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::Uri;
 pub use relay_cli::config::ConfigError;
 use relay_cli::config::{load_toml, parse_duration, parse_toml, tunnel_liveness, ws_message_limit};
-use relay_transport::QuicSettings;
+use relay_transport::{Transport, TunnelSettings};
 use serde::Deserialize;
 
 /// How long the bot has to answer a webhook (response head) or a WebSocket upgrade before the
@@ -46,6 +46,43 @@ pub const DEFAULT_REDIAL_INTERVAL: Duration = Duration::from_secs(1);
 /// per name per interval.
 pub const DEFAULT_EDGE_RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
 
+/// In `auto` mode, how long a QUIC handshake may go unanswered before the agent connects over
+/// TCP instead. A QUIC handshake takes one round trip, well under a second on any real path;
+/// a firewall that drops UDP gives no answer at all, so waiting longer only delays the call
+/// traffic. 3 s also covers a lost first packet and its retransmission (quinn retries after 1 s).
+pub const DEFAULT_QUIC_FALLBACK_AFTER: Duration = Duration::from_secs(3);
+
+/// In `auto` mode, while connected over TCP, how often the agent tries QUIC again so it moves
+/// back when UDP passes again. Five minutes keeps the cost (one handshake) negligible while a
+/// firewall change is picked up within a coffee break; tests set a few seconds.
+pub const DEFAULT_QUIC_PROBE_INTERVAL: Duration = Duration::from_secs(300);
+
+/// Which transport the agent dials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportChoice {
+    /// QUIC first; TLS/TCP when no QUIC handshake completes within the fallback deadline, with
+    /// QUIC probed again in the background.
+    #[default]
+    Auto,
+    /// Only this transport.
+    Only(Transport),
+}
+
+impl TransportChoice {
+    /// Parses `auto`, `quic` or `tcp`.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "quic" => Ok(Self::Only(Transport::Quic)),
+            "tcp" => Ok(Self::Only(Transport::Tcp)),
+            other => Err(ConfigError::Invalid {
+                key: "transport",
+                message: format!("{other:?}: expected \"auto\", \"quic\" or \"tcp\""),
+            }),
+        }
+    }
+}
+
 /// Agent settings as they appear in a file or on the command line; every field optional.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,6 +119,12 @@ pub struct AgentConfig {
     pub keep_alive: Option<String>,
     /// How long a tunnel handshake may take (`"10s"`).
     pub handshake_timeout: Option<String>,
+    /// `"auto"` (default), `"quic"` or `"tcp"`.
+    pub transport: Option<String>,
+    /// In `auto` mode, how long QUIC may go unanswered before TCP is used (`"3s"`).
+    pub quic_fallback_after: Option<String>,
+    /// In `auto` mode, how often QUIC is tried again while on TCP (`"5m"`).
+    pub quic_probe_interval: Option<String>,
 }
 
 /// Where the agent's key and certificate come from.
@@ -130,8 +173,14 @@ pub struct AgentSettings {
     pub reconnect_initial: Duration,
     /// See [`DEFAULT_RECONNECT_MAX`].
     pub reconnect_max: Duration,
-    /// QUIC transport settings.
-    pub quic: QuicSettings,
+    /// Liveness, handshake and stream settings of the tunnel, either transport.
+    pub tunnel: TunnelSettings,
+    /// See [`TransportChoice`].
+    pub transport: TransportChoice,
+    /// See [`DEFAULT_QUIC_FALLBACK_AFTER`].
+    pub quic_fallback_after: Duration,
+    /// See [`DEFAULT_QUIC_PROBE_INTERVAL`].
+    pub quic_probe_interval: Duration,
 }
 
 /// Checks and normalises the bot's base URL.
@@ -184,7 +233,10 @@ impl AgentSettings {
             max_ws_message_bytes: relay_exchange::DEFAULT_MAX_WS_MESSAGE,
             reconnect_initial: DEFAULT_RECONNECT_INITIAL,
             reconnect_max: DEFAULT_RECONNECT_MAX,
-            quic: QuicSettings::default(),
+            tunnel: TunnelSettings::default(),
+            transport: TransportChoice::default(),
+            quic_fallback_after: DEFAULT_QUIC_FALLBACK_AFTER,
+            quic_probe_interval: DEFAULT_QUIC_PROBE_INTERVAL,
         }
     }
 }
@@ -218,6 +270,9 @@ impl AgentConfig {
             idle_timeout: other.idle_timeout.or(self.idle_timeout),
             keep_alive: other.keep_alive.or(self.keep_alive),
             handshake_timeout: other.handshake_timeout.or(self.handshake_timeout),
+            transport: other.transport.or(self.transport),
+            quic_fallback_after: other.quic_fallback_after.or(self.quic_fallback_after),
+            quic_probe_interval: other.quic_probe_interval.or(self.quic_probe_interval),
         }
     }
 
@@ -278,11 +333,20 @@ impl AgentConfig {
             settings.max_ws_message_bytes = ws_message_limit(max)?;
         }
         tunnel_liveness(
-            &mut settings.quic,
+            &mut settings.tunnel,
             self.idle_timeout.as_deref(),
             self.keep_alive.as_deref(),
             self.handshake_timeout.as_deref(),
         )?;
+        if let Some(text) = &self.transport {
+            settings.transport = TransportChoice::parse(text)?;
+        }
+        if let Some(text) = &self.quic_fallback_after {
+            settings.quic_fallback_after = parse_duration("quic_fallback_after", text)?;
+        }
+        if let Some(text) = &self.quic_probe_interval {
+            settings.quic_probe_interval = parse_duration("quic_probe_interval", text)?;
+        }
         Ok(settings)
     }
 }
@@ -290,6 +354,28 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_transport_is_auto_unless_chosen_and_a_bad_choice_is_one_clear_error() {
+        let base = "state_dir = \"/s\"\nupstream = \"http://127.0.0.1:1\"\n";
+        let settings = AgentConfig::parse(base, Path::new("f")).unwrap().resolve().unwrap();
+        assert_eq!(settings.transport, TransportChoice::Auto);
+        assert_eq!(settings.quic_fallback_after, DEFAULT_QUIC_FALLBACK_AFTER);
+        assert_eq!(settings.quic_probe_interval, DEFAULT_QUIC_PROBE_INTERVAL);
+        let text = format!("{base}transport = \"TCP\"\nquic_probe_interval = \"4s\"\nquic_fallback_after = \"1s\"\n");
+        let settings = AgentConfig::parse(&text, Path::new("f")).unwrap().resolve().unwrap();
+        assert_eq!(settings.transport, TransportChoice::Only(Transport::Tcp));
+        assert_eq!(
+            (settings.quic_probe_interval, settings.quic_fallback_after),
+            (Duration::from_secs(4), Duration::from_secs(1))
+        );
+        let err = AgentConfig::parse(&format!("{base}transport = \"udp\"\n"), Path::new("f"))
+            .unwrap()
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("transport") && err.contains("\"udp\"") && !err.contains('\n'), "{err}");
+    }
 
     #[test]
     fn upstream_must_be_a_plain_http_base_url() {
@@ -322,7 +408,7 @@ mod tests {
     fn tunnel_timeouts_are_configurable_and_checked() {
         let base = "state_dir = \"/s\"\nupstream = \"http://127.0.0.1:1\"\n";
         let text = format!("{base}handshake_timeout = \"2s\"\nidle_timeout = \"3s\"\nkeep_alive = \"500ms\"\n");
-        let quic = AgentConfig::parse(&text, Path::new("f")).unwrap().resolve().unwrap().quic;
+        let quic = AgentConfig::parse(&text, Path::new("f")).unwrap().resolve().unwrap().tunnel;
         assert_eq!(
             (quic.handshake_timeout, quic.idle_timeout, quic.keep_alive),
             (Duration::from_secs(2), Duration::from_secs(3), Duration::from_millis(500))

@@ -19,8 +19,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{AgentConfig, AgentSettings, ConfigError, IdentitySource};
-pub use pairing::{PairError, Paired, pair};
+pub use config::{AgentConfig, AgentSettings, ConfigError, IdentitySource, TransportChoice};
+pub use pairing::{PairError, PairTransport, Paired, pair};
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]

@@ -24,6 +24,13 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// Labels with a tunnel transport only.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabels {
+    /// `quic` or `tcp`.
+    pub transport: &'static str,
+}
+
 /// Labels with an exchange kind only.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
@@ -46,8 +53,8 @@ pub struct AgentMetrics {
     pub exchanges: Family<ExchangeLabels, Counter>,
     /// Media sessions open to the bot now.
     pub websocket_sessions: Gauge,
-    /// Welcomed tunnel connections open now, one per edge replica.
-    pub connected: Gauge,
+    /// Welcomed tunnel connections open now (one per edge replica), by transport.
+    pub connected: Family<TransportLabels, Gauge>,
     /// Tunnel connections that ended or could not be made.
     pub reconnects: Counter,
     /// Certificate renewals by outcome (`issued`, `refused`, `interrupted`).
@@ -61,7 +68,10 @@ impl Default for AgentMetrics {
         let mut registry = Registry::default();
         let exchanges = Family::<ExchangeLabels, Counter>::default();
         let websocket_sessions = Gauge::default();
-        let connected = Gauge::default();
+        let connected = Family::<TransportLabels, Gauge>::default();
+        for transport in ["quic", "tcp"] {
+            let _ = connected.get_or_create(&TransportLabels { transport });
+        }
         let reconnects = Counter::default();
         let renewals = Family::<OutcomeLabels, Counter>::default();
         let exchange_duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
@@ -77,7 +87,7 @@ impl Default for AgentMetrics {
         );
         registry.register(
             "relay_agent_connected",
-            "Tunnel connections to edge replicas that are up now",
+            "Tunnel connections to edge replicas that are up now, by transport",
             connected.clone(),
         );
         registry.register(

@@ -8,8 +8,9 @@ use relay_pki::{
 };
 use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
 use relay_proto::{PairRefusal, PairRequest, PairResponse, code};
-use relay_transport::quic::host_of;
-use relay_transport::{DialError, QuicSettings, dial_pairing, read_frame, write_frame};
+use relay_transport::{DialError, Transport, TunnelSettings, dial_pairing, host_of, read_frame, write_frame};
+
+use crate::config::{DEFAULT_QUIC_FALLBACK_AFTER, TransportChoice};
 use tokio::io::AsyncWriteExt;
 
 /// How long the edge has to answer a pairing request once connected. Signing takes
@@ -76,9 +77,53 @@ pub struct Paired {
     pub edge_addr: String,
 }
 
+/// Which transport pairing uses: the same choice, and the same fallback deadline, as the tunnel.
+#[derive(Debug, Clone, Copy)]
+pub struct PairTransport {
+    /// `auto`, `quic` or `tcp`.
+    pub choice: TransportChoice,
+    /// With `auto`: how long QUIC may go unanswered before TCP is used.
+    pub quic_fallback_after: Duration,
+}
+
+impl Default for PairTransport {
+    fn default() -> Self {
+        Self { choice: TransportChoice::Auto, quic_fallback_after: DEFAULT_QUIC_FALLBACK_AFTER }
+    }
+}
+
+/// Dials the pairing ALPN over the chosen transport; with `auto`, over TCP when QUIC gets no
+/// answer in time.
+async fn dial(
+    transport: PairTransport,
+    addr: std::net::SocketAddr,
+    server_name: &str,
+    pin: CaPin,
+    settings: &TunnelSettings,
+) -> Result<std::sync::Arc<dyn relay_transport::TunnelConnection>, DialError> {
+    match transport.choice {
+        TransportChoice::Only(only) => dial_pairing(only, addr, server_name, pin, settings).await,
+        TransportChoice::Auto => {
+            let quic = dial_pairing(Transport::Quic, addr, server_name, pin, settings);
+            match tokio::time::timeout(transport.quic_fallback_after, quic).await {
+                Ok(Err(DialError::Timeout(_))) | Err(_) => {
+                    tracing::info!(%addr, "no QUIC answer (is UDP blocked on the way?); pairing over TLS/TCP");
+                    dial_pairing(Transport::Tcp, addr, server_name, pin, settings).await
+                }
+                Ok(outcome) => outcome,
+            }
+        }
+    }
+}
+
 /// Pairs with the edge named in `token_text` and stores the result in `state_dir`. The private
 /// key is generated here and written only to `state_dir` (mode 0600).
-pub async fn pair(state_dir: &Path, token_text: &str, settings: &QuicSettings) -> Result<Paired, PairError> {
+pub async fn pair(
+    state_dir: &Path,
+    token_text: &str,
+    settings: &TunnelSettings,
+    transport: PairTransport,
+) -> Result<Paired, PairError> {
     let token = PairingToken::parse(token_text)?;
     let addrs: Vec<_> = tokio::net::lookup_host(&token.edge_addr)
         .await
@@ -88,7 +133,7 @@ pub async fn pair(state_dir: &Path, token_text: &str, settings: &QuicSettings) -
     let server_name = host_of(&token.edge_addr);
     let mut last = String::from("no addresses");
     for addr in addrs {
-        let conn = match dial_pairing(addr, server_name, token.ca_pin, settings).await {
+        let conn = match dial(transport, addr, server_name, token.ca_pin, settings).await {
             Ok(conn) => conn,
             Err(DialError::PinMismatch(_)) => return Err(PairError::PinMismatch(token.edge_addr.clone())),
             Err(e) => {

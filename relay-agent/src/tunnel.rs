@@ -17,20 +17,20 @@ use std::time::SystemTime;
 use relay_pki::{AgentIdentity, AgentState, agent_name_from_cert, cert_validity, generate_agent_csr, renewal_due};
 use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
 use relay_proto::{ControlMessage, ExchangeHead, ExchangeKind, Hello, PROTOCOL_VERSION, RenewOutcome, code};
-use relay_transport::quic::host_of;
 use relay_transport::{
-    BiStream, DialError, FrameReadError, FrameReader, TunnelConnection, dial_tunnel, read_frame, write_frame,
+    BiStream, DialError, FrameReadError, FrameReader, Transport, TunnelConnection, dial_tunnel, host_of, read_frame,
+    write_frame,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::config::AgentSettings;
+use crate::config::{AgentSettings, TransportChoice};
 use crate::forward::Forwarder;
-use crate::metrics::{AgentMetrics, OutcomeLabels};
+use crate::metrics::{AgentMetrics, OutcomeLabels, TransportLabels};
 
 /// How long the edge has to answer a renewal request.
 const RENEW_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -72,6 +72,9 @@ struct Link {
     /// Cancelled when DNS no longer returns this address: the link finishes its current
     /// connection and does not reconnect.
     retired: CancellationToken,
+    /// Connections this link moved away from (TCP after QUIC came back), finishing their
+    /// exchanges.
+    moving: TaskTracker,
 }
 
 /// How one connection attempt ended.
@@ -157,7 +160,13 @@ impl TunnelClient {
                     for addr in start {
                         let retired = CancellationToken::new();
                         current.insert(addr, retired.clone());
-                        let link = Link { client: self.clone(), target: target.clone(), addr, retired };
+                        let link = Link {
+                            client: self.clone(),
+                            target: target.clone(),
+                            addr,
+                            retired,
+                            moving: TaskTracker::new(),
+                        };
                         links.spawn(link.run());
                     }
                     if found.is_empty() {
@@ -183,11 +192,16 @@ impl TunnelClient {
     }
 
     /// Counts a welcomed connection opening (`true`) or ending, in the watch `Agent` reads and
-    /// in the gauge, updated together so they cannot disagree.
-    fn count_connection(&self, opened: bool) {
+    /// in the per-transport gauge, updated together so they cannot disagree.
+    fn count_connection(&self, opened: bool, transport: &'static str) {
         self.connected.send_modify(|n| {
             *n = if opened { *n + 1 } else { n.saturating_sub(1) };
-            self.metrics.connected.set(i64::try_from(*n).unwrap_or(i64::MAX));
+            let gauge = self.metrics.connected.get_or_create(&TransportLabels { transport });
+            if opened {
+                gauge.inc();
+            } else {
+                gauge.dec();
+            }
         });
     }
 
@@ -207,8 +221,9 @@ impl TunnelClient {
         Ok((identity.cert_chain.clone(), identity.key.clone_key(), identity.ca_cert.clone()))
     }
 
-    /// Runs one connection: hello, then exchanges until it ends.
-    async fn serve(self: &Arc<Self>, conn: Arc<dyn TunnelConnection>, target: &str) -> Session {
+    /// Says hello on a new connection and waits for the edge's welcome; returns the control
+    /// stream. The connection counts as up from here until [`TunnelClient::serve`] ends.
+    async fn greet(&self, conn: &Arc<dyn TunnelConnection>, target: &str) -> Result<BiStream, Session> {
         let agent_name = self.identity.read().map(|id| id.name.clone()).unwrap_or_default();
         let hello = ControlMessage::Hello(Hello {
             agent_name,
@@ -217,7 +232,7 @@ impl TunnelClient {
             capabilities: Vec::new(),
             labels: Vec::new(),
         });
-        let greeting = tokio::time::timeout(self.settings.quic.handshake_timeout, async {
+        let greeting = tokio::time::timeout(self.settings.tunnel.handshake_timeout, async {
             let mut control = conn.open_bi().await.map_err(|e| e.to_string())?;
             write_frame(&mut control.send, &hello, DEFAULT_MAX_HEAD_LEN).await.map_err(|e| e.to_string())?;
             match read_frame::<ControlMessage, _>(&mut control.recv, DEFAULT_MAX_HEAD_LEN).await {
@@ -229,21 +244,46 @@ impl TunnelClient {
         .await;
         let (control, name) = match greeting {
             Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => return Session::Failed(format!("{e} ({})", conn.closed_reason_now())),
+            Ok(Err(e)) => return Err(Session::Failed(format!("{e} ({})", conn.closed_reason_now()))),
             Err(_) => {
                 conn.close(code::PROTOCOL_VIOLATION, "no welcome");
-                return Session::Failed("no welcome from the edge in time".into());
+                return Err(Session::Failed("no welcome from the edge in time".into()));
             }
         };
-        self.count_connection(true);
+        self.count_connection(true, conn.transport());
         info!(edge = %target, remote = %conn.remote_addr(), agent = %name, transport = conn.transport(), "connected to the edge");
+        Ok(control)
+    }
+
+    /// Serves a welcomed connection: accepts one stream per exchange until the connection ends.
+    /// When `retire` is cancelled (the link moved to another connection), the edge is told to
+    /// send nothing new here, and once the exchanges already here have finished the connection
+    /// is closed.
+    async fn serve(
+        self: Arc<Self>,
+        conn: Arc<dyn TunnelConnection>,
+        control: BiStream,
+        retire: CancellationToken,
+    ) -> Session {
         // The control stream stays open for the life of the connection; renewals use it.
-        let renewal = AbortOnDrop(tokio::spawn(renew_loop(self.clone(), control)));
-        loop {
+        let renewal = AbortOnDrop(tokio::spawn(renew_loop(self.clone(), control, retire.clone())));
+        let here = TaskTracker::new();
+        let mut retiring = false;
+        let session = loop {
             let stream = tokio::select! {
                 () = self.shutdown.cancelled() => {
                     conn.close_and_flush(code::SHUTDOWN, "agent shutting down").await;
-                    return Session::Ended("agent shutting down".into());
+                    break Session::Ended("agent shutting down".into());
+                }
+                // A whole-agent drain also cancels `retire`; that drain has its own ending.
+                () = retire.cancelled(), if !retiring && !self.draining.is_cancelled() => {
+                    retiring = true;
+                    here.close();
+                    continue;
+                }
+                () = async { here.wait().await; tokio::time::sleep(RETIRE_SETTLE).await }, if retiring => {
+                    conn.close_and_flush(code::OK, "moved to another connection").await;
+                    break Session::Ended("moved to another connection".into());
                 }
                 stream = conn.accept_bi() => stream,
             };
@@ -251,16 +291,22 @@ impl TunnelClient {
                 Ok(stream) => {
                     let forwarder = self.forwarder.clone();
                     let head_timeout = self.settings.head_timeout;
-                    self.exchanges.spawn(async move { handle_exchange(forwarder, stream, head_timeout).await });
+                    let exchange = here.track_future(handle_exchange(forwarder, stream, head_timeout));
+                    self.exchanges.spawn(exchange);
                 }
-                Err(lost) => {
-                    drop(renewal);
-                    return Session::Ended(lost.0);
-                }
+                Err(lost) => break Session::Ended(lost.0),
             }
-        }
+        };
+        drop(renewal);
+        self.count_connection(false, conn.transport());
+        session
     }
 }
+
+/// After a retiring connection's last exchange ends, how long it stays open before it is closed:
+/// an exchange the edge opened just before it read the drain is still on its way, and arrives
+/// within a round trip. One second is many round trips on any path the tunnel crosses.
+const RETIRE_SETTLE: Duration = Duration::from_secs(1);
 
 impl Link {
     /// Keeps a connection to this address until shutdown, drain or retirement. Every reconnection
@@ -272,13 +318,10 @@ impl Link {
         let mut backoff = Backoff::new(client.settings.reconnect_initial, client.settings.reconnect_max);
         while !client.shutdown.is_cancelled() {
             let outcome = match self.connect().await {
-                Ok(conn) => client.serve(conn, &self.target).await,
+                Ok(conn) => self.session(conn).await,
                 Err(DialFailure::Unanswered(e)) => Session::Unanswered(format!("the edge does not answer: {e}")),
                 Err(DialFailure::Refused(e)) => Session::Failed(format!("cannot connect to the edge: {e}")),
             };
-            if matches!(outcome, Session::Ended(_)) {
-                client.count_connection(false);
-            }
             // A draining agent does not come back: it is on its way out.
             if client.shutdown.is_cancelled() || client.draining.is_cancelled() || self.retired.is_cancelled() {
                 break;
@@ -299,36 +342,123 @@ impl Link {
                 () = tokio::time::sleep(delay) => {}
             }
         }
+        self.moving.close();
+        self.moving.wait().await;
     }
 
-    /// Dials this address. While no answer comes, a fresh attempt starts every redial interval
-    /// beside the ones still waiting; the first to complete wins and the others are dropped. The
-    /// try ends when an attempt is refused, or when the first attempt times out unanswered (the
-    /// caller then starts a new try at once, so fresh attempts keep coming every interval).
+    /// Greets the edge on `conn` and serves it until it ends. In `auto` mode on TCP, QUIC is
+    /// tried again every probe interval; when it answers, the new connection takes over: new
+    /// exchanges go to it while the ones on TCP finish there.
+    async fn session(&self, conn: Arc<dyn TunnelConnection>) -> Session {
+        let client = &self.client;
+        let control = match client.greet(&conn, &self.target).await {
+            Ok(control) => control,
+            Err(session) => return session,
+        };
+        let auto = client.settings.transport == TransportChoice::Auto;
+        let mut on_tcp = conn.transport() == Transport::Tcp.as_str();
+        let mut retire = client.draining.child_token();
+        let mut serving = tokio::spawn(client.clone().serve(conn, control, retire.clone()));
+        loop {
+            if !(auto && on_tcp) {
+                break;
+            }
+            let quic = tokio::select! {
+                session = &mut serving => return session.unwrap_or_else(|e| Session::Ended(e.to_string())),
+                quic = self.probe_quic() => quic,
+            };
+            let control = match client.greet(&quic, &self.target).await {
+                Ok(control) => control,
+                Err(Session::Failed(e) | Session::Ended(e) | Session::Unanswered(e)) => {
+                    warn!(edge = %self.target, addr = %self.addr, "QUIC answered again but the session failed: {e}; staying on TCP");
+                    continue;
+                }
+            };
+            info!(edge = %self.target, addr = %self.addr, "QUIC passes again: new exchanges move to it; those on TCP finish there");
+            retire.cancel();
+            let old = std::mem::replace(&mut serving, {
+                retire = client.draining.child_token();
+                tokio::spawn(client.clone().serve(quic, control, retire.clone()))
+            });
+            self.moving.spawn(async move {
+                let _ = old.await;
+            });
+            on_tcp = false;
+        }
+        serving.await.unwrap_or_else(|e| Session::Ended(e.to_string()))
+    }
+
+    /// Tries QUIC every probe interval until a handshake completes; runs until then.
+    async fn probe_quic(&self) -> Arc<dyn TunnelConnection> {
+        let settings = &self.client.settings;
+        loop {
+            tokio::time::sleep(settings.quic_probe_interval).await;
+            match tokio::time::timeout(settings.quic_fallback_after, self.connect_over(Transport::Quic)).await {
+                Ok(Ok(conn)) => return conn,
+                Ok(Err(DialFailure::Refused(e) | DialFailure::Unanswered(e))) => {
+                    debug!(edge = %self.target, addr = %self.addr, "QUIC probe failed: {e}; staying on TCP");
+                }
+                Err(_) => debug!(edge = %self.target, addr = %self.addr, "QUIC probe got no answer; staying on TCP"),
+            }
+        }
+    }
+
+    /// Dials this address over the configured transport. In `auto` mode QUIC goes first; if no
+    /// QUIC handshake completes within the fallback deadline, TCP is dialled instead. A QUIC
+    /// refusal is not a reason to fall back: the edge answered.
     async fn connect(&self) -> Result<Arc<dyn TunnelConnection>, DialFailure> {
+        let settings = &self.client.settings;
+        let transport = match settings.transport {
+            TransportChoice::Only(transport) => transport,
+            TransportChoice::Auto => {
+                match tokio::time::timeout(settings.quic_fallback_after, self.connect_over(Transport::Quic)).await {
+                    Ok(Ok(conn)) => return Ok(conn),
+                    Ok(Err(DialFailure::Refused(e))) => return Err(DialFailure::Refused(e)),
+                    Ok(Err(DialFailure::Unanswered(_))) | Err(_) => {
+                        info!(
+                            edge = %self.target,
+                            addr = %self.addr,
+                            "no QUIC answer within {:?} (is UDP blocked on the way?); connecting over TLS/TCP",
+                            settings.quic_fallback_after
+                        );
+                        Transport::Tcp
+                    }
+                }
+            }
+        };
+        self.connect_over(transport).await
+    }
+
+    /// Dials this address over `transport`. While no answer comes, a fresh attempt starts every
+    /// redial interval beside the ones still waiting; the first to complete wins and the others
+    /// are dropped. The try ends when an attempt is refused, or when the first attempt times out
+    /// unanswered (the caller then starts a new try at once, so fresh attempts keep coming every
+    /// interval).
+    async fn connect_over(&self, transport: Transport) -> Result<Arc<dyn TunnelConnection>, DialFailure> {
         use futures_util::StreamExt as _;
         let settings = &self.client.settings;
         let mut pending = futures_util::stream::FuturesUnordered::new();
         let started = tokio::time::Instant::now();
         let mut redial = tokio::time::interval_at(started + settings.redial_interval, settings.redial_interval);
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        pending.push(self.dial_once());
+        pending.push(self.dial_once(transport));
         loop {
             tokio::select! {
                 Some(outcome) = pending.next() => return outcome,
-                _ = redial.tick() => pending.push(self.dial_once()),
+                _ = redial.tick() => pending.push(self.dial_once(transport)),
             }
         }
     }
 
-    async fn dial_once(&self) -> Result<Arc<dyn TunnelConnection>, DialFailure> {
+    async fn dial_once(&self, transport: Transport) -> Result<Arc<dyn TunnelConnection>, DialFailure> {
         let (cert_chain, key, ca_cert) = self.client.credentials().map_err(DialFailure::Refused)?;
-        dial_tunnel(self.addr, host_of(&self.target), cert_chain, key, &ca_cert, &self.client.settings.quic)
-            .await
-            .map_err(|e| match e {
+        let host = host_of(&self.target);
+        dial_tunnel(transport, self.addr, host, cert_chain, key, &ca_cert, &self.client.settings.tunnel).await.map_err(
+            |e| match e {
                 DialError::Timeout(_) => DialFailure::Unanswered(e.to_string()),
                 other => DialFailure::Refused(other.to_string()),
-            })
+            },
+        )
     }
 }
 
@@ -359,15 +489,16 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Owns the control stream for the life of a connection: tells the edge when a drain starts,
+/// Owns the control stream for the life of a connection: tells the edge when a drain starts
+/// (`drain`: the whole agent's, or this connection's when it is being retired),
 /// and renews the agent's certificate whenever two thirds of its life have passed. New
 /// certificates are stored atomically and used by the next connection; this one, and every
 /// exchange on it, carries on untouched.
-async fn renew_loop(client: Arc<TunnelClient>, mut control: BiStream) {
+async fn renew_loop(client: Arc<TunnelClient>, mut control: BiStream, drain: CancellationToken) {
     let mut reader = FrameReader::new(DEFAULT_MAX_HEAD_LEN);
     let mut drain_sent = false;
     loop {
-        if client.draining.is_cancelled() && !drain_sent {
+        if drain.is_cancelled() && !drain_sent {
             drain_sent = true;
             if let Err(e) = write_frame(&mut control.send, &ControlMessage::Drain, DEFAULT_MAX_HEAD_LEN).await {
                 warn!("could not tell the edge about the drain: {e}");
@@ -391,7 +522,7 @@ async fn renew_loop(client: Arc<TunnelClient>, mut control: BiStream) {
             } else {
                 tokio::select! {
                     () = until_due => {}
-                    () = client.draining.cancelled() => {}
+                    () = drain.cancelled() => {}
                 }
             }
             continue;

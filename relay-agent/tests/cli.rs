@@ -96,7 +96,7 @@ async fn run_connects_and_exits_0_on_sigterm_after_draining() {
     let dir = tempfile::tempdir().unwrap();
     let (edge, token) = edge_with_token(dir.path(), "proc").await;
     let agent_dir = dir.path().join("agent");
-    relay_agent::pair(&agent_dir, &token, &Default::default()).await.unwrap();
+    relay_agent::pair(&agent_dir, &token, &Default::default(), Default::default()).await.unwrap();
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_relay-agent"))
         .args(["run", "--state-dir", agent_dir.to_str().unwrap(), "--upstream", "http://127.0.0.1:9"])

@@ -99,6 +99,9 @@ struct RunArgs {
     /// Tunnel (QUIC/UDP) listener address.
     #[arg(long, env = "RELAY_EDGE_TUNNEL_LISTEN")]
     tunnel_listen: Option<std::net::SocketAddr>,
+    /// Tunnel TLS/TCP listener address, or "off" (default: the QUIC listener's port, on TCP).
+    #[arg(long, env = "RELAY_EDGE_TUNNEL_TCP_LISTEN")]
+    tunnel_tcp_listen: Option<String>,
     /// Admin listener serving /metrics (default 127.0.0.1:9090).
     #[arg(long, env = "RELAY_EDGE_ADMIN_LISTEN")]
     admin_listen: Option<std::net::SocketAddr>,
@@ -158,6 +161,7 @@ impl RunArgs {
             state_dir: self.state_dir,
             listen: self.listen,
             tunnel_listen: self.tunnel_listen,
+            tunnel_tcp_listen: self.tunnel_tcp_listen,
             admin_listen: self.admin_listen,
             max_body_bytes: self.max_body_bytes,
             max_ws_message_bytes: self.max_ws_message_bytes,

@@ -12,7 +12,7 @@ use http::header::HeaderName;
 
 pub use relay_cli::config::{ConfigError, parse_duration};
 use relay_cli::config::{load_toml, parse_toml, tunnel_liveness, ws_message_limit};
-use relay_transport::QuicSettings;
+use relay_transport::{TcpListen, TunnelSettings};
 use serde::Deserialize;
 
 use crate::admission::acs_jwt::{DEFAULT_ACS_ISSUER, DEFAULT_ACS_JWKS_URL, JWKS_REFRESH_MIN_INTERVAL, JwksSource};
@@ -84,6 +84,9 @@ pub struct EdgeConfig {
     pub listen: Option<SocketAddr>,
     /// Tunnel QUIC listener (`ip:port`, UDP).
     pub tunnel_listen: Option<SocketAddr>,
+    /// Tunnel TLS/TCP listener (`ip:port`), for agents whose path drops UDP, or `"off"`. By
+    /// default the QUIC listener's address and port number, on TCP.
+    pub tunnel_tcp_listen: Option<String>,
     /// Admin listener serving `/metrics` (`ip:port`).
     pub admin_listen: Option<SocketAddr>,
     /// Largest request body relayed, in bytes.
@@ -200,6 +203,8 @@ pub struct EdgeSettings {
     pub listen: SocketAddr,
     /// See [`EdgeConfig::tunnel_listen`].
     pub tunnel_listen: SocketAddr,
+    /// See [`EdgeConfig::tunnel_tcp_listen`].
+    pub tunnel_tcp_listen: TcpListen,
     /// See [`EdgeConfig::admin_listen`]; `None` disables it.
     pub admin_listen: Option<SocketAddr>,
     /// See [`DEFAULT_MAX_BODY_BYTES`].
@@ -233,7 +238,7 @@ pub struct EdgeSettings {
     /// See [`relay_pki::DEFAULT_AGENT_CERT_VALIDITY`].
     pub agent_cert_validity: Duration,
     /// QUIC transport settings.
-    pub quic: QuicSettings,
+    pub tunnel: TunnelSettings,
     /// Relayed routes.
     pub routes: Vec<Route>,
     /// Settings of the admission checks routes name.
@@ -247,6 +252,7 @@ impl EdgeSettings {
             state_dir,
             listen,
             tunnel_listen,
+            tunnel_tcp_listen: TcpListen::SamePort,
             // A port from the OS; the binary's configuration defaults to DEFAULT_ADMIN_LISTEN.
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
@@ -264,7 +270,7 @@ impl EdgeSettings {
             hello_timeout: DEFAULT_HELLO_TIMEOUT,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             agent_cert_validity: relay_pki::DEFAULT_AGENT_CERT_VALIDITY,
-            quic: QuicSettings::default(),
+            tunnel: TunnelSettings::default(),
             routes: default_routes(),
             admission: AdmissionSettings::default(),
         }
@@ -288,6 +294,7 @@ impl EdgeConfig {
             state_dir: other.state_dir.or(self.state_dir),
             listen: other.listen.or(self.listen),
             tunnel_listen: other.tunnel_listen.or(self.tunnel_listen),
+            tunnel_tcp_listen: other.tunnel_tcp_listen.or(self.tunnel_tcp_listen),
             admin_listen: other.admin_listen.or(self.admin_listen),
             max_body_bytes: other.max_body_bytes.or(self.max_body_bytes),
             max_ws_message_bytes: other.max_ws_message_bytes.or(self.max_ws_message_bytes),
@@ -328,6 +335,14 @@ impl EdgeConfig {
             None => default_addr(DEFAULT_TUNNEL_LISTEN)?,
         };
         let mut settings = EdgeSettings::new(state_dir, listen, tunnel_listen);
+        settings.tunnel_tcp_listen = match self.tunnel_tcp_listen.as_deref().map(str::trim) {
+            None | Some("") => TcpListen::SamePort,
+            Some("off") => TcpListen::Off,
+            Some(text) => TcpListen::At(text.parse().map_err(|e: std::net::AddrParseError| ConfigError::Invalid {
+                key: "tunnel_tcp_listen",
+                message: format!("{e} (expected ip:port or \"off\")"),
+            })?),
+        };
         settings.admin_listen = Some(match self.admin_listen {
             Some(addr) => addr,
             None => DEFAULT_ADMIN_LISTEN.parse().map_err(|e: std::net::AddrParseError| ConfigError::Invalid {
@@ -352,7 +367,7 @@ impl EdgeConfig {
             settings.max_header_bytes = max;
         }
         if let Some(max) = self.max_exchanges_per_agent {
-            let streams = settings.quic.max_exchange_streams as usize;
+            let streams = settings.tunnel.max_exchange_streams as usize;
             if max == 0 || max > streams {
                 return Err(ConfigError::Invalid {
                     key: "max_exchanges_per_agent",
@@ -386,7 +401,7 @@ impl EdgeConfig {
             settings.header_read_timeout = parse_duration("header_read_timeout", text)?;
         }
         tunnel_liveness(
-            &mut settings.quic,
+            &mut settings.tunnel,
             self.idle_timeout.as_deref(),
             self.keep_alive.as_deref(),
             self.handshake_timeout.as_deref(),

@@ -14,6 +14,11 @@ use relay_proto::{ExchangeHead, ExchangeKind, FailureKind, HttpReply, code};
 use relay_transport::{BiStream, FrameReadError, read_frame, write_frame};
 use tracing::{info, warn};
 
+/// When the agent's answer fails while the request body is still being copied, how long to wait
+/// for the copy's own outcome. A copy that reset the stream has already finished; one still
+/// writing fails as soon as the stream does. 100 ms is far beyond either.
+const BODY_OUTCOME_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+
 use crate::admission::source_ip::peer_is_trusted;
 use crate::affinity::PrefixedBody;
 use crate::agents::{InFlight, NoAgent};
@@ -227,24 +232,40 @@ pub(crate) async fn relay_http(
         );
         tokio::pin!(reply);
         let mut body_done = false;
+        // Why a body copy that ended refuses the request, if it does.
+        let refusal = |copied: &Result<Result<u64, BodyCopyError>, tokio::task::JoinError>| match copied {
+            Ok(Err(BodyCopyError::TooLarge { .. })) => {
+                service.metrics.rejection(&route.name, "limit", "body-size");
+                Some((StatusCode::PAYLOAD_TOO_LARGE, "request body too large"))
+            }
+            Ok(Err(BodyCopyError::Source(e))) => {
+                warn!(request_id, "client request body failed: {e}");
+                Some((StatusCode::BAD_REQUEST, "request body incomplete"))
+            }
+            // Copied, or the agent stopped reading: its answer (or failure) comes on `recv`.
+            Ok(Ok(_)) | Ok(Err(BodyCopyError::Sink(_))) | Err(_) => None,
+        };
         loop {
             tokio::select! {
                 copied = &mut body_task, if !body_done => {
                     body_done = true;
-                    match copied {
-                        Ok(Err(BodyCopyError::TooLarge { .. })) => {
-                            service.metrics.rejection(&route.name, "limit", "body-size");
-                            break Err((StatusCode::PAYLOAD_TOO_LARGE, "request body too large"));
-                        }
-                        Ok(Err(BodyCopyError::Source(e))) => {
-                            warn!(request_id, "client request body failed: {e}");
-                            break Err((StatusCode::BAD_REQUEST, "request body incomplete"));
-                        }
-                        // Copied, or the agent stopped reading: its answer (or failure) comes on `recv`.
-                        Ok(Ok(_)) | Ok(Err(BodyCopyError::Sink(_))) | Err(_) => {}
+                    if let Some(refused) = refusal(&copied) {
+                        break Err(refused);
                     }
                 }
-                reply = &mut reply => break Ok(reply),
+                reply = &mut reply => {
+                    // Over TCP, resetting the request body (too large, client gone) ends the
+                    // answer's direction too, and that failure may be seen first: let the body
+                    // copy, which is finishing, say why before the agent is blamed.
+                    let stream_failed = matches!(reply, Ok(Ok(None)) | Ok(Err(FrameReadError::Io(_))));
+                    if stream_failed && !body_done
+                        && let Ok(copied) = tokio::time::timeout(BODY_OUTCOME_GRACE, &mut body_task).await
+                        && let Some(refused) = refusal(&copied)
+                    {
+                        break Err(refused);
+                    }
+                    break Ok(reply);
+                }
             }
         }
     };

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use relay_pki::{EdgeState, EdgeStateError};
-use relay_transport::{DialError, QuicListener};
+use relay_transport::{DialError, TunnelListener};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -72,6 +72,7 @@ pub enum StartError {
 pub struct Edge {
     public_addr: SocketAddr,
     tunnel_addr: SocketAddr,
+    tunnel_tcp_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     agents: Arc<AgentSet>,
     shutdown: CancellationToken,
@@ -84,12 +85,20 @@ impl Edge {
     pub async fn start(settings: EdgeSettings) -> Result<Self, StartError> {
         let state = Arc::new(EdgeState::open(&settings.state_dir)?);
         let tls = state.tls_material()?;
-        let quic = Arc::new(
-            QuicListener::bind(settings.tunnel_listen, tls.cert_chain, tls.key, &tls.ca_cert, &settings.quic)
-                .map_err(|source| StartError::Tunnel { addr: settings.tunnel_listen, source })?,
+        let listener = Arc::new(
+            TunnelListener::bind(
+                settings.tunnel_listen,
+                settings.tunnel_tcp_listen,
+                tls.cert_chain,
+                tls.key,
+                &tls.ca_cert,
+                &settings.tunnel,
+            )
+            .map_err(|source| StartError::Tunnel { addr: settings.tunnel_listen, source })?,
         );
         let tunnel_addr =
-            quic.local_addr().map_err(|e| StartError::Listen { addr: settings.tunnel_listen, source: e })?;
+            listener.quic_addr().map_err(|e| StartError::Listen { addr: settings.tunnel_listen, source: e })?;
+        let tunnel_tcp_addr = listener.tcp_addr();
         let public = TcpListener::bind(settings.listen)
             .await
             .map_err(|source| StartError::Listen { addr: settings.listen, source })?;
@@ -139,7 +148,7 @@ impl Edge {
             state: state.clone(),
             agents: agents.clone(),
             metrics: metrics.clone(),
-            listener: quic.clone(),
+            listener: listener.clone(),
             shutdown: shutdown.clone(),
         };
         let tunnel = Arc::new(tunnel::TunnelService {
@@ -148,7 +157,7 @@ impl Edge {
             agents: agents.clone(),
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
-            listener: quic,
+            listener,
             pairing_failures: Default::default(),
         });
         let rate_limit = settings.rate_limit_per_source.map(rate_limit::SourceRateLimiter::new);
@@ -172,8 +181,8 @@ impl Edge {
             tasks.spawn(relay_cli::admin::serve_metrics(listener, text, shutdown.clone()));
         }
         tasks.spawn(front.run(public));
-        tracing::info!(%public_addr, %tunnel_addr, admin = ?admin_addr, "edge listening");
-        Ok(Self { public_addr, tunnel_addr, admin_addr, agents, shutdown, tasks, draining })
+        tracing::info!(%public_addr, %tunnel_addr, tunnel_tcp = ?tunnel_tcp_addr, admin = ?admin_addr, "edge listening");
+        Ok(Self { public_addr, tunnel_addr, tunnel_tcp_addr, admin_addr, agents, shutdown, tasks, draining })
     }
 
     /// The public listener's address.
@@ -181,9 +190,14 @@ impl Edge {
         self.public_addr
     }
 
-    /// The tunnel listener's address.
+    /// The tunnel's QUIC (UDP) address.
     pub fn tunnel_addr(&self) -> SocketAddr {
         self.tunnel_addr
+    }
+
+    /// The tunnel's TLS/TCP address, unless TCP is off.
+    pub fn tunnel_tcp_addr(&self) -> Option<SocketAddr> {
+        self.tunnel_tcp_addr
     }
 
     /// The admin (metrics) listener's address, when enabled.

@@ -30,7 +30,7 @@ pub struct RejectionLabels {
 /// Labels of the per-transport agent gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransportLabels {
-    /// `quic` (or a later transport).
+    /// `quic` or `tcp`.
     pub transport: String,
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use relay_pki::EdgeState;
 use relay_proto::code;
-use relay_transport::QuicListener;
+use relay_transport::{Transport, TunnelListener};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -30,7 +30,7 @@ pub(crate) struct Registry {
     pub state: Arc<EdgeState>,
     pub agents: Arc<AgentSet>,
     pub metrics: Arc<EdgeMetrics>,
-    pub listener: Arc<QuicListener>,
+    pub listener: Arc<TunnelListener>,
     pub shutdown: CancellationToken,
 }
 
@@ -41,7 +41,7 @@ impl Registry {
         let mut last_cert_check: Option<Instant> = None;
         let mut tick = tokio::time::interval(REGISTRY_POLL_INTERVAL);
         let replica = host_name();
-        let tunnel_port = self.listener.local_addr().map_or(0, |a| a.port());
+        let tunnel_port = self.listener.quic_addr().map_or(0, |a| a.port());
         // Files left by edges that crashed (replicas share the directory, so only stale ones).
         EdgeStatus::read_live(self.state.dir(), SystemTime::now(), true);
         loop {
@@ -78,11 +78,13 @@ impl Registry {
             }
             self.affinity.expire(self.affinity_ttl, Instant::now());
             let connections = connection_status(&self.agents);
-            let quic = connections.iter().filter(|c| c.transport == "quic").count();
-            self.metrics
-                .agents_connected
-                .get_or_create(&TransportLabels { transport: "quic".into() })
-                .set(i64::try_from(quic).unwrap_or(i64::MAX));
+            for transport in [Transport::Quic, Transport::Tcp] {
+                let count = connections.iter().filter(|c| c.transport == transport.as_str()).count();
+                self.metrics
+                    .agents_connected
+                    .get_or_create(&TransportLabels { transport: transport.as_str().into() })
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
             if last_status.as_ref() != Some(&connections) || last_written.elapsed() >= STATUS_HEARTBEAT {
                 let status = EdgeStatus {
                     replica: replica.clone(),

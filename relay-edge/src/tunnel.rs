@@ -8,8 +8,8 @@ use relay_pki::{AgentRefusal, EdgeState, RedeemError, RenewError, cert_serial_he
 use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
 use relay_proto::{ControlMessage, PairRefusal, PairRequest, PairResponse, RenewOutcome, code};
 use relay_transport::{
-    FrameReadError, FrameReader, HandshakeError, IncomingTunnel, PeerKind, QuicListener, TunnelConnection, read_frame,
-    write_frame,
+    FrameReadError, FrameReader, HandshakeError, IncomingTunnel, PeerKind, TunnelConnection, TunnelListener,
+    read_frame, write_frame,
 };
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
@@ -33,7 +33,7 @@ pub(crate) struct TunnelService {
     pub agents: Arc<AgentSet>,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
-    pub listener: Arc<QuicListener>,
+    pub listener: Arc<TunnelListener>,
     pub pairing_failures: std::sync::Mutex<FailureLimiter>,
 }
 
@@ -57,13 +57,14 @@ impl TunnelService {
 
     async fn handle(self: Arc<Self>, incoming: IncomingTunnel) {
         let remote = incoming.remote_addr();
+        let transport = incoming.transport();
         match incoming.handshake().await {
             Ok((conn, PeerKind::Agent { name, serial })) => self.agent_session(conn, name, serial).await,
             Ok((conn, PeerKind::Pairing)) => self.pairing_session(conn).await,
             Err(HandshakeError::CertificateExpired(_)) => {
-                warn!(%remote, "refused an agent whose certificate has expired: it must be paired again (relay-agent pair)");
+                warn!(%remote, %transport, "refused an agent whose certificate has expired: it must be paired again (relay-agent pair)");
             }
-            Err(e) => warn!(%remote, "tunnel handshake refused: {e}"),
+            Err(e) => warn!(%remote, %transport, "tunnel handshake refused: {e}"),
         }
     }
 

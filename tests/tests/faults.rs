@@ -37,7 +37,9 @@ async fn pair(state: &Path, tunnel: std::net::SocketAddr, name: &str, dir: &Path
     let edge = EdgeState::open(state).unwrap();
     let token = edge.create_token(name, &tunnel.to_string(), DEFAULT_TOKEN_TTL, SystemTime::now(), false).unwrap();
     let agent_dir = dir.join(format!("agent-{name}"));
-    relay_agent::pair(&agent_dir, &token.encode(), &Default::default()).await.unwrap();
+    relay_agent::pair(&agent_dir, &token.encode(), &Default::default(), relay_testkit::transport::pairing())
+        .await
+        .unwrap();
     agent_dir
 }
 

@@ -242,7 +242,7 @@ pub async fn run(exe: &Path, settings: CompareSettings) -> anyhow::Result<Compar
         false,
     )?;
     let agent_dir = dir.path().join("agent");
-    relay_agent::pair(&agent_dir, &token.encode(), &Default::default()).await?;
+    relay_agent::pair(&agent_dir, &token.encode(), &Default::default(), Default::default()).await?;
     let agent_state = agent_dir.display().to_string();
     let upstream = format!("http://{bot_addr}");
     let mut agent_args: Vec<String> =

@@ -85,21 +85,21 @@ pub fn ws_message_limit(max: usize) -> Result<usize, ConfigError> {
 /// Applies the tunnel's `idle_timeout` and `keep_alive` settings, both sides alike: keep-alives
 /// must come more often than the idle timeout, or idle tunnels would time out.
 pub fn tunnel_liveness(
-    quic: &mut relay_transport::QuicSettings,
+    tunnel: &mut relay_transport::TunnelSettings,
     idle_timeout: Option<&str>,
     keep_alive: Option<&str>,
     handshake_timeout: Option<&str>,
 ) -> Result<(), ConfigError> {
     if let Some(text) = handshake_timeout {
-        quic.handshake_timeout = parse_duration("handshake_timeout", text)?;
+        tunnel.handshake_timeout = parse_duration("handshake_timeout", text)?;
     }
     if let Some(text) = idle_timeout {
-        quic.idle_timeout = parse_duration("idle_timeout", text)?;
+        tunnel.idle_timeout = parse_duration("idle_timeout", text)?;
     }
     if let Some(text) = keep_alive {
-        quic.keep_alive = parse_duration("keep_alive", text)?;
+        tunnel.keep_alive = parse_duration("keep_alive", text)?;
     }
-    if quic.keep_alive >= quic.idle_timeout {
+    if tunnel.keep_alive >= tunnel.idle_timeout {
         return Err(ConfigError::Invalid { key: "keep_alive", message: "must be shorter than idle_timeout".into() });
     }
     Ok(())

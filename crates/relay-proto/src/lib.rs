@@ -16,6 +16,8 @@
 //!   * WebSocket: the agent answers with a [`WsReply`] frame; then both sides send [`WsFrame`]s.
 //! * **Pairing stream** (on a connection with [`PAIRING_ALPN`]): one [`PairRequest`], one
 //!   [`PairResponse`].
+//! * **Session stream** (TLS/TCP transport only, opened by the edge right after the handshake
+//!   and used by the transport, not the tunnel): [`SessionMessage`]s.
 
 pub mod codec;
 pub mod headers;

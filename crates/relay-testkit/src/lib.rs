@@ -7,6 +7,7 @@
 //! * [`impair`]: a seeded UDP link-impairment proxy (loss, delay, jitter, black hole);
 //! * [`procs`]: the real edge and agent as separate processes, for fault tests that kill them;
 //! * [`stack`]: a real edge + paired agent + bot, in process, on ports from the OS;
+//! * [`transport`]: tests defined once and run over both tunnel transports;
 //! * [`wait`]: `eventually`, so tests wait on conditions with deadlines instead of sleeping.
 
 pub mod acs;
@@ -16,6 +17,7 @@ pub mod client;
 pub mod impair;
 pub mod procs;
 pub mod stack;
+pub mod transport;
 pub mod wait;
 
 pub use stack::Stack;

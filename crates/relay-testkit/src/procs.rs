@@ -154,7 +154,13 @@ impl EdgeProc {
 
     /// The number of agent connections the edge reports on `/metrics` (updated every second).
     pub async fn agents_connected(&self) -> u64 {
-        metric(self.admin, "relay_edge_agents_connected{transport=\"quic\"}").await.unwrap_or(0.0) as u64
+        self.agents_connected_over("quic").await + self.agents_connected_over("tcp").await
+    }
+
+    /// The number of agent connections over `transport` (`quic` or `tcp`) the edge reports.
+    pub async fn agents_connected_over(&self, transport: &str) -> u64 {
+        let name = format!("relay_edge_agents_connected{{transport=\"{transport}\"}}");
+        metric(self.admin, &name).await.unwrap_or(0.0) as u64
     }
 }
 
@@ -169,7 +175,8 @@ pub struct AgentProc {
 
 impl AgentProc {
     /// Runs `relay-agent run` from a paired `state_dir`, forwarding to `upstream`, dialling
-    /// `edges`, with `args` added.
+    /// `edges`, with `args` added. The transport is QUIC unless `args` chooses one: most fault
+    /// tests are about how QUIC survives a bad link, which `auto` would sidestep over TCP.
     pub async fn start(
         bins: &Binaries,
         wrapper: &[&str],
@@ -190,6 +197,9 @@ impl AgentProc {
         for edge in edges {
             all.extend(["--edge".into(), edge.into()]);
         }
+        if !args.contains(&"--transport") {
+            all.extend(["--transport".into(), "quic".into()]);
+        }
         all.extend(args.iter().map(OsString::from));
         let proc = Proc::spawn("agent", wrapper, &bins.agent, &all)?;
         let Some(line) = proc.wait_line("agent starting", PROC_DEADLINE).await else {
@@ -203,7 +213,13 @@ impl AgentProc {
 
     /// The agent's welcomed connections, from its `/metrics`.
     pub async fn connections(&self) -> u64 {
-        metric(self.admin, "relay_agent_connected").await.unwrap_or(0.0) as u64
+        self.connections_over("quic").await + self.connections_over("tcp").await
+    }
+
+    /// The agent's welcomed connections over `transport` (`quic` or `tcp`).
+    pub async fn connections_over(&self, transport: &str) -> u64 {
+        let name = format!("relay_agent_connected{{transport=\"{transport}\"}}");
+        metric(self.admin, &name).await.unwrap_or(0.0) as u64
     }
 }
 

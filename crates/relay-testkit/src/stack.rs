@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use relay_agent::{Agent, AgentSettings};
+use relay_agent::{Agent, AgentSettings, TransportChoice};
 use relay_edge::{Edge, EdgeSettings};
 use relay_pki::{DEFAULT_TOKEN_TTL, EdgeState};
 
@@ -64,7 +64,11 @@ impl Stack {
     pub async fn pair_agent(&self, name: &str) -> anyhow::Result<PathBuf> {
         let token = self.token(name)?;
         let state_dir = self.dir.path().join(format!("agent-{name}"));
-        relay_agent::pair(&state_dir, &token, &Default::default()).await?;
+        let transport = relay_agent::PairTransport {
+            choice: TransportChoice::Only(crate::transport::current()),
+            ..Default::default()
+        };
+        relay_agent::pair(&state_dir, &token, &Default::default(), transport).await?;
         Ok(state_dir)
     }
 
@@ -82,14 +86,15 @@ impl Stack {
     }
 
     /// Dials this edge's tunnel by hand with the identity stored in `state_dir`, as a test that
-    /// plays the agent itself would.
+    /// plays the agent itself would, over the test's transport.
     pub async fn dial_as(
         &self,
         state_dir: &std::path::Path,
     ) -> anyhow::Result<Result<std::sync::Arc<dyn relay_transport::TunnelConnection>, relay_transport::DialError>> {
         let id = relay_pki::AgentState::load(state_dir)?;
-        let settings = relay_transport::QuicSettings::default();
+        let settings = relay_transport::TunnelSettings::default();
         Ok(relay_transport::dial_tunnel(
+            crate::transport::current(),
             self.edge.tunnel_addr(),
             "localhost",
             id.cert_chain,
@@ -106,6 +111,7 @@ impl Stack {
             AgentSettings::new(state_dir.to_owned(), relay_agent::config::parse_upstream(&self.bot.url())?);
         // Tests restart edges on new ports; always dial the current one.
         settings.edges = vec![self.edge.tunnel_addr().to_string()];
+        settings.transport = TransportChoice::Only(crate::transport::current());
         Ok(settings)
     }
 

@@ -56,6 +56,6 @@ pub trait TunnelConnection: Send + Sync + 'static {
     fn close_and_flush(&self, code: u32, reason: &str) -> BoxFuture<'_, ()>;
     /// The peer's address.
     fn remote_addr(&self) -> SocketAddr;
-    /// Which transport carries this connection (`"quic"`), for logs and metrics.
+    /// Which transport carries this connection (`"quic"` or `"tcp"`), for logs and metrics.
     fn transport(&self) -> &'static str;
 }

@@ -4,16 +4,16 @@
 use std::time::{Duration, Instant};
 
 use relay_pki::CaPin;
-use relay_transport::{DialError, QuicSettings, dial_pairing};
+use relay_transport::{DialError, Transport, TunnelSettings, dial_pairing};
 
 #[tokio::test]
 async fn a_handshake_nobody_answers_times_out_after_the_configured_timeout() {
     // A bound UDP socket that never reads: packets arrive and vanish, as with a DROP rule.
     let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = silent.local_addr().unwrap();
-    let settings = QuicSettings { handshake_timeout: Duration::from_millis(400), ..QuicSettings::default() };
+    let settings = TunnelSettings { handshake_timeout: Duration::from_millis(400), ..TunnelSettings::default() };
     let started = Instant::now();
-    let outcome = dial_pairing(addr, "localhost", CaPin([0; 32]), &settings).await;
+    let outcome = dial_pairing(Transport::Quic, addr, "localhost", CaPin([0; 32]), &settings).await;
     let waited = started.elapsed();
     assert!(matches!(outcome, Err(DialError::Timeout(a)) if a == addr), "{:?}", outcome.err());
     assert!(waited >= Duration::from_millis(400), "gave up early, after {waited:?}");
@@ -26,14 +26,14 @@ async fn a_handshake_nobody_answers_times_out_after_the_configured_timeout() {
 async fn the_idle_timeout_bounds_a_handshake_too() {
     let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = silent.local_addr().unwrap();
-    let settings = QuicSettings {
+    let settings = TunnelSettings {
         idle_timeout: Duration::from_millis(300),
         keep_alive: Duration::from_millis(100),
         handshake_timeout: Duration::from_secs(30),
-        ..QuicSettings::default()
+        ..TunnelSettings::default()
     };
     let started = Instant::now();
-    let outcome = dial_pairing(addr, "localhost", CaPin([0; 32]), &settings).await;
+    let outcome = dial_pairing(Transport::Quic, addr, "localhost", CaPin([0; 32]), &settings).await;
     assert!(matches!(outcome, Err(DialError::Timeout(_))), "{:?}", outcome.err());
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
 }
