@@ -27,7 +27,7 @@ pub struct ConnectionStatus {
     pub agent: String,
     /// Where it connected from.
     pub remote: String,
-    /// `"quic"` (or a later transport).
+    /// `"quic"` or `"tcp"`.
     pub transport: String,
     /// The certificate serial the connection stands on.
     pub serial: String,

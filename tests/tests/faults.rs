@@ -1,7 +1,8 @@
 //! Fault injection with the real edge and agent binaries as separate processes: agents killed
 //! with SIGKILL mid-call, an edge restarted, a lossy and slow link through the seeded
-//! impairment proxy, a link that goes silent, and UDP dropped by the kernel inside a network
-//! namespace. Each test asserts exact outcomes; none sleeps for a fixed time.
+//! impairment proxy, a link that goes silent, UDP dropped by the kernel inside a network
+//! namespace (QUIC riding it out, and `auto` falling back to TCP and back), and TCP segments
+//! dropped at random. Each test asserts exact outcomes; none sleeps for a fixed time.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -349,12 +350,8 @@ async fn udp_silently_dropped_by_the_kernel_is_survived_and_the_agent_returns_wh
         }
     };
     let dir = tempfile::tempdir().unwrap();
-    let state = edge_state(dir.path(), &[&ns.ns_ip]);
-    let on_ns = format!("{}:0", ns.ns_ip);
-    let args = ["--listen", on_ns.as_str(), "--tunnel-listen", on_ns.as_str(), "--admin-listen", on_ns.as_str()];
-    let edge = EdgeProc::start(&bins(), &ns.wrapper(), &state, &args).await.unwrap();
+    let (edge, agent_dir) = edge_in_netns(&ns, dir.path()).await;
     let bot = EchoBot::start().await.unwrap();
-    let agent_dir = pair(&state, edge.tunnel, "agent-0", dir.path()).await;
     let agent = AgentProc::start(&bins(), &[], &agent_dir, &bot.url(), &[edge.tunnel.to_string()], &[]).await.unwrap();
     assert!(eventually(PROC_DEADLINE, || async { edge.agents_connected().await == 1 }).await, "{}", agent.proc.log());
     let webhook = || async {
@@ -384,6 +381,145 @@ async fn udp_silently_dropped_by_the_kernel_is_survived_and_the_agent_returns_wh
     eprintln!("UDP dropped by the kernel: agent back {back:?} after the rule was removed");
     assert!(back < Duration::from_secs(3), "back only {back:?} after UDP passed again");
     assert!(eventually(PROC_DEADLINE, || async { webhook().await == StatusCode::OK }).await);
+    drop(ns);
+}
+
+/// An edge process inside the namespace `ns`, listening on its inner address, and the state
+/// directory of an agent paired with it (`agent-0`).
+async fn edge_in_netns(ns: &Netns, dir: &Path) -> (EdgeProc, PathBuf) {
+    let state = edge_state(dir, &[&ns.ns_ip]);
+    let on_ns = format!("{}:0", ns.ns_ip);
+    let args = ["--listen", on_ns.as_str(), "--tunnel-listen", on_ns.as_str(), "--admin-listen", on_ns.as_str()];
+    let edge = EdgeProc::start(&bins(), &ns.wrapper(), &state, &args).await.unwrap();
+    let agent_dir = pair(&state, edge.tunnel, "agent-0", dir).await;
+    (edge, agent_dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_falls_back_to_tcp_when_udp_vanishes_and_moves_back_to_quic_without_dropping_a_call() {
+    let ns = match Netns::create(3) {
+        Ok(ns) => ns,
+        Err(reason) => {
+            eprintln!("skipped: this test needs root, ip and iptables for a network namespace ({reason})");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let bot = EchoBot::start().await.unwrap();
+    // UDP to the tunnel vanishes from before the agent's first dial (pairing, over QUIC, is done).
+    let (edge, agent_dir) = edge_in_netns(&ns, dir.path()).await;
+    let port = edge.tunnel.port().to_string();
+    let rule = ["INPUT", "-p", "udp", "--dport", port.as_str(), "-j", "DROP"];
+    ns.exec(&[&["iptables", "-A"][..], &rule[..]].concat()).unwrap();
+
+    let started = Instant::now();
+    let edges = [edge.tunnel.to_string()];
+    let agent_args = ["--transport", "auto", "--quic-probe-interval", "2s"];
+    let agent = AgentProc::start(&bins(), &[], &agent_dir, &bot.url(), &edges, &agent_args).await.unwrap();
+    assert!(
+        eventually(PROC_DEADLINE, || async { agent.connections_over("tcp").await == 1 }).await,
+        "{}",
+        agent.proc.log()
+    );
+    let fell_back = started.elapsed();
+    eprintln!("UDP dropped: auto connected over TCP {fell_back:?} after the agent started");
+    assert!(fell_back < Duration::from_secs(5), "took {fell_back:?} to fall back to TCP");
+    assert!(agent.proc.log().contains("no QUIC answer within"), "the agent must say why it uses TCP");
+    assert!(eventually(PROC_DEADLINE, || async { edge.agents_connected_over("tcp").await == 1 }).await);
+    let state = dir.path().join("edge");
+    assert!(eventually(PROC_DEADLINE, || async { listed_transports(&state) == ["tcp"] }).await);
+
+    // Calls flow over TCP; while they run, UDP passes again.
+    let frames = 8 * FPS;
+    let on_tcp = start_calls(edge.public, "on-tcp", 5, frames);
+    ns.exec(&[&["iptables", "-D"][..], &rule[..]].concat()).unwrap();
+    let passing = Instant::now();
+    assert!(
+        eventually(PROC_DEADLINE, || async { agent.connections_over("quic").await == 1 }).await,
+        "{}",
+        agent.proc.log()
+    );
+    eprintln!("UDP passes again: back on QUIC {:?} later (probe every 2 s)", passing.elapsed());
+
+    // New calls go over QUIC while the TCP ones finish where they are.
+    assert!(eventually(PROC_DEADLINE, || async { edge.agents_connected_over("quic").await == 1 }).await);
+    for call in start_calls(edge.public, "on-quic", 3, 2 * FPS) {
+        let (corr, stats) = call.await.unwrap();
+        assert!(stats.intact() && stats.sent == 2 * FPS, "{corr}: {stats:?}");
+    }
+    for call in on_tcp {
+        let (corr, stats) = call.await.unwrap();
+        assert!(stats.intact() && stats.sent == frames, "{corr} was dropped by the move: {stats:?}");
+        assert_eq!(stats.closed_by_peer, None, "{corr}");
+    }
+    // The TCP connection closes once its calls are done.
+    assert!(eventually(PROC_DEADLINE, || async { agent.connections_over("tcp").await == 0 }).await);
+    assert_eq!(agent.connections_over("quic").await, 1);
+    assert!(eventually(PROC_DEADLINE, || async { listed_transports(&state) == ["quic"] }).await);
+    drop(ns);
+}
+
+/// The transports of `agent-0`'s live connections, as `relay-edge agents --json` lists them.
+fn listed_transports(state: &Path) -> Vec<String> {
+    let out =
+        std::process::Command::new(bins().edge).arg("agents").arg("--state-dir").arg(state).arg("--json").output();
+    let rows: serde_json::Value = out.ok().and_then(|o| serde_json::from_slice(&o.stdout).ok()).unwrap_or_default();
+    let agent = rows.as_array().into_iter().flatten().find(|row| row["name"] == "agent-0");
+    let connections = agent.and_then(|row| row["connections"].as_array().cloned()).unwrap_or_default();
+    connections.iter().filter_map(|c| c["transport"].as_str().map(str::to_owned)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_calls_over_tcp_with_two_percent_packet_loss_lose_and_reorder_no_frame() {
+    let ns = match Netns::create(4) {
+        Ok(ns) => ns,
+        Err(reason) => {
+            eprintln!("skipped: this test needs root, ip and iptables for a network namespace ({reason})");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let bot = EchoBot::start().await.unwrap();
+    let (edge, agent_dir) = edge_in_netns(&ns, dir.path()).await;
+    let edges = [edge.tunnel.to_string()];
+    let agent = AgentProc::start(&bins(), &[], &agent_dir, &bot.url(), &edges, &["--transport", "tcp"]).await.unwrap();
+    assert!(
+        eventually(PROC_DEADLINE, || async { edge.agents_connected_over("tcp").await == 1 }).await,
+        "{}",
+        agent.proc.log()
+    );
+
+    // 2% of the tunnel's TCP segments vanish, each way, inside the edge's namespace.
+    let port = edge.tunnel.port().to_string();
+    let loss = ["-m", "statistic", "--mode", "random", "--probability", "0.02", "-j", "DROP"];
+    let inbound = [&["INPUT", "-p", "tcp", "--dport", port.as_str()][..], &loss[..]].concat();
+    let outbound = [&["OUTPUT", "-p", "tcp", "--sport", port.as_str()][..], &loss[..]].concat();
+    for rule in [&inbound, &outbound] {
+        ns.exec(&[&["iptables", "-A"][..], &rule[..]].concat()).unwrap();
+    }
+    let frames = 10 * FPS;
+    let mut total = MediaStats::default();
+    for call in start_calls(edge.public, "lossy-tcp", 10, frames) {
+        let (corr, stats) = call.await.unwrap();
+        assert!(stats.intact() && stats.sent == frames, "{corr}: {stats:?}");
+        total.merge(&stats);
+    }
+    let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0);
+    eprintln!(
+        "TCP transport, 2% loss each way: {} frames, all in order; RTT p50 {:.1} ms, p99 {:.1} ms",
+        total.received,
+        ms(total.percentile(0.5)),
+        ms(total.percentile(0.99))
+    );
+    let mut dropped = std::process::Command::new("ip");
+    dropped.args(["netns", "exec", ns.name.as_str(), "iptables", "-L", "INPUT", "-v", "-x", "-n"]);
+    let listing = String::from_utf8_lossy(&dropped.output().unwrap().stdout).into_owned();
+    let drops: u64 = listing
+        .lines()
+        .filter(|l| l.contains("statistic"))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    assert!(drops > 0, "the rule must actually have dropped segments:\n{listing}");
     drop(ns);
 }
 

@@ -10,6 +10,8 @@ use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
+use relay_agent::TransportChoice;
+use relay_transport::Transport;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -41,6 +43,8 @@ pub struct CompareSettings {
     /// A bot already running there (another implementation, e.g. Python) instead of this tool's
     /// own echo bot; its CPU and memory are then not measured.
     pub bot: Option<SocketAddr>,
+    /// The tunnel transport the agent uses.
+    pub transport: Transport,
 }
 
 /// One target's figures.
@@ -61,6 +65,8 @@ pub struct Side {
 /// The whole comparison.
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
+    /// The tunnel transport measured (`quic` or `tcp`).
+    pub transport: &'static str,
     /// Concurrent calls.
     pub calls: usize,
     /// Seconds each call streamed.
@@ -242,13 +248,26 @@ pub async fn run(exe: &Path, settings: CompareSettings) -> anyhow::Result<Compar
         false,
     )?;
     let agent_dir = dir.path().join("agent");
-    relay_agent::pair(&agent_dir, &token.encode(), &Default::default(), Default::default()).await?;
+    let pairing =
+        relay_agent::PairTransport { choice: TransportChoice::Only(settings.transport), ..Default::default() };
+    relay_agent::pair(&agent_dir, &token.encode(), &Default::default(), pairing).await?;
     let agent_state = agent_dir.display().to_string();
     let upstream = format!("http://{bot_addr}");
-    let mut agent_args: Vec<String> =
-        ["agent", "run", "--state-dir", &agent_state, "--upstream", &upstream, "--admin-listen", "127.0.0.1:0"]
-            .map(str::to_owned)
-            .to_vec();
+    let transport = settings.transport.as_str();
+    let mut agent_args: Vec<String> = [
+        "agent",
+        "run",
+        "--state-dir",
+        &agent_state,
+        "--upstream",
+        &upstream,
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--transport",
+        transport,
+    ]
+    .map(str::to_owned)
+    .to_vec();
     agent_args.extend(settings.agent_args.iter().cloned());
     let mut agent = spawn(exe, &agent_args, "agent starting").await?;
     wait_ready(public).await?;
@@ -267,6 +286,7 @@ pub async fn run(exe: &Path, settings: CompareSettings) -> anyhow::Result<Compar
     let relay_cpu_cores = relay.media_cpu_cores.get("edge").copied().unwrap_or(0.0)
         + relay.media_cpu_cores.get("agent").copied().unwrap_or(0.0);
     Ok(Comparison {
+        transport: settings.transport.as_str(),
         calls: settings.calls,
         duration_seconds: settings.duration.as_secs_f64(),
         webhook_concurrency: settings.webhook_concurrency,
@@ -308,8 +328,8 @@ pub fn render(c: &Comparison) -> String {
     let (d, r) = (&c.direct, &c.relay);
     let _ = writeln!(
         out,
-        "{} calls x {:.0} s at 50 frames/s each way, {} webhook workers",
-        c.calls, c.duration_seconds, c.webhook_concurrency
+        "{} calls x {:.0} s at 50 frames/s each way, {} webhook workers, tunnel over {}",
+        c.calls, c.duration_seconds, c.webhook_concurrency, c.transport
     );
     let _ = writeln!(out, "{:<34} {:>14} {:>14} {:>16}", "", "direct", "acs-relay", "relay cost");
     let row = |out: &mut String, name: &str, a: String, b: String, cost: String| {

@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use relay_bench::compare::{self, CompareSettings};
 use relay_bench::media::{self, MediaLoad};
 use relay_bench::{procstat, webhooks};
+use relay_transport::Transport;
 
 /// Call-load benchmark for acs-relay: ACS-shaped media calls and webhooks, direct vs relayed.
 #[derive(Debug, Parser)]
@@ -81,8 +82,19 @@ struct CompareArgs {
     /// Use a bot already listening here (e.g. a Python one) instead of the built-in echo bot.
     #[arg(long)]
     bot: Option<SocketAddr>,
+    /// The tunnel transport to measure: `quic` or `tcp`.
+    #[arg(long, default_value = "quic", value_parser = parse_transport)]
+    transport: Transport,
     #[command(flatten)]
     common: Common,
+}
+
+fn parse_transport(text: &str) -> Result<Transport, String> {
+    match text {
+        "quic" => Ok(Transport::Quic),
+        "tcp" => Ok(Transport::Tcp),
+        other => Err(format!("{other:?}: expected quic or tcp")),
+    }
 }
 
 fn parse_pid(text: &str) -> Result<(String, u32), String> {
@@ -178,6 +190,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 edge_args: args.edge_args,
                 agent_args: args.agent_args,
                 bot: args.bot,
+                transport: args.transport,
             };
             let comparison = compare::run(&exe, settings).await?;
             print!("{}", compare::render(&comparison));

@@ -250,8 +250,9 @@ async fn read_session(
     edge: Option<(h2::client::SendRequest<Bytes>, mpsc::UnboundedSender<BiStream>)>,
 ) {
     let mut reader = FrameReader::new(SESSION_FRAME_LIMIT);
-    // Streams opened for the agent and not yet accepted by the edge's tunnel code; bounded so a
-    // peer (a pairing client, unauthenticated) cannot make the edge open streams without end.
+    // Streams opened for the agent over the connection's life. An agent asks for one or two (its
+    // control stream, or its pairing stream); the cap keeps a peer (a pairing client is not
+    // authenticated) from making the edge open streams without end.
     let mut granted = 0u32;
     loop {
         let msg = tokio::select! {
