@@ -38,6 +38,16 @@ enum Command {
     },
     /// Run the agent.
     Run(Box<RunArgs>),
+    /// Check a running agent through its admin listener: exit 0 if `/healthz` (or, with
+    /// `--ready`, `/readyz`) answers 200. For container health checks; the images have no shell.
+    Health {
+        /// The agent's admin listener (an unspecified address means this host).
+        #[arg(long, env = "RELAY_AGENT_ADMIN_LISTEN", default_value = crate::config::DEFAULT_ADMIN_LISTEN)]
+        admin_listen: std::net::SocketAddr,
+        /// Check readiness (connected to an edge, not draining) instead of liveness.
+        #[arg(long)]
+        ready: bool,
+    },
 }
 
 /// Settings for `run`; each overrides the config file, and `RELAY_AGENT_*` overrides the file too.
@@ -113,6 +123,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 paired.edge_addr,
                 state_dir.display()
             );
+        }
+        Command::Health { admin_listen, ready } => {
+            let path = if ready { "/readyz" } else { "/healthz" };
+            relay_cli::admin::probe(relay_cli::admin::local(admin_listen), path).await?;
         }
         Command::Run(args) => {
             relay_cli::init_logging();

@@ -32,6 +32,10 @@ enum Command {
         /// `127.0.0.1` are always included.
         #[arg(long = "name", value_name = "HOST")]
         names: Vec<String>,
+        /// Succeed without changing anything when the directory is initialised already (for a
+        /// container's first start on an empty volume).
+        #[arg(long)]
+        if_missing: bool,
     },
     /// Issue a one-time pairing token for an agent; prints only the token.
     Pair {
@@ -82,6 +86,16 @@ enum Command {
     },
     /// Run the edge.
     Run(Box<RunArgs>),
+    /// Check a running edge through its admin listener: exit 0 if `/healthz` (or, with
+    /// `--ready`, `/readyz`) answers 200. For container health checks; the images have no shell.
+    Health {
+        /// The edge's admin listener (an unspecified address means this host).
+        #[arg(long, env = "RELAY_EDGE_ADMIN_LISTEN", default_value = crate::config::DEFAULT_ADMIN_LISTEN)]
+        admin_listen: std::net::SocketAddr,
+        /// Check readiness (an agent connected, not draining) instead of liveness.
+        #[arg(long)]
+        ready: bool,
+    },
 }
 
 /// Settings for `run`; each overrides the config file and `RELAY_EDGE_*` overrides the file too.
@@ -195,7 +209,10 @@ fn parse_edge_addr(text: &str) -> anyhow::Result<()> {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Init { state_dir, names } => {
+        Command::Init { state_dir, if_missing: true, .. } if EdgeState::open(&state_dir).is_ok() => {
+            eprintln!("{} is initialised already; nothing changed", state_dir.display());
+        }
+        Command::Init { state_dir, names, .. } => {
             let state = EdgeState::init(&state_dir, &names, SystemTime::now())?;
             let pin = state.ca().pin()?;
             eprintln!("initialised {}; CA pin sha256:{}", state_dir.display(), pin.to_hex());
@@ -238,6 +255,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Revoke { state_dir, agent } => {
             EdgeState::open(&state_dir)?.revoke(&agent, SystemTime::now())?;
             eprintln!("revoked {agent:?}; a running edge closes its connections within seconds");
+        }
+        Command::Health { admin_listen, ready } => {
+            let path = if ready { "/readyz" } else { "/healthz" };
+            relay_cli::admin::probe(relay_cli::admin::local(admin_listen), path).await?;
         }
         Command::Agents { state_dir, json } => {
             print!("{}", crate::listing::list(&state_dir, json, SystemTime::now())?);

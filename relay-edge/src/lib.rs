@@ -178,7 +178,11 @@ impl Edge {
         tasks.spawn(registry.run());
         if let Some((listener, _)) = admin {
             let text: relay_cli::admin::MetricsText = Arc::new(move || metrics.encode());
-            tasks.spawn(relay_cli::admin::serve_metrics(listener, text, shutdown.clone()));
+            // The same answer as the public `/readyz`: an agent to send to, and not draining.
+            let (ready_agents, ready_draining) = (agents.clone(), draining.clone());
+            let ready: relay_cli::admin::Readiness =
+                Arc::new(move || !ready_draining.is_cancelled() && ready_agents.ready());
+            tasks.spawn(relay_cli::admin::serve_metrics(listener, text, ready, shutdown.clone()));
         }
         tasks.spawn(front.run(public));
         tracing::info!(%public_addr, %tunnel_addr, tunnel_tcp = ?tunnel_tcp_addr, admin = ?admin_addr, "edge listening");

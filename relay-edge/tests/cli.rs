@@ -30,6 +30,18 @@ fn init_creates_private_keys_and_refuses_to_run_twice() {
     }
     let again = edge(&["init", "--state-dir", state.to_str().unwrap()]);
     assert!(one_line_error(&again).contains("already initialised"));
+    // A container's first start runs `init --if-missing` on every start: later ones change nothing.
+    let ca_before = std::fs::read(state.join("ca.key")).unwrap();
+    let idempotent = edge(&["init", "--if-missing", "--state-dir", state.to_str().unwrap()]);
+    assert!(idempotent.status.success(), "{}", String::from_utf8_lossy(&idempotent.stderr));
+    assert_eq!(std::fs::read(state.join("ca.key")).unwrap(), ca_before, "the CA must not be replaced");
+}
+
+#[test]
+fn health_fails_with_one_line_when_nothing_listens() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let out = edge(&["health", "--admin-listen", &closed]);
+    assert!(one_line_error(&out).contains("cannot reach"));
 }
 
 #[test]

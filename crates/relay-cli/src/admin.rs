@@ -1,5 +1,8 @@
-//! The admin listener both binaries run: `/metrics` in Prometheus text format. It is kept off
-//! the public listener (and on loopback by default) so metrics are never exposed by accident.
+//! The admin listener both binaries run: `/metrics` in Prometheus text format, `/healthz` (the
+//! process serves) and `/readyz` (it can do its job now), for container health checks and
+//! orchestrator probes. It is kept off the public listener (and on loopback by default) so
+//! metrics are never exposed by accident. Also [`probe`], the client side of those checks, which
+//! the `health` subcommands run in images that have no shell and no curl.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,30 +18,101 @@ use tokio_util::sync::CancellationToken;
 /// Produces the current metrics text.
 pub type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// Serves `/metrics` from `listener` until `shutdown`.
-pub async fn serve_metrics(listener: TcpListener, metrics: MetricsText, shutdown: CancellationToken) {
+/// Says whether the process can do its job now (`/readyz`).
+pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// How long a health probe waits for its answer. Orchestrators give a probe a few seconds; the
+/// answer is local and takes a millisecond.
+pub const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Why a health probe failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// Nothing answered at the address.
+    #[error("cannot reach {addr}: {reason}")]
+    Unreachable {
+        /// The address probed.
+        addr: std::net::SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The answer was not 200.
+    #[error("{path} answered {status}")]
+    Status {
+        /// The path probed.
+        path: String,
+        /// The status it answered.
+        status: StatusCode,
+    },
+    /// No answer within [`PROBE_TIMEOUT`].
+    #[error("no answer from {0} within {PROBE_TIMEOUT:?}")]
+    Timeout(std::net::SocketAddr),
+}
+
+/// The address to probe a listener bound to `addr` at: the same port on loopback when it is
+/// bound to every address (`0.0.0.0`, `::`).
+pub fn local(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => (std::net::Ipv4Addr::LOCALHOST, addr.port()).into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => (std::net::Ipv6Addr::LOCALHOST, addr.port()).into(),
+        _ => addr,
+    }
+}
+
+/// GETs `path` from the admin listener at `addr` and succeeds on 200.
+pub async fn probe(addr: std::net::SocketAddr, path: &str) -> Result<(), ProbeError> {
+    let attempt = async {
+        let unreachable = |reason: String| ProbeError::Unreachable { addr, reason };
+        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| unreachable(e.to_string()))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        tokio::spawn(connection);
+        let request = Request::get(path)
+            .header(header::HOST, "localhost")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .map_err(|e| unreachable(e.to_string()))?;
+        let response = sender.send_request(request).await.map_err(|e| unreachable(e.to_string()))?;
+        match response.status() {
+            StatusCode::OK => Ok(()),
+            status => Err(ProbeError::Status { path: path.to_owned(), status }),
+        }
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, attempt).await.map_err(|_| ProbeError::Timeout(addr))?
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` from `listener` until `shutdown`.
+pub async fn serve_metrics(listener: TcpListener, metrics: MetricsText, ready: Readiness, shutdown: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         let Ok((stream, _)) = accepted else { continue };
-        let metrics = metrics.clone();
+        let (metrics, ready) = (metrics.clone(), ready.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(answer(&req, &metrics)) }
+                let (metrics, ready) = (metrics.clone(), ready.clone());
+                async move { Ok::<_, Infallible>(answer(&req, &metrics, &ready)) }
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }
 
-fn answer(req: &Request<Incoming>, metrics: &MetricsText) -> Response<Full<Bytes>> {
-    if req.uri().path() != "/metrics" {
-        let mut response = Response::new(Full::new(Bytes::from_static(b"not found\n")));
-        *response.status_mut() = StatusCode::NOT_FOUND;
-        return response;
+fn text(status: StatusCode, body: &'static [u8]) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body)));
+    *response.status_mut() = status;
+    response
+}
+
+fn answer(req: &Request<Incoming>, metrics: &MetricsText, ready: &Readiness) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/metrics" => {}
+        "/healthz" => return text(StatusCode::OK, b"ok\n"),
+        "/readyz" if ready() => return text(StatusCode::OK, b"ready\n"),
+        "/readyz" => return text(StatusCode::SERVICE_UNAVAILABLE, b"not ready\n"),
+        _ => return text(StatusCode::NOT_FOUND, b"not found\n"),
     }
     let mut response = Response::new(Full::new(Bytes::from(metrics())));
     response.headers_mut().insert(
