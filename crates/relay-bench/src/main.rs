@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use relay_bench::compare::{self, CompareSettings};
 use relay_bench::media::{self, MediaLoad};
@@ -61,9 +61,9 @@ struct Common {
 
 #[derive(Debug, Args)]
 struct LoadArgs {
-    /// `HOST:PORT` serving `/ws` and `/api/callbacks/*`.
+    /// `HOST:PORT` serving `/ws` and `/api/callbacks/*` (a name is resolved once, at start).
     #[arg(long)]
-    target: SocketAddr,
+    target: String,
     /// Processes to measure, as `NAME=PID` (repeatable).
     #[arg(long = "pid", value_parser = parse_pid)]
     pids: Vec<(String, u32)>,
@@ -121,23 +121,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Load(args) => {
             let c = &args.common;
+            let target: SocketAddr = tokio::net::lookup_host(&args.target)
+                .await
+                .with_context(|| format!("cannot resolve --target {}", args.target))?
+                .next()
+                .with_context(|| format!("--target {} resolves to no address", args.target))?;
             let sample = || -> BTreeMap<String, procstat::ProcSample> {
                 args.pids.iter().filter_map(|(n, p)| Some((n.clone(), procstat::sample(*p)?))).collect()
             };
             let before = sample();
-            let load = MediaLoad {
-                target: args.target,
-                calls: c.calls,
-                duration: c.duration,
-                callbacks_per_call: c.callbacks_per_call,
-            };
+            let load =
+                MediaLoad { target, calls: c.calls, duration: c.duration, callbacks_per_call: c.callbacks_per_call };
             let media = media::run(load, || {}).await;
             let after = sample();
             let hooks = if c.webhook_duration.is_zero() {
                 webhooks::WebhookReport::default()
             } else {
                 webhooks::run(webhooks::WebhookLoad {
-                    target: args.target,
+                    target,
                     concurrency: c.webhook_concurrency,
                     duration: c.webhook_duration,
                 })
@@ -176,6 +177,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if let Some(path) = &c.json {
                 let report = serde_json::json!({ "media": media, "webhooks": hooks, "media_cpu_cores": cpu });
                 write_json(path, &report)?;
+            }
+            // The figures are out; a run that lost anything still fails, so scripts can rely on it.
+            let failures = media.frames_lost + media.frames_corrupt + media.callbacks_failed + hooks.failed;
+            if (media.calls_connected as usize) < c.calls || failures > 0 {
+                bail!(
+                    "{} of {} calls connected; {} frames lost, {} corrupt; {} callbacks and {} webhooks failed",
+                    media.calls_connected,
+                    c.calls,
+                    media.frames_lost,
+                    media.frames_corrupt,
+                    media.callbacks_failed,
+                    hooks.failed
+                );
             }
         }
         Command::Compare(args) => {
