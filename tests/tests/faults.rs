@@ -332,6 +332,16 @@ impl Netns {
     }
 }
 
+/// A namespace for one test, or `None`, with the reason printed, where none can be made (the test
+/// then skips itself).
+fn netns_or_skip(tag: u8) -> Option<Netns> {
+    Netns::create(tag)
+        .map_err(|reason| {
+            eprintln!("skipped: this test needs root, ip and iptables for a network namespace ({reason})")
+        })
+        .ok()
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace deletes the veth pair with it.
@@ -342,13 +352,7 @@ impl Drop for Netns {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_silently_dropped_by_the_kernel_is_survived_and_the_agent_returns_when_it_passes_again() {
-    let ns = match Netns::create(1) {
-        Ok(ns) => ns,
-        Err(reason) => {
-            eprintln!("skipped: this test needs root, ip and iptables for a network namespace ({reason})");
-            return;
-        }
-    };
+    let Some(ns) = netns_or_skip(1) else { return };
     let dir = tempfile::tempdir().unwrap();
     let (edge, agent_dir) = edge_in_netns(&ns, dir.path()).await;
     let bot = EchoBot::start().await.unwrap();
@@ -397,13 +401,7 @@ async fn edge_in_netns(ns: &Netns, dir: &Path) -> (EdgeProc, PathBuf) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_falls_back_to_tcp_when_udp_vanishes_and_moves_back_to_quic_without_dropping_a_call() {
-    let ns = match Netns::create(3) {
-        Ok(ns) => ns,
-        Err(reason) => {
-            eprintln!("skipped: this test needs root, ip and iptables for a network namespace ({reason})");
-            return;
-        }
-    };
+    let Some(ns) = netns_or_skip(3) else { return };
     let dir = tempfile::tempdir().unwrap();
     let bot = EchoBot::start().await.unwrap();
     // UDP to the tunnel vanishes from before the agent's first dial (pairing, over QUIC, is done).
@@ -471,13 +469,7 @@ fn listed_transports(state: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_calls_over_tcp_with_two_percent_packet_loss_lose_and_reorder_no_frame() {
-    let ns = match Netns::create(4) {
-        Ok(ns) => ns,
-        Err(reason) => {
-            eprintln!("skipped: this test needs root, ip and iptables for a network namespace ({reason})");
-            return;
-        }
-    };
+    let Some(ns) = netns_or_skip(4) else { return };
     let dir = tempfile::tempdir().unwrap();
     let bot = EchoBot::start().await.unwrap();
     let (edge, agent_dir) = edge_in_netns(&ns, dir.path()).await;
@@ -602,13 +594,7 @@ async fn sigterm_to_an_agent_finishes_its_webhooks_keeps_its_calls_for_the_grace
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_name_resolving_to_two_replicas_gets_one_connection_to_each() {
-    let ns = match Netns::create(2) {
-        Ok(ns) => ns,
-        Err(reason) => {
-            eprintln!("skipped: this test needs root, ip and iptables for a network namespace ({reason})");
-            return;
-        }
-    };
+    let Some(ns) = netns_or_skip(2) else { return };
     let dir = tempfile::tempdir().unwrap();
     // The agent dials the name; pairing (from the host) dials the first address.
     let state = edge_state(dir.path(), &["edges.test", &ns.host_ips[0]]);

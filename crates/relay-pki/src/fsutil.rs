@@ -15,8 +15,12 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
     let result = (|| {
         let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
-        // `mode` is filtered by the umask on creation; set it exactly.
-        file.set_permissions(fs::Permissions::from_mode(mode))?;
+        // `mode` is filtered by the umask on creation; set it exactly (where modes are real).
+        if let Err(e) = file.set_permissions(fs::Permissions::from_mode(mode))
+            && !modes_are_synthetic(&tmp)
+        {
+            return Err(e);
+        }
         file.write_all(contents)?;
         file.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -28,11 +32,22 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     result
 }
 
-/// Reads a private key file, refusing one that group or others can read.
+/// Whether `path` is on a filesystem whose permission bits are made up by the mount rather than
+/// stored per file: SMB/CIFS, which is how Azure Files reaches Container Instances and Container
+/// Apps. There every file shows the mount's `file_mode` (0777 unless set), `chmod` changes
+/// nothing, and who can read a key is decided by the share's credentials, not by its mode.
+pub fn modes_are_synthetic(path: &Path) -> bool {
+    /// `CIFS_SUPER_MAGIC` and `SMB2_SUPER_MAGIC` from the kernel's `magic.h`.
+    const SMB_MAGICS: [u64; 2] = [0xFF53_4D42, 0xFE53_4D42];
+    rustix::fs::statfs(path).is_ok_and(|fs| SMB_MAGICS.contains(&(fs.f_type as u64)))
+}
+
+/// Reads a private key file, refusing one that group or others can read, except where modes are
+/// synthetic ([`modes_are_synthetic`]) and checking them would refuse every key for nothing.
 pub fn read_private_key_file(path: &Path) -> io::Result<Vec<u8>> {
     let meta = fs::metadata(path)?;
     let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    if mode & 0o077 != 0 && !modes_are_synthetic(path) {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
@@ -48,6 +63,15 @@ pub fn read_private_key_file(path: &Path) -> io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn modes_on_a_local_filesystem_are_real_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.pem");
+        write_atomic(&path, b"key", 0o644).unwrap();
+        assert!(!modes_are_synthetic(&path), "a local temporary directory is not SMB");
+        assert!(read_private_key_file(&path).is_err());
+    }
 
     #[test]
     fn atomic_write_sets_the_exact_mode_and_replaces_content() {
