@@ -64,11 +64,7 @@ impl Stack {
     pub async fn pair_agent(&self, name: &str) -> anyhow::Result<PathBuf> {
         let token = self.token(name)?;
         let state_dir = self.dir.path().join(format!("agent-{name}"));
-        let transport = relay_agent::PairTransport {
-            choice: TransportChoice::Only(crate::transport::current()),
-            ..Default::default()
-        };
-        relay_agent::pair(&state_dir, &token, &Default::default(), transport).await?;
+        relay_agent::pair(&state_dir, &token, &Default::default(), crate::transport::pairing()).await?;
         Ok(state_dir)
     }
 
