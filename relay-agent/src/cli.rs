@@ -158,8 +158,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             let settings = base.overlay(flags).resolve()?;
             let grace = settings.drain_timeout;
+            // Every call is a tunnel stream and a socket to the bot: room for as many as allowed.
+            let open_files = relay_cli::raise_open_file_limit();
+            let signalled = relay_cli::shutdown_signal();
             let agent = Agent::start(settings).await?;
-            relay_cli::shutdown_signal().await;
+            open_files.log();
+            signalled.await;
             tracing::info!(grace_s = grace.as_secs(), "draining: finishing in-flight exchanges");
             agent.drain(grace).await;
         }

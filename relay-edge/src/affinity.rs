@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http::HeaderName;
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming};
+use hyper::body::{Body, Frame};
 
 use crate::agents::{AgentSet, ConnectedAgent, NoAgent};
+use crate::request_body::{BodyReadError, TimedBody};
 
 /// How long a call's pin outlives its last exchange when no media session is open. ACS sends
 /// callbacks throughout a call; ten minutes of silence means the call is over.
@@ -24,7 +25,23 @@ pub const DEFAULT_AFFINITY_PREFIX_BYTES: usize = 64 * 1024;
 
 /// Pins kept at most: far above the number of concurrent calls an edge serves; beyond it new
 /// calls are spread without a pin rather than growing the table.
-const MAX_PINS: usize = 100_000;
+pub const DEFAULT_AFFINITY_MAX_PINS: usize = 100_000;
+
+/// Key bytes the table holds at most, whatever the count: room for the 100,000 pins above with
+/// ACS's 36-byte correlation ids, twice over. A flood of long keys fills this before the count.
+pub const DEFAULT_AFFINITY_MAX_KEY_BYTES: usize = 8 * 1024 * 1024;
+
+/// Longest key pinned. ACS correlation ids are GUIDs (36 bytes); 128 leaves room for any id a
+/// custom route may carry. A longer or stranger key routes its exchange without a pin.
+pub const MAX_KEY_LEN: usize = 128;
+
+/// Whether `key` looks like a call id worth pinning: 1 to [`MAX_KEY_LEN`] bytes of
+/// `[A-Za-z0-9._:-]`. Anything else comes from a client, not from ACS, and must not cost the
+/// edge memory.
+pub fn is_pinnable(key: &str) -> bool {
+    (1..=MAX_KEY_LEN).contains(&key.len())
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
 
 /// Where a route finds a call's key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +80,7 @@ impl AffinitySource {
 
 /// Reads up to `limit` bytes of `body`. Returns the bytes read, whether the body ended within
 /// them, and the rest of the body to forward after them.
-pub async fn read_prefix(mut body: Incoming, limit: usize) -> Result<(Bytes, bool, Incoming), hyper::Error> {
+pub async fn read_prefix(mut body: TimedBody, limit: usize) -> Result<(Bytes, bool, TimedBody), BodyReadError> {
     let mut prefix = BytesMut::new();
     while prefix.len() <= limit {
         match body.frame().await {
@@ -85,24 +102,24 @@ pub async fn read_prefix(mut body: Incoming, limit: usize) -> Result<(Bytes, boo
 #[derive(Debug)]
 pub struct PrefixedBody {
     prefix: Option<Bytes>,
-    rest: Incoming,
+    rest: TimedBody,
 }
 
 impl PrefixedBody {
     /// Joins a prefix read by [`read_prefix`] and the rest.
-    pub fn new(prefix: Bytes, rest: Incoming) -> Self {
+    pub fn new(prefix: Bytes, rest: TimedBody) -> Self {
         Self { prefix: (!prefix.is_empty()).then_some(prefix), rest }
     }
 }
 
 impl Body for PrefixedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyReadError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BodyReadError>>> {
         if let Some(prefix) = self.prefix.take() {
             return std::task::Poll::Ready(Some(Ok(Frame::data(prefix))));
         }
@@ -121,10 +138,25 @@ struct Pin {
     open_sessions: usize,
 }
 
-/// The pins of calls to agents.
-#[derive(Debug, Default)]
+/// The pins of calls to agents, bounded in count and in key bytes.
+#[derive(Debug)]
 pub struct AffinityTable {
-    pins: Mutex<HashMap<String, Pin>>,
+    pins: Mutex<Pins>,
+    max_pins: usize,
+    max_key_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct Pins {
+    by_key: HashMap<String, Pin>,
+    /// The sum of the keys' lengths.
+    key_bytes: usize,
+}
+
+impl Default for AffinityTable {
+    fn default() -> Self {
+        Self::new(DEFAULT_AFFINITY_MAX_PINS, DEFAULT_AFFINITY_MAX_KEY_BYTES)
+    }
 }
 
 /// What choosing an agent for a keyed exchange did.
@@ -137,6 +169,11 @@ pub struct Pinned {
 }
 
 impl AffinityTable {
+    /// An empty table holding at most `max_pins` pins and `max_key_bytes` bytes of keys.
+    pub fn new(max_pins: usize, max_key_bytes: usize) -> Self {
+        Self { pins: Mutex::new(Pins::default()), max_pins, max_key_bytes }
+    }
+
     /// The agent for an exchange of call `key`: its pinned agent while connected, otherwise the
     /// agent rendezvous hashing gives the key ([`AgentSet::pick_for_key`], so every edge replica
     /// agrees), which becomes the pin.
@@ -145,7 +182,7 @@ impl AffinityTable {
             return agents.pick_for_key(key, limit).map(|agent| Pinned { agent, moved_from: None });
         };
         let mut moved_from = None;
-        if let Some(pin) = pins.get_mut(key) {
+        if let Some(pin) = pins.by_key.get_mut(key) {
             if let Some(agent) = agents.by_id(pin.agent_id) {
                 pin.last_seen = now;
                 return Ok(Pinned { agent, moved_from: None });
@@ -153,9 +190,12 @@ impl AffinityTable {
             moved_from = Some(pin.agent_id);
         }
         let agent = agents.pick_for_key(key, limit)?;
-        if pins.len() < MAX_PINS || pins.contains_key(key) {
-            let open_sessions = pins.get(key).map_or(0, |p| p.open_sessions);
-            pins.insert(key.to_owned(), Pin { agent_id: agent.id, last_seen: now, open_sessions });
+        if let Some(pin) = pins.by_key.get_mut(key) {
+            pin.agent_id = agent.id;
+            pin.last_seen = now;
+        } else if pins.by_key.len() < self.max_pins && pins.key_bytes + key.len() <= self.max_key_bytes {
+            pins.key_bytes += key.len();
+            pins.by_key.insert(key.to_owned(), Pin { agent_id: agent.id, last_seen: now, open_sessions: 0 });
         }
         Ok(Pinned { agent, moved_from })
     }
@@ -164,7 +204,7 @@ impl AffinityTable {
     /// the pin however long the call lasts.
     pub fn session(&self, key: &str, open: bool, now: Instant) {
         if let Ok(mut pins) = self.pins.lock()
-            && let Some(pin) = pins.get_mut(key)
+            && let Some(pin) = pins.by_key.get_mut(key)
         {
             pin.open_sessions = if open { pin.open_sessions + 1 } else { pin.open_sessions.saturating_sub(1) };
             pin.last_seen = now;
@@ -174,13 +214,25 @@ impl AffinityTable {
     /// Drops pins of calls that ended: no open session and no exchange for `ttl`.
     pub fn expire(&self, ttl: Duration, now: Instant) {
         if let Ok(mut pins) = self.pins.lock() {
-            pins.retain(|_, pin| pin.open_sessions > 0 || now.duration_since(pin.last_seen) < ttl);
+            let Pins { by_key, key_bytes } = &mut *pins;
+            by_key.retain(|key, pin| {
+                let keep = pin.open_sessions > 0 || now.duration_since(pin.last_seen) < ttl;
+                if !keep {
+                    *key_bytes = key_bytes.saturating_sub(key.len());
+                }
+                keep
+            });
         }
     }
 
     /// How many calls are pinned.
     pub fn len(&self) -> usize {
-        self.pins.lock().map_or(0, |p| p.len())
+        self.pins.lock().map_or(0, |p| p.by_key.len())
+    }
+
+    /// The bytes of keys held.
+    pub fn key_bytes(&self) -> usize {
+        self.pins.lock().map_or(0, |p| p.key_bytes)
     }
 
     /// Whether no call is pinned.
@@ -192,6 +244,17 @@ impl AffinityTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_ids_shaped_like_acs_correlation_ids_are_pinnable() {
+        assert!(is_pinnable("4f1c1a52-0000-4000-8000-000000000001"));
+        assert!(is_pinnable("call_1.leg:2"));
+        assert!(is_pinnable(&"a".repeat(MAX_KEY_LEN)));
+        assert!(!is_pinnable(&"a".repeat(MAX_KEY_LEN + 1)));
+        for bad in ["", "a b", "a/b", "caf\u{e9}", "a\nb", "{}"] {
+            assert!(!is_pinnable(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn keys_are_found_in_headers_paths_and_json_bodies() {

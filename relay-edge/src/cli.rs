@@ -164,9 +164,26 @@ struct RunArgs {
     /// How long a client has to send a request head (e.g. `10s`).
     #[arg(long, env = "RELAY_EDGE_HEADER_READ_TIMEOUT")]
     header_read_timeout: Option<String>,
+    /// How long a request body may go without a byte before 408 (e.g. `10s`).
+    #[arg(long, env = "RELAY_EDGE_BODY_READ_TIMEOUT")]
+    body_read_timeout: Option<String>,
+    /// How long a closing connection is read and discarded so the client reads the answer (e.g.
+    /// `5s`).
+    #[arg(long, env = "RELAY_EDGE_LINGER_TIMEOUT")]
+    linger_timeout: Option<String>,
+    /// Client connections held open at once; more are refused.
+    #[arg(long, env = "RELAY_EDGE_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Client connections one address may hold open at once; more are refused.
+    #[arg(long, env = "RELAY_EDGE_MAX_CONNECTIONS_PER_SOURCE")]
+    max_connections_per_source: Option<usize>,
     /// Proxies whose X-Forwarded-For/-Proto are believed (CIDRs, comma-separated).
     #[arg(long, env = "RELAY_EDGE_TRUSTED_PROXIES", value_delimiter = ',')]
     trusted_proxies: Option<Vec<String>>,
+    /// Start even when no route authenticates its callers and the listener is not loopback:
+    /// the edge then relays anything from anyone (protected mode off).
+    #[arg(long, env = "RELAY_EDGE_ALLOW_UNAUTHENTICATED")]
+    allow_unauthenticated: bool,
 }
 
 impl RunArgs {
@@ -192,7 +209,12 @@ impl RunArgs {
             keep_alive: self.keep_alive,
             handshake_timeout: self.handshake_timeout,
             header_read_timeout: self.header_read_timeout,
+            body_read_timeout: self.body_read_timeout,
+            linger_timeout: self.linger_timeout,
+            max_connections: self.max_connections,
+            max_connections_per_source: self.max_connections_per_source,
             trusted_proxies: self.trusted_proxies,
+            allow_unauthenticated: self.allow_unauthenticated.then_some(true),
             ..EdgeConfig::default()
         };
         (self.config, config)
@@ -272,8 +294,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             let settings = base.overlay(flags).resolve()?;
             let grace = settings.drain_timeout;
+            let open_files = relay_cli::raise_open_file_limit();
+            let signalled = relay_cli::shutdown_signal();
             let edge = Edge::start(settings).await?;
-            relay_cli::shutdown_signal().await;
+            open_files.log();
+            signalled.await;
             tracing::info!(grace_s = grace.as_secs(), "draining: not ready, finishing in-flight exchanges");
             edge.drain(grace).await;
         }

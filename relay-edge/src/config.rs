@@ -38,8 +38,17 @@ pub const DEFAULT_TUNNEL_LISTEN: &str = "0.0.0.0:4433";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Largest request head (request line and headers) read. ACS sends about 2 KiB, a JWT
-/// included; 64 KiB leaves room for anything legitimate. Larger heads get 431.
-pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// included; 32 KiB (nginx's default for all header buffers) leaves room for anything
+/// legitimate. Larger heads get 431, measured by the edge before admission.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// What the edge adds to a head on its way to the agent (`X-Forwarded-*`, the client address,
+/// the call key, the frame's own encoding) is far below this; `max_header_bytes` may be at most
+/// the tunnel's head frame limit less it, so every head the edge admits fits the tunnel.
+const HEAD_FRAME_HEADROOM: usize = 4 * 1024;
+
+/// The largest `max_header_bytes` accepted: every admitted head must fit one head frame.
+pub const MAX_HEADER_BYTES_LIMIT: usize = relay_proto::codec::DEFAULT_MAX_HEAD_LEN - HEAD_FRAME_HEADROOM;
 
 /// Exchanges one agent may carry at once before the edge answers 503 instead of queueing: room
 /// for a thousand concurrent calls plus their webhooks, under the QUIC stream limit (4096).
@@ -70,6 +79,18 @@ pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// How long a client has to send a complete request head. ACS sends its head in one packet; 10 s
 /// tolerates a slow mobile link while stopping slow-loris clients from holding connections.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Client connections the public listener holds open at once. Each costs a file descriptor and a
+/// few KiB; 10,000 carries a thousand calls (one media socket each, plus webhook connections)
+/// many times over. The edge also keeps this below its open-file limit, less a reserve for the
+/// tunnel and its own files, so a flood of connections can never leave it unable to work.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// Client connections one address may hold open at once. ACS delivers from a pool of addresses,
+/// each carrying a share of the calls; 2,048 (the exchanges one agent may carry) is above any
+/// one address's share of an edge's calls, and stops one host from taking the whole listener.
+/// Peers in `trusted_proxies` carry many clients and are not held to it.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 2_048;
 
 /// How long an agent has, after its handshake, to send its hello on the control stream.
 pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -119,8 +140,19 @@ pub struct EdgeConfig {
     pub handshake_timeout: Option<String>,
     /// How long a client has to send a request head (`"10s"`).
     pub header_read_timeout: Option<String>,
+    /// How long a request body may go without a byte before 408 (`"10s"`).
+    pub body_read_timeout: Option<String>,
+    /// How long a closing connection is read and discarded so the client reads the answer
+    /// (`"5s"`; `"0s"` closes at once).
+    pub linger_timeout: Option<String>,
+    /// Client connections held open at once (more are refused).
+    pub max_connections: Option<usize>,
+    /// Client connections one address may hold open at once (more are refused).
+    pub max_connections_per_source: Option<usize>,
     /// Peers whose `X-Forwarded-For`/`-Proto` are believed (CIDRs).
     pub trusted_proxies: Option<Vec<String>>,
+    /// Start even though no route authenticates its callers on a non-loopback listener.
+    pub allow_unauthenticated: Option<bool>,
     /// Relayed routes; the three ACS endpoints when absent.
     #[serde(rename = "route")]
     pub routes: Option<Vec<RouteConfig>>,
@@ -235,6 +267,14 @@ pub struct EdgeSettings {
     pub hello_timeout: Duration,
     /// See [`DEFAULT_HEADER_READ_TIMEOUT`].
     pub header_read_timeout: Duration,
+    /// See [`crate::request_body::DEFAULT_BODY_READ_TIMEOUT`].
+    pub body_read_timeout: Duration,
+    /// See [`crate::linger::DEFAULT_LINGER_TIMEOUT`].
+    pub linger_timeout: Duration,
+    /// See [`DEFAULT_MAX_CONNECTIONS`].
+    pub max_connections: usize,
+    /// See [`DEFAULT_MAX_CONNECTIONS_PER_SOURCE`].
+    pub max_connections_per_source: usize,
     /// See [`relay_pki::DEFAULT_AGENT_CERT_VALIDITY`].
     pub agent_cert_validity: Duration,
     /// QUIC transport settings.
@@ -243,6 +283,9 @@ pub struct EdgeSettings {
     pub routes: Vec<Route>,
     /// Settings of the admission checks routes name.
     pub admission: AdmissionSettings,
+    /// The operator's choice to run an edge that authenticates nobody on a non-loopback listener
+    /// (protected mode is off). `false` by default: such an edge refuses to start.
+    pub allow_unauthenticated: bool,
 }
 
 impl EdgeSettings {
@@ -269,10 +312,15 @@ impl EdgeSettings {
             retry_after: DEFAULT_RETRY_AFTER,
             hello_timeout: DEFAULT_HELLO_TIMEOUT,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout: crate::request_body::DEFAULT_BODY_READ_TIMEOUT,
+            linger_timeout: crate::linger::DEFAULT_LINGER_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
             agent_cert_validity: relay_pki::DEFAULT_AGENT_CERT_VALIDITY,
             tunnel: TunnelSettings::default(),
             routes: default_routes(),
             admission: AdmissionSettings::default(),
+            allow_unauthenticated: false,
         }
     }
 }
@@ -311,7 +359,12 @@ impl EdgeConfig {
             keep_alive: other.keep_alive.or(self.keep_alive),
             handshake_timeout: other.handshake_timeout.or(self.handshake_timeout),
             header_read_timeout: other.header_read_timeout.or(self.header_read_timeout),
+            body_read_timeout: other.body_read_timeout.or(self.body_read_timeout),
+            linger_timeout: other.linger_timeout.or(self.linger_timeout),
+            max_connections: other.max_connections.or(self.max_connections),
+            max_connections_per_source: other.max_connections_per_source.or(self.max_connections_per_source),
             trusted_proxies: other.trusted_proxies.or(self.trusted_proxies),
+            allow_unauthenticated: other.allow_unauthenticated.or(self.allow_unauthenticated),
             routes: other.routes.or(self.routes),
             shared_secret: other.shared_secret.or(self.shared_secret),
             source_ip: other.source_ip.or(self.source_ip),
@@ -357,11 +410,11 @@ impl EdgeConfig {
             settings.max_ws_message_bytes = ws_message_limit(max)?;
         }
         if let Some(max) = self.max_header_bytes {
-            // hyper needs room for at least one read buffer.
-            if !(8192..=1024 * 1024).contains(&max) {
+            // hyper needs room for at least one read buffer; the tunnel's head frame bounds the top.
+            if !(8192..=MAX_HEADER_BYTES_LIMIT).contains(&max) {
                 return Err(ConfigError::Invalid {
                     key: "max_header_bytes",
-                    message: "must be between 8192 and 1048576".into(),
+                    message: format!("must be between 8192 and {MAX_HEADER_BYTES_LIMIT}"),
                 });
             }
             settings.max_header_bytes = max;
@@ -400,6 +453,23 @@ impl EdgeConfig {
         if let Some(text) = &self.header_read_timeout {
             settings.header_read_timeout = parse_duration("header_read_timeout", text)?;
         }
+        if let Some(text) = &self.body_read_timeout {
+            settings.body_read_timeout = parse_duration("body_read_timeout", text)?;
+        }
+        if let Some(text) = &self.linger_timeout {
+            settings.linger_timeout = parse_duration("linger_timeout", text)?;
+        }
+        for (key, value, target) in [
+            ("max_connections", self.max_connections, &mut settings.max_connections),
+            ("max_connections_per_source", self.max_connections_per_source, &mut settings.max_connections_per_source),
+        ] {
+            if let Some(max) = value {
+                if max == 0 {
+                    return Err(ConfigError::Invalid { key, message: "must be at least 1".into() });
+                }
+                *target = max;
+            }
+        }
         tunnel_liveness(
             &mut settings.tunnel,
             self.idle_timeout.as_deref(),
@@ -413,6 +483,7 @@ impl EdgeConfig {
                 .collect::<Result<_, _>>()?;
         }
         settings.admission = self.admission()?;
+        settings.allow_unauthenticated = self.allow_unauthenticated.unwrap_or(false);
         for route in &settings.routes {
             for check in &route.auth {
                 let configured = match check {
@@ -465,10 +536,16 @@ impl EdgeConfig {
                     (Some(var), None) => std::env::var(var).map_err(|_| {
                         invalid("shared_secret.value_env", format!("environment variable {var} is not set"))
                     })?,
-                    (None, Some(path)) => std::fs::read_to_string(path)
-                        .map_err(|error| ConfigError::Read { path: path.clone(), error })?
-                        .trim_end_matches(['\r', '\n'])
-                        .to_owned(),
+                    (None, Some(path)) => {
+                        let bytes = relay_pki::read_secret_file(path)
+                            .map_err(|error| ConfigError::Read { path: path.clone(), error })?;
+                        String::from_utf8(bytes)
+                            .map_err(|_| {
+                                invalid("shared_secret.value_file", format!("{} is not UTF-8", path.display()))
+                            })?
+                            .trim_end_matches(['\r', '\n'])
+                            .to_owned()
+                    }
                     _ => return Err(invalid("shared_secret", "set exactly one of value_env or value_file".into())),
                 };
                 if value.is_empty() {
@@ -617,11 +694,14 @@ mod tests {
     fn shared_secrets_come_from_a_file_or_the_environment_never_the_config() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("secret");
-        std::fs::write(&file, "from-file\n").unwrap();
+        relay_pki::write_atomic(&file, b"from-file\n", 0o644).unwrap();
         let text = format!(
             "[[route]]\npath = \"/a\"\nauth = [\"shared-secret\"]\n[shared_secret]\nheader = \"x-s\"\nvalue_file = {:?}\n",
             file.display().to_string()
         );
+        let err = resolve_text(&text).unwrap_err().to_string();
+        assert!(err.contains("0600"), "a secret file others can read is refused like a key: {err}");
+        relay_pki::write_atomic(&file, b"from-file\n", 0o600).unwrap();
         let settings = resolve_text(&text).unwrap();
         let mut req = http::Request::new(());
         req.headers_mut().insert("x-s", "from-file".parse().unwrap());

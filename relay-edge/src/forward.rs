@@ -12,7 +12,7 @@ use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
 use relay_proto::headers::{from_wire, strip_hop_by_hop, to_wire};
 use relay_proto::{ExchangeHead, ExchangeKind, FailureKind, HttpReply, code};
 use relay_transport::{BiStream, FrameReadError, read_frame, write_frame};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// When the agent's answer fails while the request body is still being copied, how long to wait
 /// for the copy's own outcome. A copy that reset the stream has already finished; one still
@@ -23,13 +23,23 @@ use crate::admission::source_ip::peer_is_trusted;
 use crate::affinity::PrefixedBody;
 use crate::agents::{InFlight, NoAgent};
 use crate::metrics::{DirectionLabels, EdgeMetrics, RouteLabels};
-use crate::public::{PublicService, edge_answer};
+use crate::public::{PublicService, edge_answer, edge_answer_closing};
+use crate::request_body::TimedBody;
 use crate::routes::Route;
 
+/// Headers a client may use to claim where a request came from. From a peer that is not a
+/// trusted proxy they are dropped (the `X-Forwarded-*` three are then rewritten from what the edge
+/// itself saw), so a bot that believes them believes only the edge.
+const CLIENT_ORIGIN_HEADERS: [&str; 4] = ["forwarded", "x-real-ip", "true-client-ip", "x-forwarded-port"];
+
 /// Request headers as they leave the edge: hop-by-hop removed, `Host` replaced by
-/// `X-Forwarded-Host`, and `X-Forwarded-For`/`-Proto` describing the client. A trusted proxy's
-/// `X-Forwarded-Proto` and `-Host` are kept (the ingress terminated TLS for that host); anyone
-/// else's are replaced.
+/// `X-Forwarded-Host`, and `X-Forwarded-For`/`-Proto` describing the client.
+///
+/// From a trusted proxy (`trusted_proxies`): its `X-Forwarded-For` is kept and the proxy's
+/// address appended, and its `X-Forwarded-Proto` and `-Host` are kept (the ingress terminated TLS
+/// for that host), as are `Forwarded` and the like. From anyone else: `X-Forwarded-For` is
+/// replaced by the peer's address, `-Proto` by `http`, `-Host` by the `Host` header, and
+/// `Forwarded`, `X-Real-IP`, `True-Client-IP` and `X-Forwarded-Port` are dropped.
 pub(crate) fn forwarded_headers(original: &HeaderMap, peer: SocketAddr, trusted: &[ipnet::IpNet]) -> HeaderMap {
     let mut headers = original.clone();
     strip_hop_by_hop(&mut headers);
@@ -38,10 +48,20 @@ pub(crate) fn forwarded_headers(original: &HeaderMap, peer: SocketAddr, trusted:
     let forwarded_host = headers.remove("x-forwarded-host").filter(|_| from_proxy);
     let host = forwarded_host.or(headers.remove(header::HOST));
     let peer_ip = peer.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {peer_ip}"),
-        _ => peer_ip,
-    };
+    let claimed: Vec<String> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let xff = if from_proxy && !claimed.is_empty() { format!("{}, {peer_ip}", claimed.join(", ")) } else { peer_ip };
+    if !from_proxy {
+        for name in CLIENT_ORIGIN_HEADERS {
+            headers.remove(name);
+        }
+    }
     if let Ok(value) = HeaderValue::from_str(&xff) {
         headers.insert("x-forwarded-for", value);
     }
@@ -52,6 +72,19 @@ pub(crate) fn forwarded_headers(original: &HeaderMap, peer: SocketAddr, trusted:
     headers
 }
 
+/// The call key to pin an exchange by: `found` if it looks like an ACS correlation id
+/// ([`crate::affinity::is_pinnable`]); anything else is counted and the exchange goes without a
+/// pin, so a client cannot make the edge store keys of its choosing.
+pub(crate) fn call_key(service: &PublicService, route: &str, found: Option<String>) -> Option<String> {
+    let key = found?;
+    if crate::affinity::is_pinnable(&key) {
+        return Some(key);
+    }
+    service.metrics.affinity_keys_refused.inc();
+    debug!(route, key_len = key.len(), "call key not pinned: not an ACS correlation id");
+    None
+}
+
 /// The head frame for an exchange.
 pub(crate) fn exchange_head<B>(
     req: &Request<B>,
@@ -59,6 +92,7 @@ pub(crate) fn exchange_head<B>(
     peer: SocketAddr,
     request_id: u64,
     headers: &HeaderMap,
+    affinity_key: Option<String>,
 ) -> ExchangeHead {
     ExchangeHead {
         request_id,
@@ -70,7 +104,7 @@ pub(crate) fn exchange_head<B>(
             .map_or_else(|| req.uri().path().to_owned(), |pq| pq.as_str().to_owned()),
         headers: to_wire(headers),
         client_addr: peer.to_string(),
-        affinity_key: req.headers().get("x-ms-call-correlation-id").and_then(|v| v.to_str().ok()).map(str::to_owned),
+        affinity_key,
     }
 }
 
@@ -167,12 +201,13 @@ pub(crate) async fn relay_http(
     if let Some(len) = declared.filter(|len| *len > limit) {
         info!(request_id, route = %route.name, status = 413, bytes_declared = len, limit, "request body over the limit");
         service.metrics.rejection(&route.name, "limit", "body-size");
-        return edge_answer(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+        return edge_answer_closing(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
     }
     // The call's key: from the head, or from a bounded prefix of the body, which is then sent
     // on in front of the rest.
     let mut key = route.affinity.as_ref().and_then(|source| source.from_head(&req));
     let (parts, body) = req.into_parts();
+    let body = TimedBody::new(body, service.settings.body_read_timeout);
     let body = match &route.affinity {
         Some(source @ crate::affinity::AffinitySource::JsonPointer(_)) => {
             match crate::affinity::read_prefix(body, service.settings.affinity_prefix_bytes).await {
@@ -183,14 +218,15 @@ pub(crate) async fn relay_http(
                     PrefixedBody::new(prefix, rest)
                 }
                 Err(e) => {
-                    warn!(request_id, "client request body failed: {e}");
-                    return edge_answer(StatusCode::BAD_REQUEST, "request body incomplete");
+                    let (status, text) = body_failure(service, &route.name, request_id, &e);
+                    return edge_answer_closing(status, text);
                 }
             }
         }
         _ => PrefixedBody::new(bytes::Bytes::new(), body),
     };
     let req = Request::from_parts(parts, body);
+    let key = call_key(service, &route.name, key);
     let (in_flight, stream) = match open_exchange(service, &route.name, key.as_deref()).await {
         Ok(opened) => opened,
         Err(why) => return service.unavailable(why),
@@ -198,8 +234,7 @@ pub(crate) async fn relay_http(
     let agent = in_flight.agent().name.clone();
     let BiStream { mut send, mut recv } = stream;
     let headers = forwarded_headers(req.headers(), peer, &service.settings.admission.trusted_proxies);
-    let mut head = exchange_head(&req, ExchangeKind::Http, peer, request_id, &headers);
-    head.affinity_key = key;
+    let head = exchange_head(&req, ExchangeKind::Http, peer, request_id, &headers, key);
     let mut log = ExchangeLog {
         metrics: service.metrics.clone(),
         request_id,
@@ -238,10 +273,7 @@ pub(crate) async fn relay_http(
                 service.metrics.rejection(&route.name, "limit", "body-size");
                 Some((StatusCode::PAYLOAD_TOO_LARGE, "request body too large"))
             }
-            Ok(Err(BodyCopyError::Source(e))) => {
-                warn!(request_id, "client request body failed: {e}");
-                Some((StatusCode::BAD_REQUEST, "request body incomplete"))
-            }
+            Ok(Err(BodyCopyError::Source(e))) => Some(body_failure(service, &route.name, request_id, e.as_ref())),
             // Copied, or the agent stopped reading: its answer (or failure) comes on `recv`.
             Ok(Ok(_)) | Ok(Err(BodyCopyError::Sink(_))) | Err(_) => None,
         };
@@ -274,7 +306,7 @@ pub(crate) async fn relay_http(
         Err((status, text)) => {
             recv.stop(code::ABORTED);
             log.status = status.as_u16();
-            return edge_answer(status, text);
+            return edge_answer_closing(status, text);
         }
     };
     let (status, response) = match reply {
@@ -326,6 +358,24 @@ pub(crate) async fn relay_http(
     let count = log.bytes_out.clone();
     let body = CountingBody { inner: body, count, _hold: (log, in_flight) };
     Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
+}
+
+/// The answer to a request whose body could not be read: 408 when the client stalled (counted),
+/// 400 when its connection failed mid-body. Either way the answer closes the connection.
+fn body_failure(
+    service: &PublicService,
+    route: &str,
+    request_id: u64,
+    error: &(dyn std::error::Error + 'static),
+) -> (StatusCode, &'static str) {
+    if crate::request_body::stalled(error) {
+        service.metrics.rejection(route, "limit", "body-timeout");
+        info!(request_id, route, status = 408, "{error}");
+        (StatusCode::REQUEST_TIMEOUT, "request body not received in time")
+    } else {
+        warn!(request_id, route, "client request body failed: {error}");
+        (StatusCode::BAD_REQUEST, "request body incomplete")
+    }
 }
 
 /// A body that counts the data bytes passing through it, holding `_hold` until it is dropped.

@@ -11,15 +11,19 @@ pub mod affinity;
 pub mod agents;
 pub mod cli;
 pub mod config;
+pub mod conn_limit;
 mod forward;
+pub mod linger;
 pub mod listing;
 pub mod metrics;
 mod pairing_limit;
 mod public;
 pub mod rate_limit;
 mod registry;
+pub mod request_body;
 pub mod routes;
 pub mod status;
+pub mod target;
 mod tunnel;
 mod websocket;
 
@@ -57,6 +61,15 @@ pub enum StartError {
     /// The ACS key client could not be built.
     #[error("cannot set up the ACS key client: {0}")]
     Keys(String),
+    /// No route authenticates its callers and the public listener is not loopback, and the
+    /// operator did not opt in with `allow_unauthenticated` (protected mode).
+    #[error(
+        "refusing to start: no route has an authenticating check (acs-jwt, shared-secret, source-ip, or event-grid with Entra ID) and {listen} is not a loopback address, so anyone could reach the bot; add checks to the routes (see the README's Security section) or set allow_unauthenticated = true (--allow-unauthenticated, RELAY_EDGE_ALLOW_UNAUTHENTICATED=true)"
+    )]
+    Unprotected {
+        /// The public listener's address.
+        listen: SocketAddr,
+    },
     /// The tunnel listener could not bind or its TLS setup failed.
     #[error("cannot listen for tunnels on {addr}: {source}")]
     Tunnel {
@@ -65,6 +78,44 @@ pub enum StartError {
         /// Why.
         source: DialError,
     },
+}
+
+/// Protected mode, as Redis has it: an edge on which no route authenticates its callers refuses
+/// to start on a non-loopback listener unless the operator opted in
+/// ([`EdgeSettings::allow_unauthenticated`]).
+pub fn protected_mode(settings: &EdgeSettings) -> Result<(), StartError> {
+    let admission = &settings.admission;
+    let nobody_authenticated = settings.routes.iter().all(|route| !admission.route_authenticates(&route.auth));
+    if nobody_authenticated && !settings.listen.ip().is_loopback() && !settings.allow_unauthenticated {
+        return Err(StartError::Unprotected { listen: settings.listen });
+    }
+    Ok(())
+}
+
+/// Names, in a warning each, the routes that authenticate nobody, and says so once more when
+/// that is every route.
+fn warn_open_routes(settings: &EdgeSettings) {
+    let admission = &settings.admission;
+    let mut open = 0;
+    for route in settings.routes.iter().filter(|route| !admission.route_authenticates(&route.auth)) {
+        open += 1;
+        if route.auth.is_empty() {
+            tracing::warn!(route = %route.name, "route has no check: anyone who reaches the edge reaches the bot here");
+        } else {
+            let checks: Vec<&str> = route.auth.iter().map(|c| c.name()).collect();
+            tracing::warn!(
+                route = %route.name,
+                checks = %checks.join(","),
+                "route's checks authenticate nobody (event-grid without Entra ID checks only a header anyone can send): add acs-jwt, shared-secret, source-ip or Entra ID"
+            );
+        }
+    }
+    if open == settings.routes.len() {
+        tracing::warn!(
+            listen = %settings.listen,
+            "no route authenticates its callers: the edge relays anything from anyone who can reach it"
+        );
+    }
 }
 
 /// A running edge.
@@ -81,8 +132,11 @@ pub struct Edge {
 }
 
 impl Edge {
-    /// Opens the state directory, binds both listeners and starts serving.
+    /// Opens the state directory, binds both listeners and starts serving. Refuses to start an
+    /// edge that would relay anything from anyone to a non-loopback listener unless the settings
+    /// opt in ([`EdgeSettings::allow_unauthenticated`]).
     pub async fn start(settings: EdgeSettings) -> Result<Self, StartError> {
+        protected_mode(&settings)?;
         let state = Arc::new(EdgeState::open(&settings.state_dir)?);
         let tls = state.tls_material()?;
         let listener = Arc::new(
@@ -113,11 +167,6 @@ impl Edge {
         };
         let admin_addr = admin.as_ref().map(|(_, addr)| *addr);
         let metrics = Arc::new(metrics::EdgeMetrics::default());
-        if settings.routes.iter().all(|route| route.auth.is_empty()) {
-            tracing::warn!(
-                "no route has an authentication check: anyone who can reach {public_addr} can reach the bot (see [[route]] auth in the configuration)"
-            );
-        }
 
         let entra = match settings.admission.event_grid.as_ref().and_then(|grid| grid.entra.as_ref()) {
             None => None,
@@ -162,7 +211,15 @@ impl Edge {
         });
         let rate_limit = settings.rate_limit_per_source.map(rate_limit::SourceRateLimiter::new);
         let draining = CancellationToken::new();
+        let connections = Arc::new(conn_limit::ConnectionLimits::new(
+            settings.max_connections,
+            settings.max_connections_per_source,
+            settings.admission.trusted_proxies.clone(),
+            relay_cli::open_file_limit(),
+        ));
+        let max_connections = connections.max_total();
         let front = Arc::new(public::PublicService {
+            connections,
             affinity: affinity_table,
             rate_limit,
             draining: draining.clone(),
@@ -184,8 +241,16 @@ impl Edge {
                 Arc::new(move || !ready_draining.is_cancelled() && ready_agents.ready());
             tasks.spawn(relay_cli::admin::serve_metrics(listener, text, ready, shutdown.clone()));
         }
+        warn_open_routes(&front.settings);
         tasks.spawn(front.run(public));
-        tracing::info!(%public_addr, %tunnel_addr, tunnel_tcp = ?tunnel_tcp_addr, admin = ?admin_addr, "edge listening");
+        tracing::info!(
+            %public_addr,
+            %tunnel_addr,
+            tunnel_tcp = ?tunnel_tcp_addr,
+            admin = ?admin_addr,
+            max_connections,
+            "edge listening"
+        );
         Ok(Self { public_addr, tunnel_addr, tunnel_tcp_addr, admin_addr, agents, shutdown, tasks, draining })
     }
 

@@ -76,6 +76,8 @@ pub struct EdgeMetrics {
     pub affinity_moves: Counter,
     /// Media WebSockets closed by the edge because nothing passed for `ws_idle_timeout`.
     pub websocket_idle_closes: Counter,
+    /// Call keys found but not pinned because they do not look like an ACS correlation id.
+    pub affinity_keys_refused: Counter,
 }
 
 impl Default for EdgeMetrics {
@@ -89,6 +91,12 @@ impl Default for EdgeMetrics {
         let exchange_duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
         let affinity_moves = Counter::default();
         let websocket_idle_closes = Counter::default();
+        let affinity_keys_refused = Counter::default();
+        registry.register(
+            "relay_edge_affinity_keys_refused",
+            "Call keys not pinned because they do not look like an ACS correlation id",
+            affinity_keys_refused.clone(),
+        );
         registry.register(
             "relay_edge_websocket_idle_closes",
             "Media WebSockets closed because nothing passed either way for ws_idle_timeout",
@@ -131,6 +139,7 @@ impl Default for EdgeMetrics {
             exchange_duration,
             affinity_moves,
             websocket_idle_closes,
+            affinity_keys_refused,
         }
     }
 }

@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
@@ -19,9 +20,13 @@ use tracing::{debug, info, warn};
 use crate::admission::{self, AuthCheck, Rejection, event_grid};
 use crate::agents::AgentSet;
 use crate::config::EdgeSettings;
+use crate::conn_limit::ConnectionLimits;
+use crate::linger::LingeringStream;
 use crate::metrics::EdgeMetrics;
 use crate::rate_limit::SourceRateLimiter;
+use crate::request_body::TimedBody;
 use crate::routes::{self, Route};
+use crate::target;
 
 /// State shared by every public request.
 pub(crate) struct PublicService {
@@ -38,6 +43,8 @@ pub(crate) struct PublicService {
     pub affinity: Arc<crate::affinity::AffinityTable>,
     pub agents: Arc<AgentSet>,
     pub next_request_id: AtomicU64,
+    /// Client connections open, capped in total and per source.
+    pub connections: Arc<ConnectionLimits>,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
 }
@@ -47,6 +54,14 @@ pub(crate) fn edge_answer(status: StatusCode, text: &str) -> Response<RelayBody>
     let mut response = Response::new(full(format!("{text}\n")));
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+/// [`edge_answer`] for a request the edge stopped reading: `Connection: close` tells the client
+/// the connection ends with this answer (and [`crate::linger`] makes sure it is read).
+pub(crate) fn edge_answer_closing(status: StatusCode, text: &str) -> Response<RelayBody> {
+    let mut response = edge_answer(status, text);
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
 
@@ -77,13 +92,24 @@ impl PublicService {
                     continue;
                 }
             };
+            let permit = match self.connections.admit(peer.ip()) {
+                Ok(permit) => permit,
+                Err(refused) => {
+                    // Closed before a byte is read: the cheapest answer, and nothing is held.
+                    self.metrics.rejection("unmatched", "limit", refused.reason());
+                    debug!(%peer, reason = refused.reason(), "connection refused: over the cap");
+                    drop(stream);
+                    continue;
+                }
+            };
             let _ = stream.set_nodelay(true);
+            let stream = LingeringStream::new(stream, self.settings.linger_timeout, permit);
             let this = self.clone();
             self.tasks.spawn(async move { this.serve_connection(stream, peer).await });
         }
     }
 
-    async fn serve_connection(self: Arc<Self>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+    async fn serve_connection(self: Arc<Self>, stream: LingeringStream, peer: SocketAddr) {
         let this = self.clone();
         let service = service_fn(move |req| {
             let this = this.clone();
@@ -132,15 +158,38 @@ impl PublicService {
         let path = req.uri().path();
         let route_name = match path {
             "/healthz" | "/readyz" => None,
+            _ if target::check_path(path).is_err() => Some("unmatched".to_owned()),
             _ => Some(
                 routes::find(&self.settings.routes, path).map_or_else(|| "unmatched".to_owned(), |r| r.name.clone()),
             ),
         };
-        let response = self.handle_route(req, peer).await;
+        let response = match self.screen(&req, peer) {
+            Some(refused) => refused,
+            None => self.handle_route(req, peer).await,
+        };
         if let Some(route) = route_name {
             self.metrics.request(&route, response.status().as_u16());
         }
         response
+    }
+
+    /// What the edge refuses of any request before a route is matched: a head larger than
+    /// `max_header_bytes` (hyper's own buffer limit is only a backstop: heads just above it would
+    /// otherwise pass, then fail the tunnel's head frame with a misleading 503), and a path that
+    /// a server behind the agent could read differently ([`target`]).
+    fn screen<B>(&self, req: &Request<B>, peer: SocketAddr) -> Option<Response<RelayBody>> {
+        let head_len = request_head_len(req);
+        if head_len > self.settings.max_header_bytes {
+            self.metrics.rejection("unmatched", "limit", "header-size");
+            info!(%peer, head_len, limit = self.settings.max_header_bytes, status = 431, "request head over the limit");
+            return Some(edge_answer_closing(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large"));
+        }
+        if let Err(refusal) = target::check_path(req.uri().path()) {
+            self.metrics.rejection("unmatched", "path", refusal.reason());
+            info!(%peer, reason = refusal.reason(), status = 400, "request path refused at the edge");
+            return Some(edge_answer(StatusCode::BAD_REQUEST, "request path not accepted"));
+        }
+        None
     }
 
     async fn handle_route(self: &Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<RelayBody> {
@@ -202,7 +251,7 @@ impl PublicService {
             return self.reject(&route, peer, rejection);
         }
         if route.auth.contains(&AuthCheck::EventGrid) && event_grid::is_validation(req.headers()) {
-            return answer_validation(req, &route).await;
+            return answer_validation(req, &route, self.settings.body_read_timeout).await;
         }
         let mut req = req;
         if route.auth.contains(&AuthCheck::SharedSecret)
@@ -219,12 +268,25 @@ impl PublicService {
     }
 }
 
+/// The size of a request head as it came on the wire: request line, each header line with its
+/// `": "` and CRLF, and the blank line.
+fn request_head_len<B>(req: &Request<B>) -> usize {
+    // "METHOD SP target SP HTTP/1.1 CRLF"
+    let line = req.method().as_str().len() + 1 + req.uri().to_string().len() + 1 + 8 + 2;
+    let headers: usize = req.headers().iter().map(|(name, value)| name.as_str().len() + 2 + value.len() + 2).sum();
+    line + headers + 2
+}
+
 /// Answers Event Grid's subscription validation at the edge; the bot never sees it.
-async fn answer_validation(req: Request<Incoming>, route: &Route) -> Response<RelayBody> {
+async fn answer_validation(req: Request<Incoming>, route: &Route, body_timeout: Duration) -> Response<RelayBody> {
     use http_body_util::BodyExt;
-    let body = match http_body_util::Limited::new(req.into_body(), event_grid::MAX_VALIDATION_BODY).collect().await {
+    let body = TimedBody::new(req.into_body(), body_timeout);
+    let body = match http_body_util::Limited::new(body, event_grid::MAX_VALIDATION_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
-        Err(_) => return edge_answer(StatusCode::PAYLOAD_TOO_LARGE, "validation request too large"),
+        Err(e) if crate::request_body::stalled(e.as_ref()) => {
+            return edge_answer_closing(StatusCode::REQUEST_TIMEOUT, "request body not received in time");
+        }
+        Err(_) => return edge_answer_closing(StatusCode::PAYLOAD_TOO_LARGE, "validation request too large"),
     };
     match event_grid::validation_response(&body) {
         Some(response) => {

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{info, warn};
 
-use crate::forward::{exchange_head, forwarded_headers, open_exchange};
+use crate::forward::{call_key, exchange_head, forwarded_headers, open_exchange};
 use crate::metrics::RouteLabels;
 use crate::public::{PublicService, edge_answer};
 use crate::routes::Route;
@@ -60,7 +60,7 @@ pub(crate) async fn relay_upgrade(
         return edge_answer(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
     };
 
-    let call_key = route.affinity.as_ref().and_then(|source| source.from_head(&req));
+    let call_key = call_key(service, &route.name, route.affinity.as_ref().and_then(|source| source.from_head(&req)));
     let (in_flight, stream) = match open_exchange(service, &route.name, call_key.as_deref()).await {
         Ok(opened) => opened,
         Err(why) => return service.unavailable(why),
@@ -71,7 +71,7 @@ pub(crate) async fn relay_upgrade(
     for name in PER_HOP_WS_HEADERS {
         forwarded.remove(name);
     }
-    let head = exchange_head(&req, ExchangeKind::WebSocket, peer, request_id, &forwarded);
+    let head = exchange_head(&req, ExchangeKind::WebSocket, peer, request_id, &forwarded, call_key.clone());
     if let Err(e) = write_frame(&mut send, &head, DEFAULT_MAX_HEAD_LEN).await {
         warn!(request_id, agent = %agent, "could not send the upgrade head: {e}");
         return service.unavailable("agent connection lost");

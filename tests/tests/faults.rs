@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::StatusCode;
-use relay_pki::{DEFAULT_TOKEN_TTL, EdgeState};
+use relay_pki::EdgeState;
 use relay_testkit::acs::{self, MediaCall, MediaStats};
 use relay_testkit::bot::EchoBot;
 use relay_testkit::client::{post_json, send_collect};
@@ -35,13 +35,7 @@ fn edge_state(dir: &Path, names: &[&str]) -> PathBuf {
 
 /// Pairs a new agent `name` with the edge listening on `tunnel` and returns its state dir.
 async fn pair(state: &Path, tunnel: std::net::SocketAddr, name: &str, dir: &Path) -> PathBuf {
-    let edge = EdgeState::open(state).unwrap();
-    let token = edge.create_token(name, &tunnel.to_string(), DEFAULT_TOKEN_TTL, SystemTime::now(), false).unwrap();
-    let agent_dir = dir.join(format!("agent-{name}"));
-    relay_agent::pair(&agent_dir, &token.encode(), &Default::default(), relay_testkit::transport::pairing())
-        .await
-        .unwrap();
-    agent_dir
+    relay_testkit::procs::pair_agent(state, tunnel, name, dir).await.unwrap()
 }
 
 type Calls = Vec<tokio::task::JoinHandle<(String, MediaStats)>>;

@@ -84,18 +84,71 @@ pub fn init_logging() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
-/// Resolves on SIGTERM (what container platforms send) or SIGINT.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
+/// Resolves on SIGTERM (what container platforms send) or SIGINT. The handlers are installed
+/// when this is called, not when it is first awaited: call it before starting the service, so a
+/// signal that arrives while it starts is a clean shutdown rather than the default (death).
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            (Ok(mut one), Err(_)) | (Err(_), Ok(mut one)) => {
+                one.recv().await;
+            }
+            (Err(_), Err(_)) => {
+                let _ = tokio::signal::ctrl_c().await;
             }
         }
-        Err(_) => {
-            let _ = ctrl_c.await;
+    }
+}
+
+/// The open-file limit after [`raise_open_file_limit`]: what the process may hold.
+#[derive(Debug)]
+pub struct OpenFileLimit {
+    /// The soft limit before start-up (`None`: unlimited).
+    pub was: Option<u64>,
+    /// The soft limit now (`None`: unlimited).
+    pub now: Option<u64>,
+    /// Why raising it failed, if it did.
+    pub refused: Option<std::io::Error>,
+}
+
+/// Raises the process's open-file soft limit to its hard limit. Every client connection, tunnel
+/// connection and bot connection is a file descriptor; the soft limit many hosts start processes
+/// with (1,024) is far below what a relay serving a thousand calls holds, and running out stops
+/// the listener accepting anything at all. Log the outcome with [`OpenFileLimit::log`] once the
+/// service has started (so a start-up error stays the only line printed).
+pub fn raise_open_file_limit() -> OpenFileLimit {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let was = limit.current;
+    let refused = if limit.current != limit.maximum {
+        setrlimit(Resource::Nofile, Rlimit { current: limit.maximum, maximum: limit.maximum }).err().map(Into::into)
+    } else {
+        None
+    };
+    OpenFileLimit { was, now: getrlimit(Resource::Nofile).current, refused }
+}
+
+impl OpenFileLimit {
+    /// Logs the limit in force and what it was.
+    pub fn log(&self) {
+        let text = |limit: Option<u64>| limit.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+        match &self.refused {
+            None => tracing::info!(open_file_limit = %text(self.now), was = %text(self.was), "open-file limit"),
+            Some(e) => tracing::warn!(open_file_limit = %text(self.now), "open-file limit: cannot raise it: {e}"),
         }
     }
+}
+
+/// The process's open-file soft limit now (`None`: unlimited).
+pub fn open_file_limit() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current
 }

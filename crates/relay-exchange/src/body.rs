@@ -47,9 +47,10 @@ pub enum BodyCopyError {
         /// The limit.
         limit: u64,
     },
-    /// Reading the body failed (the client went away mid-body); the stream was reset.
+    /// Reading the body failed (the client went away mid-body, or stalled); the stream was
+    /// reset. The source's own error, for the caller to tell the cases apart.
     #[error("reading the body failed: {0}")]
-    Source(String),
+    Source(Box<dyn std::error::Error + Send + Sync>),
     /// Writing to the stream failed (the peer reset it or the connection was lost).
     #[error("writing to the tunnel failed: {0}")]
     Sink(io::Error),
@@ -64,7 +65,7 @@ pub async fn copy_body_to_stream<B>(
 ) -> Result<u64, BodyCopyError>
 where
     B: Body<Data = Bytes>,
-    B::Error: std::fmt::Display,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut body = std::pin::pin!(body);
     let mut total: u64 = 0;
@@ -74,7 +75,7 @@ where
             Some(Ok(frame)) => frame,
             Some(Err(e)) => {
                 send.reset(code::ABORTED);
-                return Err(BodyCopyError::Source(e.to_string()));
+                return Err(BodyCopyError::Source(e.into()));
             }
         };
         // Trailers are hop-by-hop for our purposes (ACS sends none); only data crosses.

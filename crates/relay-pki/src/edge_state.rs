@@ -320,22 +320,31 @@ impl EdgeState {
             return Err(RedeemError::UnknownToken);
         }
         let pending = self.token_path(token_id, "toml");
-        let text = match fs::read_to_string(&pending) {
-            Ok(text) => text,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(if self.token_path(token_id, "spent").exists() {
-                    RedeemError::Spent
-                } else {
-                    RedeemError::UnknownToken
-                });
-            }
+        // A spent token keeps its record (the spend is a rename), so its secret is checked like
+        // a pending one's: "already used" is only said to whoever holds the secret, and a wrong
+        // secret is a failed attempt whatever the token's state.
+        let (path, spent) = match fs::metadata(&pending) {
+            Ok(_) => (pending.clone(), false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (self.token_path(token_id, "spent"), true),
             Err(e) => return Err(RedeemError::Internal(format!("{}: {e}", pending.display()))),
         };
-        let record: TokenRecord = toml::from_str(&text)
-            .map_err(|e| RedeemError::Internal(format!("{}: {}", pending.display(), e.message())))?;
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            // Spent between the look and the read: the spent record is there now.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !spent => {
+                return self.redeem(token_id, secret, csr_der, now, validity);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(RedeemError::UnknownToken),
+            Err(e) => return Err(RedeemError::Internal(format!("{}: {e}", path.display()))),
+        };
+        let record: TokenRecord =
+            toml::from_str(&text).map_err(|e| RedeemError::Internal(format!("{}: {}", path.display(), e.message())))?;
         let presented = secret_hash_hex(secret);
         if !bool::from(presented.as_bytes().ct_eq(record.secret_hash_bytes())) {
             return Err(RedeemError::BadSecret);
+        }
+        if spent {
+            return Err(RedeemError::Spent);
         }
         if unix(now) >= record.expires_at_unix {
             return Err(RedeemError::Expired);
@@ -414,6 +423,10 @@ mod tests {
         assert_eq!(issued.agent_name, "bot");
         assert_eq!(state.agent_record("bot").unwrap().unwrap().status, crate::AgentStatus::Paired);
         assert!(matches!(state.redeem(&token.token_id, &token.secret, &csr, now, VALIDITY), Err(RedeemError::Spent)));
+        assert!(
+            matches!(state.redeem(&token.token_id, b"guessed", &csr, now, VALIDITY), Err(RedeemError::BadSecret)),
+            "a spent token's id alone learns nothing: the secret is checked first"
+        );
     }
 
     #[test]

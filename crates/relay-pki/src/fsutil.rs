@@ -45,16 +45,22 @@ pub fn modes_are_synthetic(path: &Path) -> bool {
 /// Reads a private key file, refusing one that group or others can read, except where modes are
 /// synthetic ([`modes_are_synthetic`]) and checking them would refuse every key for nothing.
 pub fn read_private_key_file(path: &Path) -> io::Result<Vec<u8>> {
+    read_owner_only(path, "private keys")
+}
+
+/// Reads a file holding a secret (a shared secret, a token), held to the same rule as private
+/// keys: readable by its owner only, where modes are real.
+pub fn read_secret_file(path: &Path) -> io::Result<Vec<u8>> {
+    read_owner_only(path, "secret files")
+}
+
+fn read_owner_only(path: &Path, what: &str) -> io::Result<Vec<u8>> {
     let meta = fs::metadata(path)?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 && !modes_are_synthetic(path) {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
-            format!(
-                "{} has mode {mode:o}; private keys must be 0600 (run: chmod 600 {})",
-                path.display(),
-                path.display()
-            ),
+            format!("{} has mode {mode:o}; {what} must be 0600 (run: chmod 600 {})", path.display(), path.display()),
         ));
     }
     fs::read(path)

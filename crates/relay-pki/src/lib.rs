@@ -21,7 +21,7 @@ pub use ca::{
     generate_agent_csr, renewal_due, validate_agent_name,
 };
 pub use edge_state::{EdgeState, EdgeStateError, EdgeTlsMaterial, IssuedCert, PendingToken, RedeemError};
-pub use fsutil::{read_private_key_file, write_atomic};
+pub use fsutil::{read_private_key_file, read_secret_file, write_atomic};
 pub use pin::CaPin;
 pub use token::{PairingToken, TokenError};
 

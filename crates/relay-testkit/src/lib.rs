@@ -6,6 +6,7 @@
 //! * [`client`]: small HTTP helpers, including bodies generated and hashed on the fly;
 //! * [`impair`]: a seeded UDP link-impairment proxy (loss, delay, jitter, black hole);
 //! * [`procs`]: the real edge and agent as separate processes, for fault tests that kill them;
+//! * [`raw`]: raw HTTP/1.1 for requests no client library would send;
 //! * [`stack`]: a real edge + paired agent + bot, in process, on ports from the OS;
 //! * [`transport`]: tests defined once and run over both tunnel transports;
 //! * [`wait`]: `eventually`, so tests wait on conditions with deadlines instead of sleeping.
@@ -16,6 +17,7 @@ pub mod bot;
 pub mod client;
 pub mod impair;
 pub mod procs;
+pub mod raw;
 pub mod stack;
 pub mod transport;
 pub mod wait;

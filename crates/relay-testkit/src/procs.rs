@@ -81,6 +81,13 @@ impl Proc {
         Ok(())
     }
 
+    /// The process's resident memory now, in KiB (`VmRSS` in `/proc/PID/status`).
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
     /// Everything the process printed so far.
     pub fn log(&self) -> String {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
@@ -105,6 +112,22 @@ pub fn log_field(line: &str, key: &str) -> Option<String> {
     line.split_whitespace()
         .find_map(|word| word.strip_prefix(&prefix))
         .map(|v| v.trim_start_matches("Some(").trim_end_matches(')').trim_matches('"').to_owned())
+}
+
+/// Issues a token for agent `name` from the edge state at `edge_state`, pairs a new agent state
+/// directory under `dir` with the edge whose tunnel is at `tunnel`, and returns that directory.
+pub async fn pair_agent(edge_state: &Path, tunnel: SocketAddr, name: &str, dir: &Path) -> anyhow::Result<PathBuf> {
+    let edge = relay_pki::EdgeState::open(edge_state)?;
+    let token = edge.create_token(
+        name,
+        &tunnel.to_string(),
+        relay_pki::DEFAULT_TOKEN_TTL,
+        std::time::SystemTime::now(),
+        false,
+    )?;
+    let agent_dir = dir.join(format!("agent-{name}"));
+    relay_agent::pair(&agent_dir, &token.encode(), &Default::default(), crate::transport::pairing()).await?;
+    Ok(agent_dir)
 }
 
 /// Paths of the binaries under test.

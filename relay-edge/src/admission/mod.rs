@@ -49,6 +49,23 @@ impl AuthCheck {
     }
 }
 
+impl AdmissionSettings {
+    /// Whether `check` proves anything about the caller as configured: `acs-jwt`,
+    /// `shared-secret` and `source-ip` do; `event-grid` only with Entra ID, since the
+    /// subscription name it checks otherwise is a header anyone can send.
+    pub fn authenticates(&self, check: AuthCheck) -> bool {
+        match check {
+            AuthCheck::AcsJwt | AuthCheck::SharedSecret | AuthCheck::SourceIp => true,
+            AuthCheck::EventGrid => self.event_grid.as_ref().is_some_and(|grid| grid.entra.is_some()),
+        }
+    }
+
+    /// Whether some check of `checks` authenticates the caller.
+    pub fn route_authenticates(&self, checks: &[AuthCheck]) -> bool {
+        checks.iter().any(|check| self.authenticates(*check))
+    }
+}
+
 /// Admission settings shared by every route.
 #[derive(Debug, Clone, Default)]
 pub struct AdmissionSettings {
