@@ -86,6 +86,13 @@ struct RunArgs {
     /// Largest WebSocket message relayed, in bytes.
     #[arg(long, env = "RELAY_AGENT_MAX_WS_MESSAGE_BYTES")]
     max_ws_message_bytes: Option<usize>,
+    /// Bytes a WebSocket may hold queued for writing (default: one largest message + 64 KiB).
+    #[arg(long, env = "RELAY_AGENT_MAX_WS_WRITE_BUFFER_BYTES")]
+    max_ws_write_buffer_bytes: Option<usize>,
+    /// How long a WebSocket message may wait for its socket to take it before both ends get
+    /// 1008 (e.g. `10s`).
+    #[arg(long, env = "RELAY_AGENT_WS_WRITE_TIMEOUT")]
+    ws_write_timeout: Option<String>,
     /// How long open calls may run after SIGTERM before they are closed (e.g. `30s`).
     #[arg(long, env = "RELAY_AGENT_DRAIN_TIMEOUT")]
     drain_timeout: Option<String>,
@@ -144,6 +151,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 admin_listen: args.admin_listen,
                 bot_timeout: args.bot_timeout,
                 max_ws_message_bytes: args.max_ws_message_bytes,
+                max_ws_write_buffer_bytes: args.max_ws_write_buffer_bytes,
+                ws_write_timeout: args.ws_write_timeout,
                 drain_timeout: args.drain_timeout,
                 idle_timeout: args.idle_timeout,
                 keep_alive: args.keep_alive,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use http::Uri;
 pub use relay_cli::config::ConfigError;
-use relay_cli::config::{load_toml, parse_duration, parse_toml, tunnel_liveness, ws_message_limit};
+use relay_cli::config::{load_toml, parse_duration, parse_toml, tunnel_liveness, ws_message_limit, ws_write_limits};
 use relay_transport::{Transport, TunnelSettings};
 use serde::Deserialize;
 
@@ -111,6 +111,10 @@ pub struct AgentConfig {
     pub bot_timeout: Option<String>,
     /// Largest WebSocket message relayed, in bytes.
     pub max_ws_message_bytes: Option<usize>,
+    /// Bytes a WebSocket may hold queued for writing (default: one largest message + 64 KiB).
+    pub max_ws_write_buffer_bytes: Option<usize>,
+    /// How long a WebSocket message may wait for its socket to take it before 1008 (`"10s"`).
+    pub ws_write_timeout: Option<String>,
     /// How long open calls may run after SIGTERM (`"30s"`).
     pub drain_timeout: Option<String>,
     /// Tunnel idle timeout (`"5s"`).
@@ -169,6 +173,10 @@ pub struct AgentSettings {
     pub drain_timeout: Duration,
     /// See [`relay_exchange::DEFAULT_MAX_WS_MESSAGE`].
     pub max_ws_message_bytes: usize,
+    /// See [`relay_exchange::websocket::default_write_buffer`].
+    pub max_ws_write_buffer_bytes: usize,
+    /// See [`relay_exchange::websocket::DEFAULT_WS_WRITE_TIMEOUT`].
+    pub ws_write_timeout: Duration,
     /// See [`DEFAULT_RECONNECT_INITIAL`].
     pub reconnect_initial: Duration,
     /// See [`DEFAULT_RECONNECT_MAX`].
@@ -231,6 +239,10 @@ impl AgentSettings {
             head_timeout: DEFAULT_HEAD_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_ws_message_bytes: relay_exchange::DEFAULT_MAX_WS_MESSAGE,
+            max_ws_write_buffer_bytes: relay_exchange::websocket::default_write_buffer(
+                relay_exchange::DEFAULT_MAX_WS_MESSAGE,
+            ),
+            ws_write_timeout: relay_exchange::websocket::DEFAULT_WS_WRITE_TIMEOUT,
             reconnect_initial: DEFAULT_RECONNECT_INITIAL,
             reconnect_max: DEFAULT_RECONNECT_MAX,
             tunnel: TunnelSettings::default(),
@@ -266,6 +278,8 @@ impl AgentConfig {
             admin_listen: other.admin_listen.or(self.admin_listen),
             bot_timeout: other.bot_timeout.or(self.bot_timeout),
             max_ws_message_bytes: other.max_ws_message_bytes.or(self.max_ws_message_bytes),
+            max_ws_write_buffer_bytes: other.max_ws_write_buffer_bytes.or(self.max_ws_write_buffer_bytes),
+            ws_write_timeout: other.ws_write_timeout.or(self.ws_write_timeout),
             drain_timeout: other.drain_timeout.or(self.drain_timeout),
             idle_timeout: other.idle_timeout.or(self.idle_timeout),
             keep_alive: other.keep_alive.or(self.keep_alive),
@@ -332,6 +346,11 @@ impl AgentConfig {
         if let Some(max) = self.max_ws_message_bytes {
             settings.max_ws_message_bytes = ws_message_limit(max)?;
         }
+        (settings.max_ws_write_buffer_bytes, settings.ws_write_timeout) = ws_write_limits(
+            settings.max_ws_message_bytes,
+            self.max_ws_write_buffer_bytes,
+            self.ws_write_timeout.as_deref(),
+        )?;
         tunnel_liveness(
             &mut settings.tunnel,
             self.idle_timeout.as_deref(),

@@ -10,7 +10,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use relay_exchange::body::{RelayBody, body_from_stream, copy_body_to_stream};
-use relay_exchange::websocket::pump;
+use relay_exchange::websocket::{SessionLimits, pump};
 use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
 use relay_proto::headers::{from_wire, strip_hop_by_hop, to_wire};
 use relay_proto::{ExchangeHead, Failure, FailureKind, HttpReply, ResponseHead, WsReply, code};
@@ -163,8 +163,14 @@ impl Forwarder {
                 return;
             }
         };
-        let max = self.settings.max_ws_message_bytes;
-        let config = relay_exchange::websocket::websocket_config(max);
+        // The edge owns the idle timeout (it faces the caller); the agent follows its close.
+        let limits = SessionLimits {
+            max_message: self.settings.max_ws_message_bytes,
+            max_write_buffer: self.settings.max_ws_write_buffer_bytes,
+            write_timeout: self.settings.ws_write_timeout,
+            idle_timeout: None,
+        };
+        let config = relay_exchange::websocket::websocket_config(&limits);
         let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
         let reply = match tokio::time::timeout(self.settings.bot_timeout, connect).await {
             Ok(Ok((ws, response))) => {
@@ -213,8 +219,7 @@ impl Forwarder {
             return;
         }
         self.metrics.websocket_sessions.inc();
-        // The edge owns the idle timeout (it faces the caller); the agent follows its close.
-        let report = pump(ws, BiStream { send, recv }, max, None).await;
+        let report = pump(ws, BiStream { send, recv }, limits).await;
         self.metrics.websocket_sessions.dec();
         self.metrics.exchange("websocket", "101", started.elapsed().as_secs_f64());
         info!(

@@ -125,6 +125,13 @@ struct RunArgs {
     /// Largest WebSocket message relayed, in bytes (larger: close 1009).
     #[arg(long, env = "RELAY_EDGE_MAX_WS_MESSAGE_BYTES")]
     max_ws_message_bytes: Option<usize>,
+    /// Bytes a WebSocket may hold queued for writing (default: one largest message + 64 KiB).
+    #[arg(long, env = "RELAY_EDGE_MAX_WS_WRITE_BUFFER_BYTES")]
+    max_ws_write_buffer_bytes: Option<usize>,
+    /// How long a WebSocket message may wait for its socket to take it before both ends get
+    /// 1008 (e.g. `10s`).
+    #[arg(long, env = "RELAY_EDGE_WS_WRITE_TIMEOUT")]
+    ws_write_timeout: Option<String>,
     /// Largest request head, in bytes (larger: 431).
     #[arg(long, env = "RELAY_EDGE_MAX_HEADER_BYTES")]
     max_header_bytes: Option<usize>,
@@ -196,6 +203,8 @@ impl RunArgs {
             admin_listen: self.admin_listen,
             max_body_bytes: self.max_body_bytes,
             max_ws_message_bytes: self.max_ws_message_bytes,
+            max_ws_write_buffer_bytes: self.max_ws_write_buffer_bytes,
+            ws_write_timeout: self.ws_write_timeout,
             max_header_bytes: self.max_header_bytes,
             max_exchanges_per_agent: self.max_exchanges_per_agent,
             rate_limit_per_source: self.rate_limit_per_source,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use http::header::HeaderName;
 
 pub use relay_cli::config::{ConfigError, parse_duration};
-use relay_cli::config::{load_toml, parse_toml, tunnel_liveness, ws_message_limit};
+use relay_cli::config::{load_toml, parse_toml, tunnel_liveness, ws_message_limit, ws_write_limits};
 use relay_transport::{TcpListen, TunnelSettings};
 use serde::Deserialize;
 
@@ -114,6 +114,10 @@ pub struct EdgeConfig {
     pub max_body_bytes: Option<u64>,
     /// Largest WebSocket message relayed, in bytes.
     pub max_ws_message_bytes: Option<usize>,
+    /// Bytes a WebSocket may hold queued for writing (default: one largest message + 64 KiB).
+    pub max_ws_write_buffer_bytes: Option<usize>,
+    /// How long a WebSocket message may wait for its socket to take it before 1008 (`"10s"`).
+    pub ws_write_timeout: Option<String>,
     /// Largest request head, in bytes (larger: 431).
     pub max_header_bytes: Option<usize>,
     /// Exchanges one agent may carry at once (more: 503).
@@ -243,6 +247,10 @@ pub struct EdgeSettings {
     pub max_body_bytes: u64,
     /// See [`relay_exchange::DEFAULT_MAX_WS_MESSAGE`].
     pub max_ws_message_bytes: usize,
+    /// See [`relay_exchange::websocket::default_write_buffer`].
+    pub max_ws_write_buffer_bytes: usize,
+    /// See [`relay_exchange::websocket::DEFAULT_WS_WRITE_TIMEOUT`].
+    pub ws_write_timeout: Duration,
     /// See [`DEFAULT_MAX_HEADER_BYTES`].
     pub max_header_bytes: usize,
     /// See [`DEFAULT_MAX_EXCHANGES_PER_AGENT`].
@@ -300,6 +308,10 @@ impl EdgeSettings {
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_ws_message_bytes: relay_exchange::DEFAULT_MAX_WS_MESSAGE,
+            max_ws_write_buffer_bytes: relay_exchange::websocket::default_write_buffer(
+                relay_exchange::DEFAULT_MAX_WS_MESSAGE,
+            ),
+            ws_write_timeout: relay_exchange::websocket::DEFAULT_WS_WRITE_TIMEOUT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_exchanges_per_agent: DEFAULT_MAX_EXCHANGES_PER_AGENT,
             rate_limit_per_source: Some(crate::rate_limit::DEFAULT_RATE_PER_SOURCE),
@@ -346,6 +358,8 @@ impl EdgeConfig {
             admin_listen: other.admin_listen.or(self.admin_listen),
             max_body_bytes: other.max_body_bytes.or(self.max_body_bytes),
             max_ws_message_bytes: other.max_ws_message_bytes.or(self.max_ws_message_bytes),
+            max_ws_write_buffer_bytes: other.max_ws_write_buffer_bytes.or(self.max_ws_write_buffer_bytes),
+            ws_write_timeout: other.ws_write_timeout.or(self.ws_write_timeout),
             max_header_bytes: other.max_header_bytes.or(self.max_header_bytes),
             max_exchanges_per_agent: other.max_exchanges_per_agent.or(self.max_exchanges_per_agent),
             rate_limit_per_source: other.rate_limit_per_source.or(self.rate_limit_per_source),
@@ -409,6 +423,11 @@ impl EdgeConfig {
         if let Some(max) = self.max_ws_message_bytes {
             settings.max_ws_message_bytes = ws_message_limit(max)?;
         }
+        (settings.max_ws_write_buffer_bytes, settings.ws_write_timeout) = ws_write_limits(
+            settings.max_ws_message_bytes,
+            self.max_ws_write_buffer_bytes,
+            self.ws_write_timeout.as_deref(),
+        )?;
         if let Some(max) = self.max_header_bytes {
             // hyper needs room for at least one read buffer; the tunnel's head frame bounds the top.
             if !(8192..=MAX_HEADER_BYTES_LIMIT).contains(&max) {

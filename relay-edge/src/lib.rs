@@ -208,6 +208,8 @@ impl Edge {
             tasks: tasks.clone(),
             listener,
             pairing_failures: Default::default(),
+            refusal_log: relay_transport::LogThrottle::default(),
+            metrics: metrics.clone(),
         });
         let rate_limit = settings.rate_limit_per_source.map(rate_limit::SourceRateLimiter::new);
         let draining = CancellationToken::new();

@@ -78,6 +78,8 @@ pub struct EdgeMetrics {
     pub websocket_idle_closes: Counter,
     /// Call keys found but not pinned because they do not look like an ACS correlation id.
     pub affinity_keys_refused: Counter,
+    /// Tunnel handshakes refused (not TLS, no or a bad certificate, unknown protocol, timeout).
+    pub tunnel_handshakes_refused: Counter,
 }
 
 impl Default for EdgeMetrics {
@@ -92,6 +94,12 @@ impl Default for EdgeMetrics {
         let affinity_moves = Counter::default();
         let websocket_idle_closes = Counter::default();
         let affinity_keys_refused = Counter::default();
+        let tunnel_handshakes_refused = Counter::default();
+        registry.register(
+            "relay_edge_tunnel_handshakes_refused",
+            "Tunnel handshakes refused: not TLS, a missing, bad or expired certificate, a timeout",
+            tunnel_handshakes_refused.clone(),
+        );
         registry.register(
             "relay_edge_affinity_keys_refused",
             "Call keys not pinned because they do not look like an ACS correlation id",
@@ -140,6 +148,7 @@ impl Default for EdgeMetrics {
             affinity_moves,
             websocket_idle_closes,
             affinity_keys_refused,
+            tunnel_handshakes_refused,
         }
     }
 }

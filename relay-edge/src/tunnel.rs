@@ -8,13 +8,13 @@ use relay_pki::{AgentRefusal, EdgeState, RedeemError, RenewError, cert_serial_he
 use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
 use relay_proto::{ControlMessage, PairRefusal, PairRequest, PairResponse, RenewOutcome, code};
 use relay_transport::{
-    FrameReadError, FrameReader, HandshakeError, IncomingTunnel, PeerKind, TunnelConnection, TunnelListener,
-    read_frame, write_frame,
+    FrameReadError, FrameReader, HandshakeError, IncomingTunnel, LogThrottle, PeerKind, TunnelConnection,
+    TunnelListener, Verdict, read_frame, write_frame,
 };
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::agents::{AgentSet, ConnectedAgent};
 use crate::config::EdgeSettings;
@@ -35,6 +35,10 @@ pub(crate) struct TunnelService {
     pub tasks: TaskTracker,
     pub listener: Arc<TunnelListener>,
     pub pairing_failures: std::sync::Mutex<FailureLimiter>,
+    /// Refused handshakes and agents, logged once per source or agent, then summarised.
+    pub refusal_log: LogThrottle,
+    /// Counts refused handshakes (the log summarises them).
+    pub metrics: Arc<crate::metrics::EdgeMetrics>,
 }
 
 impl TunnelService {
@@ -58,13 +62,25 @@ impl TunnelService {
     async fn handle(self: Arc<Self>, incoming: IncomingTunnel) {
         let remote = incoming.remote_addr();
         let transport = incoming.transport();
-        match incoming.handshake().await {
+        let handshake = incoming.handshake().await;
+        if handshake.is_err() {
+            self.metrics.tunnel_handshakes_refused.inc();
+        }
+        match handshake {
             Ok((conn, PeerKind::Agent { name, serial })) => self.agent_session(conn, name, serial).await,
             Ok((conn, PeerKind::Pairing)) => self.pairing_session(conn).await,
-            Err(HandshakeError::CertificateExpired(_)) => {
-                warn!(%remote, %transport, "refused an agent whose certificate has expired: it must be paired again (relay-agent pair)");
+            // The verifier has logged it with the agent's name and the expiry.
+            Err(e @ HandshakeError::CertificateExpired(_)) => {
+                debug!(%remote, %transport, "tunnel handshake refused: {e}")
             }
-            Err(e) => warn!(%remote, %transport, "tunnel handshake refused: {e}"),
+            // Anyone can open a connection to the tunnel port: one line per source, then summaries.
+            Err(e) => match self.refusal_log.check(&remote.ip().to_string(), Instant::now()) {
+                Verdict::Log => warn!(%remote, %transport, "tunnel handshake refused: {e}"),
+                Verdict::Summary(times) => {
+                    warn!(source = %remote.ip(), %transport, times, "tunnel handshakes refused from this source: {e}")
+                }
+                Verdict::Quiet => debug!(%remote, %transport, "tunnel handshake refused: {e}"),
+            },
         }
     }
 
@@ -77,7 +93,12 @@ impl TunnelService {
                 .await
                 .unwrap_or_else(|e| Err(AgentRefusal::Corrupt { name: name.clone(), reason: e.to_string() }));
         if let Err(refusal) = checked {
-            warn!(agent = %name, %remote, "refusing agent: {refusal}");
+            // A revoked agent redials for as long as it runs: once, then summaries.
+            match self.refusal_log.check(&format!("agent {name}"), Instant::now()) {
+                Verdict::Log => warn!(agent = %name, %remote, "refusing agent: {refusal}"),
+                Verdict::Summary(times) => warn!(agent = %name, %remote, times, "still refusing agent: {refusal}"),
+                Verdict::Quiet => debug!(agent = %name, %remote, "refusing agent: {refusal}"),
+            }
             let reason = match refusal {
                 AgentRefusal::Revoked(_) | AgentRefusal::NotCurrent { .. } => "certificate revoked",
                 AgentRefusal::Expired(_) => "certificate expired: pair again",

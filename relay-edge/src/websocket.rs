@@ -9,8 +9,7 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use relay_exchange::body::{RelayBody, empty, full};
-use relay_exchange::websocket::pump;
-use relay_exchange::websocket::websocket_config;
+use relay_exchange::websocket::{SessionLimits, SideEnd, pump, websocket_config};
 use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
 use relay_proto::headers::{from_wire, strip_hop_by_hop};
 use relay_proto::{ExchangeKind, FailureKind, WsReply, code};
@@ -136,8 +135,12 @@ pub(crate) async fn relay_upgrade(
     }
 
     let upgrade = hyper::upgrade::on(&mut req);
-    let max_message = service.settings.max_ws_message_bytes;
-    let idle_timeout = service.settings.ws_idle_timeout;
+    let limits = SessionLimits {
+        max_message: service.settings.max_ws_message_bytes,
+        max_write_buffer: service.settings.max_ws_write_buffer_bytes,
+        write_timeout: service.settings.ws_write_timeout,
+        idle_timeout: Some(service.settings.ws_idle_timeout),
+    };
     let route_name = route.name.clone();
     let metrics = service.metrics.clone();
     let affinity = service.affinity.clone();
@@ -151,22 +154,28 @@ pub(crate) async fn relay_upgrade(
             }
         };
         let ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(websocket_config(max_message)))
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(websocket_config(&limits)))
                 .await;
         metrics.websocket_sessions.inc();
         if let Some(call) = &call_key {
             affinity.session(call, true, std::time::Instant::now());
         }
-        let report = pump(ws, BiStream { send, recv }, max_message, Some(idle_timeout)).await;
+        let report = pump(ws, BiStream { send, recv }, limits).await;
         metrics.websocket_sessions.dec();
         if let Some(call) = &call_key {
             affinity.session(call, false, std::time::Instant::now());
         }
-        if report.socket_side == relay_exchange::websocket::SideEnd::Idle {
+        if report.socket_side == SideEnd::Idle {
             metrics.websocket_idle_closes.inc();
         }
-        if report.socket_side == relay_exchange::websocket::SideEnd::TooBig {
+        if report.socket_side == SideEnd::TooBig {
             metrics.rejection(&route_name, "limit", "ws-message-size");
+        }
+        if report.ended(|side| *side == SideEnd::Stalled) {
+            metrics.rejection(&route_name, "limit", "ws-not-reading");
+        }
+        if report.ended(|side| matches!(side, SideEnd::Violation(..))) {
+            metrics.rejection(&route_name, "websocket", "protocol-violation");
         }
         metrics
             .exchange_duration

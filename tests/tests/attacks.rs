@@ -401,3 +401,232 @@ async fn answers_given_before_the_request_was_read_reach_a_client_that_writes_ev
     assert_eq!(stack.bot.hits(), 0);
     stack.shutdown().await;
 }
+
+/// Reads the caller's socket until the edge's close frame, then until the connection ends;
+/// returns the close's code. A connection that ends without a close frame fails the test.
+async fn caller_sees_close(socket: &mut relay_testkit::acs::MediaCall) -> Option<u16> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::{Error, Message};
+    let mut code = None;
+    for _ in 0..1000 {
+        match tokio::time::timeout(RAW_DEADLINE, socket.socket().next()).await.expect("no close in time") {
+            Some(Ok(Message::Close(frame))) => code = Some(frame.map(|f| u16::from(f.code))),
+            Some(Ok(_)) => {}
+            None | Some(Err(Error::ConnectionClosed)) => break,
+            Some(Err(e)) => panic!("the caller's socket ended without a close handshake: {e}"),
+        }
+    }
+    code.expect("a close frame")
+}
+
+relay_testkit::over_both_transports! {
+    async fn a_callers_close_is_answered_and_the_bot_completes_its_close_handshake() {
+        use futures_util::SinkExt;
+        use std::sync::atomic::Ordering;
+        use tokio_tungstenite::tungstenite::Message;
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        let stack = Stack::start().await.unwrap();
+        let mut call = relay_testkit::acs::MediaCall::connect(stack.public(), "/ws", "corr-close-1").await.unwrap();
+        call.socket().send(Message::Text("hello".into())).await.unwrap();
+        let close = CloseFrame { code: 1000.into(), reason: "bye".into() };
+        call.socket().close(Some(close)).await.unwrap();
+        assert_eq!(caller_sees_close(&mut call).await, Some(1000), "the edge answers the caller's close");
+        let session = stack.bot.sessions()[0].clone();
+        assert!(eventually(RAW_DEADLINE, || async { session.ended.load(Ordering::SeqCst) }).await);
+        assert!(session.closed_cleanly.load(Ordering::SeqCst), "the bot's close handshake completed too");
+        stack.shutdown().await;
+    }
+}
+
+relay_testkit::over_both_transports! {
+    async fn a_bots_close_is_answered_to_the_bot_and_reaches_the_caller() {
+        use futures_util::SinkExt;
+        use std::sync::atomic::Ordering;
+        use tokio_tungstenite::tungstenite::Message;
+        let stack = Stack::start().await.unwrap();
+        let mut call = relay_testkit::acs::MediaCall::connect(stack.public(), "/ws", "corr-close-2").await.unwrap();
+        call.socket().send(Message::Text("close:4001:done".into())).await.unwrap();
+        assert_eq!(caller_sees_close(&mut call).await, Some(4001));
+        let session = stack.bot.sessions()[0].clone();
+        assert!(eventually(RAW_DEADLINE, || async { session.ended.load(Ordering::SeqCst) }).await);
+        assert!(session.closed_cleanly.load(Ordering::SeqCst), "the agent answers the bot's close");
+        stack.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn websocket_protocol_violations_are_closed_with_the_rfc_6455_codes() {
+    use tokio::io::AsyncWriteExt;
+    let stack = Stack::start().await.unwrap();
+    let cases: [(&str, Vec<u8>, u16); 5] = [
+        ("text that is not UTF-8", raw::ws_frame(0x81, &[0xff, 0xfe, 0xfd], true), 1007),
+        ("a ping over 125 bytes", raw::ws_frame(0x89, &[b'p'; 126], true), 1002),
+        ("a fragmented ping", raw::ws_frame(0x09, b"p", true), 1002),
+        ("an unmasked client frame", raw::ws_frame(0x81, b"hello", false), 1002),
+        ("reserved bits set", raw::ws_frame(0xc1, b"hello", true), 1002),
+    ];
+    for (i, (what, frame, code)) in cases.into_iter().enumerate() {
+        let mut conn = raw::ws_upgrade(stack.public(), "/ws", &format!("corr-proto-{i}")).await.unwrap();
+        conn.write_all(&frame).await.unwrap();
+        let closed = tokio::time::timeout(RAW_DEADLINE, raw::ws_read_close(&mut conn)).await;
+        assert_eq!(closed.expect("closed in time").expect("a close frame"), Some(code), "{what}");
+        let session = stack.bot.sessions()[i].clone();
+        let told = eventually(RAW_DEADLINE, || async { session.close.lock().unwrap().is_some() }).await;
+        assert!(told, "{what}: the bot learns the call ended");
+        assert_eq!(session.close.lock().unwrap().as_ref().map(|c| c.0), Some(code), "{what}: and why");
+    }
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_floods_pings_and_never_reads_cannot_grow_the_edge_or_keep_the_call() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("edge");
+    relay_pki::EdgeState::init(&state, &[], std::time::SystemTime::now()).unwrap();
+    let edge = EdgeProc::start(&bins(), &[], &state, &["--ws-idle-timeout", "4s"]).await.unwrap();
+    let bot = EchoBot::start().await.unwrap();
+    let agent_dir = pair_agent(&state, edge.tunnel, "agent-1", dir.path()).await.unwrap();
+    let _agent = AgentProc::start(&bins(), &[], &agent_dir, &bot.url(), &[edge.tunnel.to_string()], &[]).await.unwrap();
+    assert!(eventually(PROC_DEADLINE, || async { edge.agents_connected().await == 1 }).await);
+    let before = edge.proc.rss_kib().unwrap();
+    // Two callers, each writing up to 24 MiB of 125-byte pings and reading nothing.
+    let mut floods = Vec::new();
+    for i in 0..2 {
+        let mut conn = raw::ws_upgrade(edge.public, "/ws", &format!("corr-ping-{i}")).await.unwrap();
+        floods.push(tokio::spawn(async move {
+            let ping = raw::ws_frame(0x89, &[b'p'; 125], true);
+            let burst: Vec<u8> = ping.iter().copied().cycle().take(ping.len() * 1024).collect();
+            let mut written = 0usize;
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while written < 24 * 1024 * 1024 && std::time::Instant::now() < deadline {
+                match tokio::time::timeout(Duration::from_secs(10), conn.write_all(&burst)).await {
+                    Ok(Ok(())) => written += burst.len(),
+                    // Closed by the edge (idle), or the edge stopped reading: either ends the flood.
+                    _ => break,
+                }
+            }
+            (written, conn)
+        }));
+    }
+    let mut written = 0;
+    let mut held = Vec::new();
+    for flood in floods {
+        let (bytes, conn) = flood.await.unwrap();
+        written += bytes;
+        held.push(conn);
+    }
+    let grown_mib = edge.proc.rss_kib().unwrap().saturating_sub(before) / 1024;
+    println!("edge RSS growth after {} MiB of unread pings: {grown_mib} MiB", written / (1024 * 1024));
+    assert!(grown_mib < 16, "pongs are queued without bound: the edge grew {grown_mib} MiB");
+    let closed = eventually(PROC_DEADLINE, || async {
+        metric(edge.admin, "relay_edge_websocket_idle_closes_total").await == Some(2.0)
+            && metric(edge.admin, "relay_edge_websocket_sessions").await == Some(0.0)
+    })
+    .await;
+    assert!(closed, "pings alone do not keep a call open past ws_idle_timeout\n{}", edge.proc.log());
+    drop(held);
+    assert!(
+        bot.sessions().iter().all(|s| s.pings.load(std::sync::atomic::Ordering::SeqCst) <= 10),
+        "pings reach the bot at most once a second"
+    );
+}
+
+relay_testkit::over_both_transports! {
+    async fn a_caller_that_stops_reading_is_given_up_on_counted_and_its_call_ended() {
+        use futures_util::SinkExt;
+        use tokio_tungstenite::tungstenite::Message;
+        let stack = Stack::start_with(|s| s.ws_write_timeout = Duration::from_secs(1)).await.unwrap();
+        let mut call = relay_testkit::acs::MediaCall::connect(stack.public(), "/ws", "corr-stall").await.unwrap();
+        // The bot echoes every message; the caller sends and never reads, until its sends block.
+        let writer = tokio::spawn(async move {
+            let message = Message::Binary(vec![7u8; 256 * 1024].into());
+            for _ in 0..256 {
+                match tokio::time::timeout(Duration::from_secs(5), call.socket().send(message.clone())).await {
+                    Ok(Ok(())) => {}
+                    _ => break,
+                }
+            }
+            call
+        });
+        let admin = stack.edge.admin_addr().unwrap();
+        let counted = "relay_edge_rejections_total{route=\"/ws\",check=\"limit\",reason=\"ws-not-reading\"}";
+        let gave_up = eventually(Duration::from_secs(30), || async {
+            metric(admin, counted).await == Some(1.0)
+                && metric(admin, "relay_edge_websocket_sessions").await == Some(0.0)
+        })
+        .await;
+        assert!(gave_up, "the edge closes a caller that does not read, and counts it");
+        // The bot's side ends too; it is told 1008 when it still reads (this echo bot may be
+        // stuck writing to a caller that reads nothing, and then sees its connection end).
+        let session = stack.bot.sessions()[0].clone();
+        assert!(eventually(Duration::from_secs(30), || async { session.ended.load(std::sync::atomic::Ordering::SeqCst) }).await);
+        let code = session.close.lock().unwrap().as_ref().map(|c| c.0);
+        assert!(code.is_none_or(|c| c == 1008), "told why, if told: {code:?}");
+        drop(writer.await);
+        stack.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_peers_and_refused_agents_cannot_flood_the_edge_log() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("edge");
+    relay_pki::EdgeState::init(&state, &[], std::time::SystemTime::now()).unwrap();
+    let edge = EdgeProc::start(&bins(), &[], &state, &[]).await.unwrap();
+    let count = |needle: &str| edge.proc.log().lines().filter(|l| l.contains(needle)).count();
+
+    // 200 connections to the tunnel's TCP port that are not TLS: one line, not 200.
+    for _ in 0..200 {
+        let mut conn = tokio::net::TcpStream::connect(edge.tunnel).await.unwrap();
+        let _ = conn.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
+    }
+    let refused = "relay_edge_tunnel_handshakes_refused_total";
+    assert!(eventually(PROC_DEADLINE, || async { metric(edge.admin, refused).await == Some(200.0) }).await);
+    assert_eq!(count("tunnel handshake refused"), 1, "one line per source, then summaries\n{}", edge.proc.log());
+
+    // A revoked agent redials for as long as it runs: refused once in the log.
+    let bot = EchoBot::start().await.unwrap();
+    let agent_dir = pair_agent(&state, edge.tunnel, "revoked-bot", dir.path()).await.unwrap();
+    let agent = AgentProc::start(&bins(), &[], &agent_dir, &bot.url(), &[edge.tunnel.to_string()], &[]).await.unwrap();
+    assert!(eventually(PROC_DEADLINE, || async { edge.agents_connected().await == 1 }).await);
+    relay_pki::EdgeState::open(&state).unwrap().revoke("revoked-bot", std::time::SystemTime::now()).unwrap();
+    let refused_again = eventually(Duration::from_secs(30), || async {
+        agent.proc.log().lines().filter(|l| l.contains("revoked")).count() >= 4
+    })
+    .await;
+    assert!(refused_again, "the agent keeps redialling:\n{}", agent.proc.log());
+    assert_eq!(count("refusing agent"), 1, "{}", edge.proc.log());
+
+    // An agent whose certificate expired is named, with the expiry, once.
+    let edge_state = relay_pki::EdgeState::open(&state).unwrap();
+    let long_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    let token =
+        edge_state.create_token("expired-bot", "127.0.0.1:1", Duration::from_secs(60), long_ago, false).unwrap();
+    let (key_pem, csr) = relay_pki::generate_agent_csr("expired-bot").unwrap();
+    let issued = edge_state.redeem(&token.token_id, &token.secret, &csr, long_ago, Duration::from_secs(60)).unwrap();
+    let expired_dir = dir.path().join("expired");
+    relay_pki::AgentState::save(&expired_dir, "expired-bot", "127.0.0.1:1", &key_pem, &issued.cert_der, &issued.ca_der)
+        .unwrap();
+    let id = relay_pki::AgentState::load(&expired_dir).unwrap();
+    for _ in 0..3 {
+        let settings = relay_transport::TunnelSettings::default();
+        let dialled = relay_transport::dial_tunnel(
+            relay_transport::Transport::Quic,
+            edge.tunnel,
+            "localhost",
+            id.cert_chain.clone(),
+            id.key.clone_key(),
+            &id.ca_cert,
+            &settings,
+        )
+        .await;
+        if let Ok(conn) = dialled {
+            let _ = tokio::time::timeout(RAW_DEADLINE, conn.closed()).await;
+        }
+    }
+    let named = |l: &&str| l.contains("expired-bot") && l.contains("expired_at=") && l.contains("expired");
+    assert!(eventually(PROC_DEADLINE, || async { edge.proc.log().lines().filter(named).count() >= 1 }).await);
+    assert_eq!(edge.proc.log().lines().filter(named).count(), 1, "{}", edge.proc.log());
+}

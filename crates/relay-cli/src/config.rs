@@ -70,6 +70,34 @@ pub fn parse_duration(key: &'static str, text: &str) -> Result<Duration, ConfigE
     Ok(value)
 }
 
+/// Resolves the WebSocket write bounds: `max_ws_write_buffer_bytes` (by default one largest
+/// message plus slack, see [`relay_exchange::websocket::default_write_buffer`]; it must hold one
+/// largest message) and `ws_write_timeout`.
+pub fn ws_write_limits(
+    max_message: usize,
+    write_buffer: Option<usize>,
+    write_timeout: Option<&str>,
+) -> Result<(usize, std::time::Duration), ConfigError> {
+    let buffer = match write_buffer {
+        None => relay_exchange::websocket::default_write_buffer(max_message),
+        Some(bytes) if bytes >= max_message.saturating_add(1024) => bytes,
+        Some(_) => {
+            return Err(ConfigError::Invalid {
+                key: "max_ws_write_buffer_bytes",
+                message: format!(
+                    "must hold one largest message: at least max_ws_message_bytes + 1024 ({})",
+                    max_message.saturating_add(1024)
+                ),
+            });
+        }
+    };
+    let timeout = match write_timeout {
+        None => relay_exchange::websocket::DEFAULT_WS_WRITE_TIMEOUT,
+        Some(text) => parse_duration("ws_write_timeout", text)?,
+    };
+    Ok((buffer, timeout))
+}
+
 /// Checks a `max_ws_message_bytes` setting: a message must fit one frame under the codec's
 /// hard ceiling (16 MiB leaves room for the frame around it).
 pub fn ws_message_limit(max: usize) -> Result<usize, ConfigError> {

@@ -14,10 +14,11 @@ use relay_proto::{CloseFrame, WsFrame, code};
 use relay_transport::{BiStream, FrameReadError, FrameReader, write_frame};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame as WireClose;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::CLOSE_LINGER;
 
@@ -36,11 +37,18 @@ pub enum SideEnd {
     Lost(String),
     /// The other end sent a frame that breaks the protocol; this session was closed.
     Malformed(String),
+    /// The socket broke RFC 6455 (invalid UTF-8 in text: 1007; anything else: 1002); both ends
+    /// were closed with that code.
+    Violation(u16, String),
     /// The other direction finished and this one did not within [`CLOSE_LINGER`].
     LingerExpired,
     /// The socket sent a message over the size limit; both ends were closed with 1009.
     TooBig,
-    /// Nothing passed either way for the idle timeout; both ends were closed with 1001.
+    /// The socket did not take what was written to it (its write buffer reached its bound, or a
+    /// message waited longer than the write timeout): a peer that does not read. Both ends were
+    /// closed with 1008.
+    Stalled,
+    /// No message passed either way for the idle timeout; both ends were closed with 1001.
     Idle,
 }
 
@@ -55,6 +63,13 @@ pub struct PumpReport {
     pub socket_side: SideEnd,
     /// How the tunnel → socket direction ended.
     pub tunnel_side: SideEnd,
+}
+
+impl PumpReport {
+    /// Whether either side ended as `end` describes.
+    pub fn ended(&self, end: impl Fn(&SideEnd) -> bool) -> bool {
+        end(&self.socket_side) || end(&self.tunnel_side)
+    }
 }
 
 /// Converts a tungstenite message to its wire frame (`None` for raw frames, which reads never
@@ -90,20 +105,75 @@ pub fn to_message(frame: WsFrame) -> Result<Message, std::string::FromUtf8Error>
 /// The close reason sent to both ends of a session closed for silence.
 const IDLE_REASON: &str = "idle timeout";
 
+/// The close reason sent to both ends of a session whose socket stopped reading.
+const STALLED_REASON: &str = "peer not reading";
+
 /// Bytes each WebSocket reads from its socket at a time, allocated up front for every open call.
 /// tungstenite's default of 128 KiB suits a few busy sockets; a relay holds a thousand calls of
 /// one ~900-byte frame every 20 ms, where 128 KiB per socket was most of each call's memory
 /// (measured: 166 KiB per idle call on the edge). 8 KiB still takes several frames per read.
 pub const WS_READ_BUFFER: usize = 8 * 1024;
 
-/// The WebSocket settings both ends use: messages and frames up to `max_message` bytes, and a
-/// read buffer of [`WS_READ_BUFFER`].
-pub fn websocket_config(max_message: usize) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .max_message_size(Some(max_message))
-        .max_frame_size(Some(max_message))
-        .read_buffer_size(WS_READ_BUFFER)
+/// Bytes a socket may hold queued for writing beyond one largest message: frame headers, a
+/// close, and the pong tungstenite queues for the latest ping.
+pub const WS_WRITE_BUFFER_SLACK: usize = 64 * 1024;
+
+/// The write bound of a socket whose messages are at most `max_message` bytes. The pump writes
+/// one message at a time and waits for it to be flushed, so what a socket queues is one message
+/// and its own control frames; without a bound, tungstenite queues one pong per ping read from a
+/// peer that never reads (measured: 200 MiB of pings took the edge from 26 to 220 MiB).
+pub fn default_write_buffer(max_message: usize) -> usize {
+    max_message.saturating_add(WS_WRITE_BUFFER_SLACK)
 }
+
+/// How long a message may wait for a socket to take it before the socket counts as not
+/// reading. ACS reads and writes a frame every 20 ms; a peer that takes nothing for 10 s is gone
+/// or hostile, and holds the call's buffers until it is closed.
+pub const DEFAULT_WS_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The bounds of one relayed WebSocket session, the same on both ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Largest message (and frame) read or relayed; larger: 1009.
+    pub max_message: usize,
+    /// Bytes the socket may hold queued for writing (at least one largest message, see
+    /// [`default_write_buffer`]); tungstenite then answers only the latest unanswered ping.
+    pub max_write_buffer: usize,
+    /// How long a message may wait for the socket to take it; longer: 1008.
+    pub write_timeout: Duration,
+    /// With a value, a session in which no data message passes for this long is closed: 1001.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl SessionLimits {
+    /// Limits for messages up to `max_message` bytes, with the default write bound and timeout
+    /// and no idle timeout.
+    pub fn new(max_message: usize) -> Self {
+        Self {
+            max_message,
+            max_write_buffer: default_write_buffer(max_message),
+            write_timeout: DEFAULT_WS_WRITE_TIMEOUT,
+            idle_timeout: None,
+        }
+    }
+}
+
+/// The WebSocket settings both ends use: messages and frames up to the limit, a read buffer of
+/// [`WS_READ_BUFFER`], and at most `max_write_buffer` bytes queued for writing. Frames are
+/// written as they are queued; the pump flushes after each message anyway.
+pub fn websocket_config(limits: &SessionLimits) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(limits.max_message))
+        .max_frame_size(Some(limits.max_message))
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(limits.max_write_buffer.max(1))
+}
+
+/// Pings forwarded across the tunnel at most once per this interval in each direction. Each hop
+/// answers pings itself (tungstenite pongs the latest unanswered ping), so a forwarded ping only
+/// tells the far end that the peer is alive; a flood of them would cost every hop and the bot.
+pub const PING_FORWARD_INTERVAL: Duration = Duration::from_secs(1);
 
 fn elapsed_ms(since: tokio::time::Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
@@ -124,26 +194,55 @@ fn close_message(code: CloseCode, reason: &str) -> Message {
     Message::Close(Some(WireClose { code, reason: reason.into() }))
 }
 
-/// Relays messages between `ws` and `stream` until both directions end (or one ends and the
-/// other does not follow within [`CLOSE_LINGER`]). With an `idle_timeout`, a session in which no
-/// message passes either way for that long is closed on both ends with 1001.
-pub async fn pump<S>(
-    ws: WebSocketStream<S>,
-    stream: BiStream,
-    max_message: usize,
-    idle_timeout: Option<Duration>,
-) -> PumpReport
+/// The close a socket error calls for, if the error is the peer's fault: RFC 6455 §7.4.1.
+fn violation(error: &WsError) -> Option<(CloseCode, &'static str)> {
+    match error {
+        WsError::Utf8(_) => Some((CloseCode::Invalid, "invalid UTF-8 in text message")),
+        // A connection dropped without a close is a lost peer, not a protocol breach.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        WsError::Protocol(_) => Some((CloseCode::Protocol, "protocol error")),
+        _ => None,
+    }
+}
+
+/// A close the socket → tunnel direction asks the other direction (which owns the sink) to
+/// send to the socket.
+#[derive(Debug, Default)]
+struct CloseRequest {
+    wanted: std::sync::Mutex<Option<(CloseCode, &'static str)>>,
+    notify: tokio::sync::Notify,
+}
+
+impl CloseRequest {
+    fn ask(&self, code: CloseCode, reason: &'static str) {
+        if let Ok(mut wanted) = self.wanted.lock() {
+            *wanted = Some((code, reason));
+        }
+        self.notify.notify_one();
+    }
+
+    async fn asked(&self) -> (CloseCode, &'static str) {
+        self.notify.notified().await;
+        self.wanted.lock().ok().and_then(|w| *w).unwrap_or((CloseCode::Error, "relay error"))
+    }
+}
+
+/// Relays messages between `ws` (configured with [`websocket_config`] of the same `limits`) and
+/// `stream` until both directions end (or one ends and the other does not follow within
+/// [`CLOSE_LINGER`]), then completes the socket's close handshake. With an idle timeout, a
+/// session in which no data message passes either way for that long is closed on both ends with
+/// 1001; pings and pongs do not count, so they cannot keep a dead call open.
+pub async fn pump<S>(ws: WebSocketStream<S>, stream: BiStream, limits: SessionLimits) -> PumpReport
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    pump_with_linger(ws, stream, max_message, idle_timeout, CLOSE_LINGER).await
+    pump_with_linger(ws, stream, limits, CLOSE_LINGER).await
 }
 
 async fn pump_with_linger<S>(
     ws: WebSocketStream<S>,
     stream: BiStream,
-    max_message: usize,
-    idle_timeout: Option<Duration>,
+    limits: SessionLimits,
     linger: Duration,
 ) -> PumpReport
 where
@@ -151,17 +250,21 @@ where
 {
     let (mut sink, mut source) = ws.split();
     let BiStream { mut send, mut recv } = stream;
-    let frame_limit = max_message.saturating_add(FRAME_OVERHEAD);
+    let frame_limit = limits.max_message.saturating_add(FRAME_OVERHEAD);
+    let idle_timeout = limits.idle_timeout;
+    // Cancelled when the socket stops taking what is written to it: the socket → tunnel
+    // direction then closes the tunnel side with 1008.
+    let stalled = tokio_util::sync::CancellationToken::new();
     // Atomics rather than plain counters: both directions' futures borrow them, and the
     // lingering one may be dropped mid-way, yet its count so far still belongs in the report.
     let to_tunnel = AtomicU64::new(0);
     let to_socket = AtomicU64::new(0);
 
-    // Set when the socket sends an oversized message: the other direction, which owns the sink,
-    // then closes the socket with 1009.
-    let too_big = tokio::sync::Notify::new();
-    // Milliseconds from `started` to the last message relayed either way, and the signal both
-    // directions close on when the session has been silent for the idle timeout.
+    // Set when the socket must be closed for what it sent (too big, a protocol violation): the
+    // other direction, which owns the sink, sends the close.
+    let close_socket = CloseRequest::default();
+    // Milliseconds from `started` to the last data message relayed either way, and the signal
+    // both directions close on when the session has been silent for the idle timeout.
     let started = tokio::time::Instant::now();
     let last_activity = AtomicU64::new(0);
     let touch = || last_activity.store(elapsed_ms(started), Ordering::Relaxed);
@@ -178,6 +281,7 @@ where
         }
     };
     let socket_to_tunnel = async {
+        let mut last_ping: Option<tokio::time::Instant> = None;
         loop {
             let next = tokio::select! {
                 next = source.next() => next,
@@ -187,17 +291,30 @@ where
                     let _ = send.shutdown().await;
                     return SideEnd::Idle;
                 }
+                () = stalled.cancelled() => {
+                    let close = WsFrame::Close(Some(CloseFrame { code: 1008, reason: STALLED_REASON.into() }));
+                    let _ = write_frame(&mut send, &close, frame_limit).await;
+                    let _ = send.shutdown().await;
+                    return SideEnd::Stalled;
+                }
             };
             let msg = match next {
                 Some(Ok(msg)) => msg,
-                Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
+                Some(Err(WsError::Capacity(_))) => {
                     let close = WsFrame::Close(Some(CloseFrame { code: 1009, reason: "message too big".into() }));
                     let _ = write_frame(&mut send, &close, frame_limit).await;
                     let _ = send.shutdown().await;
-                    too_big.notify_one();
+                    close_socket.ask(CloseCode::Size, "message too big");
                     return SideEnd::TooBig;
                 }
                 Some(Err(e)) => {
+                    if let Some((code, reason)) = violation(&e) {
+                        let close = WsFrame::Close(Some(CloseFrame { code: code.into(), reason: reason.into() }));
+                        let _ = write_frame(&mut send, &close, frame_limit).await;
+                        let _ = send.shutdown().await;
+                        close_socket.ask(code, reason);
+                        return SideEnd::Violation(code.into(), e.to_string());
+                    }
                     send.reset(code::ABORTED);
                     return SideEnd::Lost(e.to_string());
                 }
@@ -206,16 +323,37 @@ where
                     return SideEnd::Lost("socket ended without a close frame".into());
                 }
             };
+            let is_data = matches!(msg, Message::Text(_) | Message::Binary(_));
+            match &msg {
+                // Answered on this hop; forwarded at most once per interval so the far end
+                // still learns the peer is alive.
+                Message::Ping(_) if last_ping.is_some_and(|at| at.elapsed() < PING_FORWARD_INTERVAL) => continue,
+                Message::Ping(_) => last_ping = Some(tokio::time::Instant::now()),
+                // Every hop answers its own pings: a pong is for this hop alone.
+                Message::Pong(_) => continue,
+                _ => {}
+            }
             let Some(frame) = to_frame(msg) else { continue };
             let close_code = match &frame {
                 WsFrame::Close(close) => Some(close.as_ref().map(|c| c.code)),
                 _ => None,
             };
-            if let Err(e) = write_frame(&mut send, &frame, frame_limit).await {
+            // A write the tunnel does not take (its far end is stuck behind the same socket that
+            // stopped reading) gives way when the other direction gives up on that socket.
+            let written = tokio::select! {
+                written = write_frame(&mut send, &frame, frame_limit) => written,
+                () = stalled.cancelled() => {
+                    send.reset(code::ABORTED);
+                    return SideEnd::Stalled;
+                }
+            };
+            if let Err(e) = written {
                 send.reset(code::ABORTED);
                 return SideEnd::Lost(e.to_string());
             }
-            touch();
+            if is_data {
+                touch();
+            }
             to_tunnel.fetch_add(1, Ordering::Relaxed);
             if let Some(code) = close_code {
                 let _ = send.shutdown().await;
@@ -229,10 +367,10 @@ where
         loop {
             let next = tokio::select! {
                 next = reader.next::<WsFrame, _>(&mut recv) => next,
-                () = too_big.notified() => {
-                    let _ = sink.send(close_message(CloseCode::Size, "message too big")).await;
+                (code, reason) = close_socket.asked() => {
+                    let _ = sink.send(close_message(code, reason)).await;
                     recv.stop(code::ABORTED);
-                    return SideEnd::Closed(Some(1009));
+                    return SideEnd::Closed(Some(code.into()));
                 }
                 () = idle.cancelled() => {
                     let _ = sink.send(close_message(CloseCode::Away, IDLE_REASON)).await;
@@ -260,6 +398,7 @@ where
                 WsFrame::Close(close) => Some(close.as_ref().map(|c| c.code)),
                 _ => None,
             };
+            let is_data = matches!(frame, WsFrame::Text(_) | WsFrame::Binary(_));
             let msg = match to_message(frame) {
                 Ok(msg) => msg,
                 Err(_) => {
@@ -268,39 +407,59 @@ where
                     return SideEnd::Malformed("text message is not UTF-8".into());
                 }
             };
-            let sent = sink.send(msg).await;
+            let sent = tokio::time::timeout(limits.write_timeout, sink.send(msg)).await;
             if let Some(code) = close_code {
                 // After a close the socket may already be closing; either way this side is done.
                 return SideEnd::Closed(code);
             }
-            if let Err(e) = sent {
-                recv.stop(code::ABORTED);
-                return SideEnd::Lost(e.to_string());
+            match sent {
+                Ok(Ok(())) => {}
+                // The socket's peer is not reading: close both ends rather than hold or queue more.
+                Err(_) | Ok(Err(WsError::WriteBufferFull(_))) => {
+                    stalled.cancel();
+                    recv.stop(code::ABORTED);
+                    return SideEnd::Stalled;
+                }
+                Ok(Err(e)) => {
+                    recv.stop(code::ABORTED);
+                    return SideEnd::Lost(e.to_string());
+                }
             }
-            touch();
+            if is_data {
+                touch();
+            }
             to_socket.fetch_add(1, Ordering::Relaxed);
         }
     };
 
-    tokio::pin!(socket_to_tunnel, tunnel_to_socket);
-    let both = async {
+    let (socket_side, tunnel_side) = {
+        tokio::pin!(socket_to_tunnel, tunnel_to_socket);
+        let both = async {
+            tokio::select! {
+                socket_side = &mut socket_to_tunnel => {
+                    let tunnel_side = tokio::time::timeout(linger, &mut tunnel_to_socket).await.unwrap_or(SideEnd::LingerExpired);
+                    (socket_side, tunnel_side)
+                }
+                tunnel_side = &mut tunnel_to_socket => {
+                    let socket_side = tokio::time::timeout(linger, &mut socket_to_tunnel).await.unwrap_or(SideEnd::LingerExpired);
+                    (socket_side, tunnel_side)
+                }
+            }
+        };
+        tokio::pin!(both, watchdog);
+        // The watchdog only cancels `idle`; both directions then close and `both` completes.
         tokio::select! {
-            socket_side = &mut socket_to_tunnel => {
-                let tunnel_side = tokio::time::timeout(linger, &mut tunnel_to_socket).await.unwrap_or(SideEnd::LingerExpired);
-                (socket_side, tunnel_side)
-            }
-            tunnel_side = &mut tunnel_to_socket => {
-                let socket_side = tokio::time::timeout(linger, &mut socket_to_tunnel).await.unwrap_or(SideEnd::LingerExpired);
-                (socket_side, tunnel_side)
-            }
+            sides = &mut both => sides,
+            () = &mut watchdog => both.await,
         }
     };
-    tokio::pin!(both, watchdog);
-    // The watchdog only cancels `idle`; both directions then close and `both` completes.
-    let (socket_side, tunnel_side) = tokio::select! {
-        sides = &mut both => sides,
-        () = &mut watchdog => both.await,
-    };
+    // Complete the socket's close handshake: flush the answer tungstenite queued to the peer's
+    // close, or send a close if none passed, so neither end sees 1006 (abnormal closure). A
+    // socket that does not read gets its 1008 if it still takes one.
+    if tunnel_side == SideEnd::Stalled {
+        let _ = tokio::time::timeout(linger, sink.send(close_message(CloseCode::Policy, STALLED_REASON))).await;
+    }
+    let _ = tokio::time::timeout(linger, sink.close()).await;
     PumpReport {
         to_tunnel: to_tunnel.load(Ordering::Relaxed),
         to_socket: to_socket.load(Ordering::Relaxed),

@@ -68,6 +68,9 @@ pub struct WsSession {
     pub close: Mutex<Option<(u16, String)>>,
     /// Whether the session has ended.
     pub ended: AtomicBool,
+    /// Whether the session ended with a completed close handshake (a close frame each way),
+    /// rather than a connection dropped without one.
+    pub closed_cleanly: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -298,7 +301,16 @@ async fn echo<S>(mut ws: WebSocketStream<S>, session: &WsSession)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    while let Some(Ok(msg)) = ws.next().await {
+    loop {
+        let msg = match ws.next().await {
+            Some(Ok(msg)) => msg,
+            // The close handshake completed: both close frames passed.
+            None | Some(Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed)) => {
+                session.closed_cleanly.store(true, Ordering::SeqCst);
+                break;
+            }
+            Some(Err(_)) => break,
+        };
         match msg {
             Message::Text(text) => {
                 session.received.fetch_add(1, Ordering::SeqCst);

@@ -104,3 +104,77 @@ pub fn post(target: &str, extra: &[&str], body: &[u8]) -> Vec<u8> {
     bytes.extend_from_slice(body);
     bytes
 }
+
+/// Opens a media WebSocket on `path` by hand and returns the connection after the `101`, for
+/// tests that write frames no WebSocket library would.
+pub async fn ws_upgrade(addr: SocketAddr, path: &str, correlation_id: &str) -> Result<TcpStream, RawError> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nhost: relay.test\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+         sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         x-ms-call-correlation-id: {correlation_id}\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    // Read the head only, byte by byte, so no frame after it is swallowed.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await? == 0 || head.len() > 16 * 1024 {
+            return Err(RawError::Closed(head.len()));
+        }
+        head.extend_from_slice(&byte);
+    }
+    match split_head(&head) {
+        Some((101, _, _)) => Ok(stream),
+        _ => Err(RawError::Closed(head.len())),
+    }
+}
+
+/// One WebSocket frame as a client writes it: `first` is the FIN/RSV/opcode byte (`0x81` is a
+/// final text frame), the payload masked with a fixed key when `masked`.
+pub fn ws_frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut frame = vec![first];
+    let mask_bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n @ 0..=125 => frame.push(mask_bit | n as u8),
+        n @ 126..=65535 => {
+            frame.push(mask_bit | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(mask_bit | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let key = [0x37, 0xfa, 0x21, 0x3d];
+    if masked {
+        frame.extend_from_slice(&key);
+    }
+    frame.extend(payload.iter().zip(key.iter().cycle()).map(|(b, k)| if masked { b ^ k } else { *b }));
+    frame
+}
+
+/// Reads server frames until a close frame and returns its code (`None` for a close without
+/// one), skipping data and control frames; an error if the connection ends first.
+pub async fn ws_read_close(stream: &mut TcpStream) -> Result<Option<u16>, RawError> {
+    // Bounded: each pass reads one frame of at most 64 KiB, and the caller's deadline applies.
+    for _ in 0..10_000 {
+        let mut header = [0u8; 2];
+        stream.read_exact(&mut header).await?;
+        let opcode = header[0] & 0x0f;
+        let len = match header[1] & 0x7f {
+            126 => u64::from(stream.read_u16().await?),
+            127 => stream.read_u64().await?,
+            n => u64::from(n),
+        };
+        if len > 64 * 1024 {
+            return Err(RawError::Closed(0));
+        }
+        let mut payload = vec![0u8; len as usize];
+        stream.read_exact(&mut payload).await?;
+        if opcode == 0x8 {
+            return Ok(payload.get(..2).and_then(|code| <[u8; 2]>::try_from(code).ok()).map(u16::from_be_bytes));
+        }
+    }
+    Err(RawError::Closed(0))
+}

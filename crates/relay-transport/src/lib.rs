@@ -15,6 +15,7 @@ pub mod quic;
 pub mod seam;
 pub mod settings;
 pub mod tcp;
+pub mod throttle;
 pub mod tls;
 
 pub use frames::{FrameReadError, FrameReader, FrameWriteError, read_frame, write_frame};
@@ -23,4 +24,5 @@ pub use peer::{DialError, HandshakeError, PeerKind};
 pub use quic::{QuicListener, host_of};
 pub use seam::{BiStream, BoxFuture, ConnectionLost, RecvHalf, SendHalf, TunnelConnection};
 pub use settings::{Congestion, TunnelSettings};
+pub use throttle::{LogThrottle, Verdict};
 pub use tls::{PinCheck, TlsError};

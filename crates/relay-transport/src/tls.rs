@@ -12,11 +12,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use relay_pki::CaPin;
 use relay_proto::{PAIRING_ALPN, TUNNEL_ALPN};
+use rustls::DistinguishedName;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+
+use crate::throttle::{LogThrottle, Verdict};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
 /// Why a TLS configuration could not be built.
@@ -51,16 +55,108 @@ pub fn edge_server_config(
     ca: &CertificateDer<'static>,
 ) -> Result<ServerConfig, TlsError> {
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider.clone())
+    let inner = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider.clone())
         .allow_unauthenticated()
         .build()
         .map_err(|e| TlsError::BadRoot(e.to_string()))?;
+    let verifier = Arc::new(AgentCertVerifier { inner });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(cert_chain, key)?;
     config.alpn_protocols = vec![TUNNEL_ALPN.to_vec(), PAIRING_ALPN.to_vec()];
     Ok(config)
+}
+
+/// Agents refused for an expired certificate, logged once per agent name and then summarised:
+/// one table per process, as there is one log.
+static EXPIRED_AGENTS: std::sync::LazyLock<LogThrottle> = std::sync::LazyLock::new(LogThrottle::default);
+
+/// The edge's client-certificate verifier: webpki's, which also names the agent when it refuses
+/// a certificate that expired. The TLS error carries only the times; an operator needs to know
+/// which agent to pair again.
+#[derive(Debug)]
+struct AgentCertVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl AgentCertVerifier {
+    /// Logs an expired agent certificate with its name and expiry, if it is one of ours: it
+    /// must verify at its last valid second, so a forged certificate names nobody.
+    fn report_expired(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(end_entity) else { return };
+        let not_after = cert.validity().not_after.timestamp();
+        let Ok(last_valid) = u64::try_from(not_after) else { return };
+        let at_expiry = UnixTime::since_unix_epoch(std::time::Duration::from_secs(last_valid));
+        if self.inner.verify_client_cert(end_entity, intermediates, at_expiry).is_err() {
+            return;
+        }
+        let Ok(agent) = relay_pki::agent_name_from_cert(end_entity) else { return };
+        let expired_at = cert.validity().not_after.to_string();
+        match EXPIRED_AGENTS.check(&agent, std::time::Instant::now()) {
+            Verdict::Log => tracing::warn!(
+                %agent,
+                %expired_at,
+                "refused an agent whose certificate has expired: pair it again (relay-edge pair, relay-agent pair)"
+            ),
+            Verdict::Summary(times) => {
+                tracing::warn!(%agent, %expired_at, times, "still refusing an agent whose certificate has expired")
+            }
+            Verdict::Quiet => {}
+        }
+    }
+}
+
+impl ClientCertVerifier for AgentCertVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.inner.verify_client_cert(end_entity, intermediates, now);
+        if let Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
+        )) = &verified
+        {
+            self.report_expired(end_entity, intermediates);
+        }
+        verified
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// The agent's tunnel client configuration: trusts only the pairing CA, presents its certificate.
