@@ -17,6 +17,19 @@ fn bins() -> Binaries {
     Binaries { edge: env!("CARGO_BIN_EXE_e2e-edge").into(), agent: env!("CARGO_BIN_EXE_e2e-agent").into() }
 }
 
+/// An edge process run with `edge_args`, a paired agent process, and the bot it forwards to.
+async fn edge_agent_and_bot(edge_args: &[&str]) -> (tempfile::TempDir, EdgeProc, EchoBot, AgentProc) {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("edge");
+    relay_pki::EdgeState::init(&state, &[], std::time::SystemTime::now()).unwrap();
+    let edge = EdgeProc::start(&bins(), &[], &state, edge_args).await.unwrap();
+    let bot = EchoBot::start().await.unwrap();
+    let agent_dir = pair_agent(&state, edge.tunnel, "agent-1", dir.path()).await.unwrap();
+    let agent = AgentProc::start(&bins(), &[], &agent_dir, &bot.url(), &[edge.tunnel.to_string()], &[]).await.unwrap();
+    assert!(eventually(PROC_DEADLINE, || async { edge.agents_connected().await == 1 }).await);
+    (dir, edge, bot, agent)
+}
+
 async fn post_raw(stack: &Stack, target: &str, extra: &[&str], body: &[u8]) -> RawResponse {
     raw::exchange(stack.public(), &raw::post(target, extra, body), RAW_DEADLINE).await.unwrap()
 }
@@ -78,6 +91,8 @@ async fn dot_segments_and_encoded_separators_never_reach_another_route_or_the_bo
         "/api/callbacks/x%00y",
         "/api/callbacks/%c0%ae%c0%ae/incomingCall",
         "/api/callbacks/x%zz",
+        "/api/callbacks/..;/incomingCall",
+        "/api/callbacks/%252e%252e/incomingCall",
     ];
     // The attack: matched as a callback at the edge, handled as IncomingCall by a normalising bot.
     let routes = default_routes();
@@ -95,6 +110,7 @@ async fn dot_segments_and_encoded_separators_never_reach_another_route_or_the_bo
         rejections(&stack, "path", "forbidden-byte").await,
         rejections(&stack, "path", "invalid-utf8").await,
         rejections(&stack, "path", "bad-escape").await,
+        rejections(&stack, "path", "double-encoded").await,
     ]
     .iter()
     .sum();
@@ -180,14 +196,7 @@ async fn call_ids_that_are_not_acs_correlation_ids_are_relayed_without_a_pin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_huge_call_ids_does_not_grow_the_edge_process() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("edge");
-    relay_pki::EdgeState::init(&state, &[], std::time::SystemTime::now()).unwrap();
-    let edge = EdgeProc::start(&bins(), &[], &state, &["--rate-limit-per-source", "0"]).await.unwrap();
-    let bot = EchoBot::start().await.unwrap();
-    let agent_dir = pair_agent(&state, edge.tunnel, "agent-1", dir.path()).await.unwrap();
-    let agent = AgentProc::start(&bins(), &[], &agent_dir, &bot.url(), &[edge.tunnel.to_string()], &[]).await.unwrap();
-    assert!(eventually(PROC_DEADLINE, || async { edge.agents_connected().await == 1 }).await);
+    let (_dir, edge, _bot, agent) = edge_agent_and_bot(&["--rate-limit-per-source", "0"]).await;
     // Warm up allocator and connection state, then measure.
     let public = edge.public;
     let send = move |i: usize| {
@@ -480,32 +489,15 @@ async fn websocket_protocol_violations_are_closed_with_the_rfc_6455_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_that_floods_pings_and_never_reads_cannot_grow_the_edge_or_keep_the_call() {
-    use tokio::io::AsyncWriteExt;
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("edge");
-    relay_pki::EdgeState::init(&state, &[], std::time::SystemTime::now()).unwrap();
-    let edge = EdgeProc::start(&bins(), &[], &state, &["--ws-idle-timeout", "4s"]).await.unwrap();
-    let bot = EchoBot::start().await.unwrap();
-    let agent_dir = pair_agent(&state, edge.tunnel, "agent-1", dir.path()).await.unwrap();
-    let _agent = AgentProc::start(&bins(), &[], &agent_dir, &bot.url(), &[edge.tunnel.to_string()], &[]).await.unwrap();
-    assert!(eventually(PROC_DEADLINE, || async { edge.agents_connected().await == 1 }).await);
+    let (_dir, edge, bot, _agent) = edge_agent_and_bot(&["--ws-idle-timeout", "4s"]).await;
     let before = edge.proc.rss_kib().unwrap();
     // Two callers, each writing up to 24 MiB of 125-byte pings and reading nothing.
     let mut floods = Vec::new();
     for i in 0..2 {
         let mut conn = raw::ws_upgrade(edge.public, "/ws", &format!("corr-ping-{i}")).await.unwrap();
         floods.push(tokio::spawn(async move {
-            let ping = raw::ws_frame(0x89, &[b'p'; 125], true);
-            let burst: Vec<u8> = ping.iter().copied().cycle().take(ping.len() * 1024).collect();
-            let mut written = 0usize;
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while written < 24 * 1024 * 1024 && std::time::Instant::now() < deadline {
-                match tokio::time::timeout(Duration::from_secs(10), conn.write_all(&burst)).await {
-                    Ok(Ok(())) => written += burst.len(),
-                    // Closed by the edge (idle), or the edge stopped reading: either ends the flood.
-                    _ => break,
-                }
-            }
+            // Ends early if the edge closes the call (idle) or stops reading.
+            let written = raw::flood_pings(&mut conn, 24 * 1024 * 1024, Duration::from_secs(10)).await;
             (written, conn)
         }));
     }

@@ -213,72 +213,21 @@ pub async fn run(exe: &Path, settings: CompareSettings) -> anyhow::Result<Compar
     eprintln!("direct: {} calls for {:?} against the bot at {bot_addr}", settings.calls, settings.duration);
     let direct = measure(&settings, bot_addr, &bot_procs).await;
 
-    let dir = tempfile::tempdir()?;
-    let state = dir.path().join("edge");
-    let edge_state = relay_pki::EdgeState::init(&state, &[], SystemTime::now())?;
-    let state_arg = state.display().to_string();
-    let mut edge_args: Vec<String> = [
-        "edge",
-        "run",
-        "--state-dir",
-        &state_arg,
-        "--listen",
-        "127.0.0.1:0",
-        "--tunnel-listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        // One load generator on one address would trip the per-source limit meant for floods.
-        "--rate-limit-per-source",
-        "0",
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    edge_args.extend(settings.edge_args.iter().cloned());
-    let mut edge = spawn(exe, &edge_args, "edge listening").await?;
-    let (public, tunnel) = match (field(&edge.line, "public_addr"), field(&edge.line, "tunnel_addr")) {
-        (Some(p), Some(t)) => (p, t),
-        _ => bail!("cannot read the edge's addresses from {:?}", edge.line),
+    let options = RelayOptions {
+        bot: bot_addr,
+        transport: settings.transport,
+        edge_args: settings.edge_args.clone(),
+        agent_args: settings.agent_args.clone(),
     };
-    let token = edge_state.create_token(
-        "bench-agent",
-        &tunnel.to_string(),
-        relay_pki::DEFAULT_TOKEN_TTL,
-        SystemTime::now(),
-        false,
-    )?;
-    let agent_dir = dir.path().join("agent");
-    let pairing =
-        relay_agent::PairTransport { choice: TransportChoice::Only(settings.transport), ..Default::default() };
-    relay_agent::pair(&agent_dir, &token.encode(), &Default::default(), pairing).await?;
-    let agent_state = agent_dir.display().to_string();
-    let upstream = format!("http://{bot_addr}");
-    let transport = settings.transport.as_str();
-    let mut agent_args: Vec<String> = [
-        "agent",
-        "run",
-        "--state-dir",
-        &agent_state,
-        "--upstream",
-        &upstream,
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--transport",
-        transport,
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    agent_args.extend(settings.agent_args.iter().cloned());
-    let mut agent = spawn(exe, &agent_args, "agent starting").await?;
-    wait_ready(public).await?;
-    let (edge_pid, agent_pid) = (pid(&edge.child)?, pid(&agent.child)?);
+    let relay_run = Relay::start(exe, options).await?;
+    let public = relay_run.public;
+    let (edge_pid, agent_pid) = (relay_run.edge_pid()?, relay_run.agent_pid()?);
     eprintln!("relay: the same load through the edge at {public} (agent pid {agent_pid}, edge pid {edge_pid})");
     let mut relay_procs = vec![("edge", edge_pid), ("agent", agent_pid)];
     relay_procs.extend(bot_procs.iter().copied());
     let relay = measure(&settings, public, &relay_procs).await;
 
-    let _ = agent.child.kill().await;
-    let _ = edge.child.kill().await;
+    relay_run.stop().await;
     if let Some(own) = bot.as_mut() {
         let _ = own.child.kill().await;
     }
@@ -306,6 +255,116 @@ pub async fn run(exe: &Path, settings: CompareSettings) -> anyhow::Result<Compar
         direct,
         relay,
     })
+}
+
+/// How to start a relay in front of a bot.
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    /// The bot the agent forwards to.
+    pub bot: SocketAddr,
+    /// The tunnel transport the agent uses.
+    pub transport: Transport,
+    /// Extra arguments for `relay-edge run`.
+    pub edge_args: Vec<String>,
+    /// Extra arguments for `relay-agent run`.
+    pub agent_args: Vec<String>,
+}
+
+/// A running edge and paired agent (this binary, re-run as `edge` and `agent`), in front of a
+/// bot, ready: a webhook through the edge has reached the bot. Both are killed when this drops.
+pub struct Relay {
+    /// The edge's public listener.
+    pub public: SocketAddr,
+    edge: Spawned,
+    agent: Spawned,
+    _dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay").field("public", &self.public).finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// Initialises an edge state, starts the edge on loopback ports from the OS, pairs an agent
+    /// over the wire and starts it; `exe` is this binary.
+    pub async fn start(exe: &Path, options: RelayOptions) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let state = dir.path().join("edge");
+        let edge_state = relay_pki::EdgeState::init(&state, &[], SystemTime::now())?;
+        let state_arg = state.display().to_string();
+        let mut edge_args: Vec<String> = [
+            "edge",
+            "run",
+            "--state-dir",
+            &state_arg,
+            "--listen",
+            "127.0.0.1:0",
+            "--tunnel-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            // One load generator on one address would trip the per-source limit meant for floods.
+            "--rate-limit-per-source",
+            "0",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        edge_args.extend(options.edge_args.iter().cloned());
+        let edge = spawn(exe, &edge_args, "edge listening").await?;
+        let (public, tunnel) = match (field(&edge.line, "public_addr"), field(&edge.line, "tunnel_addr")) {
+            (Some(p), Some(t)) => (p, t),
+            _ => bail!("cannot read the edge's addresses from {:?}", edge.line),
+        };
+        let token = edge_state.create_token(
+            "bench-agent",
+            &tunnel.to_string(),
+            relay_pki::DEFAULT_TOKEN_TTL,
+            SystemTime::now(),
+            false,
+        )?;
+        let agent_dir = dir.path().join("agent");
+        let pairing =
+            relay_agent::PairTransport { choice: TransportChoice::Only(options.transport), ..Default::default() };
+        relay_agent::pair(&agent_dir, &token.encode(), &Default::default(), pairing).await?;
+        let agent_state = agent_dir.display().to_string();
+        let upstream = format!("http://{}", options.bot);
+        let mut agent_args: Vec<String> = [
+            "agent",
+            "run",
+            "--state-dir",
+            &agent_state,
+            "--upstream",
+            &upstream,
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--transport",
+            options.transport.as_str(),
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        agent_args.extend(options.agent_args.iter().cloned());
+        let agent = spawn(exe, &agent_args, "agent starting").await?;
+        wait_ready(public).await?;
+        Ok(Self { public, edge, agent, _dir: dir })
+    }
+
+    /// The edge's process id.
+    pub fn edge_pid(&self) -> anyhow::Result<u32> {
+        pid(&self.edge.child)
+    }
+
+    /// The agent's process id.
+    pub fn agent_pid(&self) -> anyhow::Result<u32> {
+        pid(&self.agent.child)
+    }
+
+    /// Kills both processes and waits for them.
+    pub async fn stop(mut self) {
+        let _ = self.agent.child.kill().await;
+        let _ = self.edge.child.kill().await;
+    }
 }
 
 /// Waits until a webhook through the edge reaches the bot (the agent is connected).

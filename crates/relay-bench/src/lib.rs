@@ -7,10 +7,12 @@
 //! * [`media`]: the call load and its per-frame measurements;
 //! * [`webhooks`]: the webhook load;
 //! * [`procstat`]: CPU and memory of other processes;
-//! * [`compare`]: the side-by-side run and its table.
+//! * [`compare`]: the side-by-side run and its table;
+//! * [`hostile`]: what the attacks the edge must survive cost the real binaries.
 
 pub mod bot;
 pub mod compare;
+pub mod hostile;
 pub mod media;
 pub mod procstat;
 pub mod webhooks;

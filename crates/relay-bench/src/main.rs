@@ -35,6 +35,33 @@ enum Command {
     Load(LoadArgs),
     /// Run the same load direct to a bot and through a fresh edge + agent, and compare.
     Compare(CompareArgs),
+    /// Attack a fresh edge + agent as a hostile caller would, and report what it cost the edge.
+    Hostile(HostileArgs),
+}
+
+#[derive(Debug, Args)]
+struct HostileArgs {
+    /// Callers flooding pings at once, never reading.
+    #[arg(long, default_value_t = 4)]
+    ping_callers: usize,
+    /// MiB of pings each of them writes.
+    #[arg(long, default_value_t = 50)]
+    ping_mib: usize,
+    /// Webhooks sent with an oversized call id.
+    #[arg(long, default_value_t = 2000)]
+    long_ids: usize,
+    /// Bytes in each of those call ids.
+    #[arg(long, default_value_t = 60_000)]
+    id_len: usize,
+    /// Requests whose body never arrives, held open at once.
+    #[arg(long, default_value_t = 500)]
+    stalled_bodies: usize,
+    /// The edge's body read timeout for the run (e.g. `3s`).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    body_read_timeout: Duration,
+    /// Also write the figures as JSON to this file (`-` for standard output).
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -190,6 +217,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     media.callbacks_failed,
                     hooks.failed
                 );
+            }
+        }
+        Command::Hostile(args) => {
+            let exe = std::env::current_exe().context("cannot find this program's path")?;
+            let settings = relay_bench::hostile::HostileSettings {
+                ping_callers: args.ping_callers,
+                ping_bytes: args.ping_mib << 20,
+                long_ids: args.long_ids,
+                id_len: args.id_len,
+                stalled_bodies: args.stalled_bodies,
+                body_read_timeout: args.body_read_timeout,
+            };
+            let report = relay_bench::hostile::run(&exe, settings).await?;
+            print!("{}", relay_bench::hostile::render(&report));
+            if let Some(path) = &args.json {
+                write_json(path, &report)?;
             }
         }
         Command::Compare(args) => {

@@ -178,3 +178,20 @@ pub async fn ws_read_close(stream: &mut TcpStream) -> Result<Option<u16>, RawErr
     }
     Err(RawError::Closed(0))
 }
+
+/// Writes up to `bytes` of 125-byte pings on a WebSocket `conn` opened with [`ws_upgrade`],
+/// reading nothing, as a caller that never reads would; returns the bytes written. Stops early
+/// when the connection fails or a write does not finish within `stall` (the far end stopped
+/// reading); bounded by `bytes` and by `stall` per write.
+pub async fn flood_pings(conn: &mut TcpStream, bytes: usize, stall: Duration) -> usize {
+    let ping = ws_frame(0x89, &[b'p'; 125], true);
+    let burst: Vec<u8> = ping.iter().copied().cycle().take(ping.len() * 1024).collect();
+    let mut written = 0;
+    while written < bytes {
+        match tokio::time::timeout(stall, conn.write_all(&burst)).await {
+            Ok(Ok(())) => written += burst.len(),
+            _ => break,
+        }
+    }
+    written
+}
