@@ -85,7 +85,9 @@ pub enum StartError {
 /// ([`EdgeSettings::allow_unauthenticated`]).
 pub fn protected_mode(settings: &EdgeSettings) -> Result<(), StartError> {
     let admission = &settings.admission;
-    let nobody_authenticated = settings.routes.iter().all(|route| !admission.route_authenticates(&route.auth));
+    // No routes relay nothing: all of it is 404 at the edge.
+    let nobody_authenticated =
+        !settings.routes.is_empty() && settings.routes.iter().all(|route| !admission.route_authenticates(&route.auth));
     if nobody_authenticated && !settings.listen.ip().is_loopback() && !settings.allow_unauthenticated {
         return Err(StartError::Unprotected { listen: settings.listen });
     }
@@ -110,7 +112,7 @@ fn warn_open_routes(settings: &EdgeSettings) {
             );
         }
     }
-    if open == settings.routes.len() {
+    if open > 0 && open == settings.routes.len() {
         tracing::warn!(
             listen = %settings.listen,
             "no route authenticates its callers: the edge relays anything from anyone who can reach it"

@@ -271,8 +271,12 @@ impl PublicService {
 /// The size of a request head as it came on the wire: request line, each header line with its
 /// `": "` and CRLF, and the blank line.
 fn request_head_len<B>(req: &Request<B>) -> usize {
-    // "METHOD SP target SP HTTP/1.1 CRLF"
-    let line = req.method().as_str().len() + 1 + req.uri().to_string().len() + 1 + 8 + 2;
+    // "METHOD SP target SP HTTP/1.1 CRLF", the target as sent (origin or absolute form).
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(1, |pq| pq.as_str().len());
+    let line = req.method().as_str().len() + 1 + target + 1 + 8 + 2;
     let headers: usize = req.headers().iter().map(|(name, value)| name.as_str().len() + 2 + value.len() + 2).sum();
     line + headers + 2
 }

@@ -25,6 +25,9 @@ pub enum PathRefusal {
     DotSegment,
     /// A segment whose percent escapes do not decode to UTF-8 (overlong forms such as `%c0%ae`).
     InvalidUtf8,
+    /// An escaped escape of a dot or separator (`%252e`, `%252f`, `%255c`), which a server that
+    /// decodes twice reads as one.
+    DoubleEncoded,
 }
 
 impl PathRefusal {
@@ -37,6 +40,7 @@ impl PathRefusal {
             Self::EncodedSeparator => "encoded-separator",
             Self::DotSegment => "dot-segment",
             Self::InvalidUtf8 => "invalid-utf8",
+            Self::DoubleEncoded => "double-encoded",
         }
     }
 }
@@ -76,8 +80,14 @@ fn check_segment(segment: &[u8]) -> Result<(), PathRefusal> {
         }
         decoded.push(value);
     }
-    if decoded == b"." || decoded == b".." {
+    // Servlet containers drop `;parameters` from a segment before resolving dots: `..;x` is `..`.
+    let name = decoded.split(|b| *b == b';').next().unwrap_or_default();
+    if name == b"." || name == b".." {
         return Err(PathRefusal::DotSegment);
+    }
+    let lower = decoded.to_ascii_lowercase();
+    if [b"%2e", b"%2f", b"%5c"].iter().any(|escape| lower.windows(3).any(|w| w == *escape)) {
+        return Err(PathRefusal::DoubleEncoded);
     }
     if std::str::from_utf8(&decoded).is_err() {
         return Err(PathRefusal::InvalidUtf8);
@@ -142,5 +152,15 @@ mod tests {
         assert_eq!(check_path("/api/callbacks/a%zz"), Err(PathRefusal::BadEscape));
         assert_eq!(check_path("/api/callbacks/%c0%ae%c0%ae/x"), Err(PathRefusal::InvalidUtf8));
         assert_eq!(check_path("*"), Err(PathRefusal::NotAbsolute));
+    }
+
+    #[test]
+    fn path_parameters_and_double_encoding_cannot_hide_a_dot_segment() {
+        assert_eq!(check_path("/api/callbacks/..;/incomingCall"), Err(PathRefusal::DotSegment));
+        assert_eq!(check_path("/api/callbacks/..;jsessionid=1/x"), Err(PathRefusal::DotSegment));
+        assert_eq!(check_path("/api/callbacks/%252e%252e/incomingCall"), Err(PathRefusal::DoubleEncoded));
+        assert_eq!(check_path("/api/callbacks/..%252Fx"), Err(PathRefusal::DoubleEncoded));
+        assert_eq!(check_path("/api/callbacks/a;b=c"), Ok(()));
+        assert_eq!(check_path("/api/callbacks/100%25"), Ok(()));
     }
 }
