@@ -387,7 +387,17 @@ async fn udp_silently_dropped_by_the_kernel_is_survived_and_the_agent_returns_wh
 async fn edge_in_netns(ns: &Netns, dir: &Path) -> (EdgeProc, PathBuf) {
     let state = edge_state(dir, &[&ns.ns_ip]);
     let on_ns = format!("{}:0", ns.ns_ip);
-    let args = ["--listen", on_ns.as_str(), "--tunnel-listen", on_ns.as_str(), "--admin-listen", on_ns.as_str()];
+    // The public listener is on the namespace's own address, reached only from this test; its
+    // routes carry no checks, so the edge must be told that is intended (protected mode).
+    let args = [
+        "--listen",
+        on_ns.as_str(),
+        "--tunnel-listen",
+        on_ns.as_str(),
+        "--admin-listen",
+        on_ns.as_str(),
+        "--allow-unauthenticated",
+    ];
     let edge = EdgeProc::start(&bins(), &ns.wrapper(), &state, &args).await.unwrap();
     let agent_dir = pair(&state, edge.tunnel, "agent-0", dir).await;
     (edge, agent_dir)
