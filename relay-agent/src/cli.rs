@@ -77,6 +77,9 @@ struct RunArgs {
     /// While an edge does not answer, how often a fresh connection attempt starts (e.g. `1s`).
     #[arg(long, env = "RELAY_AGENT_REDIAL_INTERVAL")]
     redial_interval: Option<String>,
+    /// Edge replicas looked for behind one address at most (e.g. behind a load balancer).
+    #[arg(long, env = "RELAY_AGENT_MAX_EDGE_REPLICAS")]
+    max_edge_replicas: Option<usize>,
     /// Admin listener serving /metrics (default 127.0.0.1:9091).
     #[arg(long, env = "RELAY_AGENT_ADMIN_LISTEN")]
     admin_listen: Option<std::net::SocketAddr>,
@@ -148,6 +151,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 edges: (!args.edges.is_empty()).then_some(args.edges),
                 edge_resolve_interval: args.edge_resolve_interval,
                 redial_interval: args.redial_interval,
+                max_edge_replicas: args.max_edge_replicas,
                 admin_listen: args.admin_listen,
                 bot_timeout: args.bot_timeout,
                 max_ws_message_bytes: args.max_ws_message_bytes,

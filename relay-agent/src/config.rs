@@ -46,6 +46,11 @@ pub const DEFAULT_REDIAL_INTERVAL: Duration = Duration::from_secs(1);
 /// per name per interval.
 pub const DEFAULT_EDGE_RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
 
+/// Edge replicas the agent looks for behind one address at most (it dials the address again
+/// until new connections only find replicas it holds). Sixteen is more edge replicas than a
+/// voice bot's traffic needs, and bounds the connections one address can make the agent hold.
+pub const DEFAULT_MAX_EDGE_REPLICAS: usize = 16;
+
 /// In `auto` mode, how long a QUIC handshake may go unanswered before the agent connects over
 /// TCP instead. A QUIC handshake takes one round trip, well under a second on any real path;
 /// a firewall that drops UDP gives no answer at all, so waiting longer only delays the call
@@ -105,6 +110,8 @@ pub struct AgentConfig {
     pub edge_resolve_interval: Option<String>,
     /// How often a fresh connection attempt starts while an edge does not answer (`"1s"`).
     pub redial_interval: Option<String>,
+    /// Edge replicas looked for behind one address at most.
+    pub max_edge_replicas: Option<usize>,
     /// Admin listener serving `/metrics` (`ip:port`).
     pub admin_listen: Option<std::net::SocketAddr>,
     /// How long the bot has to answer (`"30s"`).
@@ -163,6 +170,8 @@ pub struct AgentSettings {
     pub edge_resolve_interval: Duration,
     /// See [`DEFAULT_REDIAL_INTERVAL`].
     pub redial_interval: Duration,
+    /// See [`DEFAULT_MAX_EDGE_REPLICAS`].
+    pub max_edge_replicas: usize,
     /// See [`AgentConfig::admin_listen`]; `None` disables it.
     pub admin_listen: Option<std::net::SocketAddr>,
     /// See [`DEFAULT_BOT_TIMEOUT`].
@@ -233,6 +242,7 @@ impl AgentSettings {
             edges: Vec::new(),
             edge_resolve_interval: DEFAULT_EDGE_RESOLVE_INTERVAL,
             redial_interval: DEFAULT_REDIAL_INTERVAL,
+            max_edge_replicas: DEFAULT_MAX_EDGE_REPLICAS,
             // A port from the OS; the binary's configuration defaults to DEFAULT_ADMIN_LISTEN.
             admin_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
             bot_timeout: DEFAULT_BOT_TIMEOUT,
@@ -275,6 +285,7 @@ impl AgentConfig {
             edges: other.edges.or(self.edges),
             edge_resolve_interval: other.edge_resolve_interval.or(self.edge_resolve_interval),
             redial_interval: other.redial_interval.or(self.redial_interval),
+            max_edge_replicas: other.max_edge_replicas.or(self.max_edge_replicas),
             admin_listen: other.admin_listen.or(self.admin_listen),
             bot_timeout: other.bot_timeout.or(self.bot_timeout),
             max_ws_message_bytes: other.max_ws_message_bytes.or(self.max_ws_message_bytes),
@@ -323,6 +334,12 @@ impl AgentConfig {
         };
         for edge in &settings.edges {
             check_edge_addr(edge)?;
+        }
+        if let Some(max) = self.max_edge_replicas {
+            if max == 0 {
+                return Err(ConfigError::Invalid { key: "max_edge_replicas", message: "must be at least 1".into() });
+            }
+            settings.max_edge_replicas = max;
         }
         if let Some(text) = &self.edge_resolve_interval {
             settings.edge_resolve_interval = parse_duration("edge_resolve_interval", text)?;

@@ -10,6 +10,7 @@ pub mod config;
 mod forward;
 pub mod metrics;
 pub mod pairing;
+mod replicas;
 mod tunnel;
 
 use std::sync::Arc;
@@ -95,6 +96,8 @@ impl Agent {
             exchanges: exchanges.clone(),
             connected: connected_tx,
             renew_lock: tokio::sync::Mutex::new(()),
+            instance: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+            held: Default::default(),
         });
         tracing::info!(agent = %name, edges = ?edges, admin = ?admin_addr, "agent starting");
         tasks.spawn(client.run());

@@ -61,6 +61,11 @@ pub struct AgentMetrics {
     pub renewals: Family<OutcomeLabels, Counter>,
     /// Exchange durations at the agent, by kind.
     pub exchange_duration: HistogramFamily,
+    /// Edge instances (replicas) this agent holds a connection to now.
+    pub edge_instances: Gauge,
+    /// Extra dials of an edge address looking for replicas behind it, by what they found
+    /// (`new`, `known`).
+    pub replica_probes: Family<OutcomeLabels, Counter>,
 }
 
 impl Default for AgentMetrics {
@@ -101,7 +106,29 @@ impl Default for AgentMetrics {
             "Exchange durations at the agent, by kind",
             exchange_duration.clone(),
         );
-        Self { registry, exchanges, websocket_sessions, connected, reconnects, renewals, exchange_duration }
+        let edge_instances = Gauge::default();
+        let replica_probes = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "relay_agent_edge_instances",
+            "Edge instances (replicas) this agent holds a connection to now",
+            edge_instances.clone(),
+        );
+        registry.register(
+            "relay_agent_replica_probes",
+            "Connections made to find edge replicas behind one address, by whether they found a new one",
+            replica_probes.clone(),
+        );
+        Self {
+            registry,
+            exchanges,
+            websocket_sessions,
+            connected,
+            reconnects,
+            renewals,
+            exchange_duration,
+            edge_instances,
+            replica_probes,
+        }
     }
 }
 

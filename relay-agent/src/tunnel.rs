@@ -2,11 +2,12 @@
 //! accept one stream per exchange, and reconnect each with capped, jittered exponential backoff
 //! when it drops.
 //!
-//! Each configured edge is a name (or address) that may resolve to several replicas. A
-//! *follower* per name resolves it periodically and runs one *link* per address; a link owns the
-//! reconnect loop for its address and nothing else, so replicas come and go independently.
+//! Each configured edge is a name (or address) that may resolve to several replicas, and each
+//! address may lead to several replicas behind a load balancer. A *follower* per name
+//! ([`crate::replicas`]) resolves it and runs one *link* per edge instance; a link owns one
+//! connection and its reconnect loop and nothing else, so replicas come and go independently.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,14 +17,17 @@ use std::time::SystemTime;
 
 use relay_pki::{AgentIdentity, AgentState, agent_name_from_cert, cert_validity, generate_agent_csr, renewal_due};
 use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
-use relay_proto::{ControlMessage, ExchangeHead, ExchangeKind, Hello, PROTOCOL_VERSION, RenewOutcome, code};
+use relay_proto::{
+    ControlMessage, ExchangeHead, ExchangeKind, Hello, LABEL_AGENT_INSTANCE, LABEL_HOLDS, PROTOCOL_VERSION,
+    RenewOutcome, code,
+};
 use relay_transport::{
     BiStream, DialError, FrameReadError, FrameReader, Transport, TunnelConnection, dial_tunnel, host_of, read_frame,
     write_frame,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -31,6 +35,7 @@ use tracing::{debug, info, warn};
 use crate::config::{AgentSettings, TransportChoice};
 use crate::forward::Forwarder;
 use crate::metrics::{AgentMetrics, OutcomeLabels, TransportLabels};
+use crate::replicas::{HeldInstances, LinkEvent};
 
 /// How long the edge has to answer a renewal request.
 const RENEW_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -61,10 +66,16 @@ pub(crate) struct TunnelClient {
     pub metrics: Arc<AgentMetrics>,
     /// Held while a renewal runs, so connections to several replicas renew the certificate once.
     pub renew_lock: tokio::sync::Mutex<()>,
+    /// This process's instance id, random per start, sent in every hello.
+    pub instance: String,
+    /// The edge instances held now: one connection each.
+    pub held: HeldInstances,
 }
 
-/// One address of one configured edge: its own connection and reconnect loop.
-struct Link {
+/// One connection to one address of one configured edge, and its reconnect loop. An address
+/// has one link per edge instance behind it ([`crate::replicas`]); a link whose connection
+/// reaches an instance another link holds closes it and ends.
+pub(crate) struct Link {
     client: Arc<TunnelClient>,
     /// The configured name, for logs and as the TLS server name.
     target: String,
@@ -75,6 +86,19 @@ struct Link {
     /// Connections this link moved away from (TCP after QUIC came back), finishing their
     /// exchanges.
     moving: TaskTracker,
+    /// Where the link reports what it found to its follower.
+    events: mpsc::UnboundedSender<LinkEvent>,
+    /// Started to look for another replica behind the address.
+    probe: bool,
+}
+
+/// A connection the edge welcomed.
+struct Welcomed {
+    control: BiStream,
+    /// The name the edge knows this agent by.
+    agent_name: String,
+    /// The edge process's instance id.
+    edge_instance: String,
 }
 
 /// How one connection attempt ended.
@@ -83,6 +107,8 @@ enum Session {
     Ended(String),
     /// We never got a welcomed connection, for this reason.
     Failed(String),
+    /// The connection reached an edge instance another link holds; it was closed.
+    Duplicate,
     /// Nothing answered our handshakes (the edge is down, or packets are dropped on the way).
     Unanswered(String),
 }
@@ -110,7 +136,7 @@ impl Backoff {
                 self.step = self.initial;
                 self.failures = 0;
             }
-            Session::Failed(_) => self.failures += 1,
+            Session::Failed(_) | Session::Duplicate => self.failures += 1,
             // Unanswered attempts cost the edge nothing, and the next try starts with a fresh
             // handshake: retry at once, jittered up to `initial` so a fleet does not align.
             Session::Unanswered(_) => {
@@ -136,59 +162,6 @@ impl TunnelClient {
         }
         followers.close();
         followers.wait().await;
-    }
-
-    /// Follows one configured edge: resolves it now and every resolve interval, starts a link for
-    /// each new address, and retires links whose address DNS no longer returns (a replica that was
-    /// replaced). A failed lookup keeps the links there are.
-    async fn follow(self: Arc<Self>, target: String) {
-        let links = TaskTracker::new();
-        let mut current: HashMap<SocketAddr, CancellationToken> = HashMap::new();
-        // An address literal resolves to itself; there is nothing to follow.
-        let literal = target.parse::<SocketAddr>().is_ok();
-        loop {
-            match tokio::net::lookup_host(&target).await {
-                Ok(found) => {
-                    let found: BTreeSet<SocketAddr> = found.collect();
-                    let (start, retire) = reconcile(&current.keys().copied().collect(), &found);
-                    for addr in retire {
-                        if let Some(retired) = current.remove(&addr) {
-                            info!(edge = %target, %addr, "edge address no longer resolves; not reconnecting to it");
-                            retired.cancel();
-                        }
-                    }
-                    for addr in start {
-                        let retired = CancellationToken::new();
-                        current.insert(addr, retired.clone());
-                        let link = Link {
-                            client: self.clone(),
-                            target: target.clone(),
-                            addr,
-                            retired,
-                            moving: TaskTracker::new(),
-                        };
-                        links.spawn(link.run());
-                    }
-                    if found.is_empty() {
-                        warn!(edge = %target, "edge name resolved to no address");
-                    }
-                }
-                Err(e) => warn!(edge = %target, "cannot resolve the edge: {e}; keeping current connections"),
-            }
-            if literal && !current.is_empty() {
-                break;
-            }
-            // Without a single address yet, retry as soon as a reconnect would.
-            let wait =
-                if current.is_empty() { self.settings.reconnect_max } else { self.settings.edge_resolve_interval };
-            tokio::select! {
-                () = self.shutdown.cancelled() => break,
-                () = self.draining.cancelled() => break,
-                () = tokio::time::sleep(wait) => {}
-            }
-        }
-        links.close();
-        links.wait().await;
     }
 
     /// Counts a welcomed connection opening (`true`) or ending, in the watch `Agent` reads and
@@ -221,38 +194,40 @@ impl TunnelClient {
         Ok((identity.cert_chain.clone(), identity.key.clone_key(), identity.ca_cert.clone()))
     }
 
-    /// Says hello on a new connection and waits for the edge's welcome; returns the control
-    /// stream. The connection counts as up from here until [`TunnelClient::serve`] ends.
-    async fn greet(&self, conn: &Arc<dyn TunnelConnection>, target: &str) -> Result<BiStream, Session> {
+    /// Says hello on a new connection and waits for the edge's welcome. The hello names this
+    /// process's instance and the edge instances it holds already (see [`crate::replicas`]).
+    async fn greet(&self, conn: &Arc<dyn TunnelConnection>) -> Result<Welcomed, Session> {
         let agent_name = self.identity.read().map(|id| id.name.clone()).unwrap_or_default();
         let hello = ControlMessage::Hello(Hello {
             agent_name,
             software_version: env!("CARGO_PKG_VERSION").into(),
             protocol_version: PROTOCOL_VERSION,
             capabilities: Vec::new(),
-            labels: Vec::new(),
+            labels: vec![
+                (LABEL_AGENT_INSTANCE.to_owned(), self.instance.clone()),
+                (LABEL_HOLDS.to_owned(), self.held.label()),
+            ],
         });
         let greeting = tokio::time::timeout(self.settings.tunnel.handshake_timeout, async {
             let mut control = conn.open_bi().await.map_err(|e| e.to_string())?;
             write_frame(&mut control.send, &hello, DEFAULT_MAX_HEAD_LEN).await.map_err(|e| e.to_string())?;
             match read_frame::<ControlMessage, _>(&mut control.recv, DEFAULT_MAX_HEAD_LEN).await {
-                Ok(Some(ControlMessage::Welcome { agent_name, .. })) => Ok((control, agent_name)),
+                Ok(Some(ControlMessage::Welcome { agent_name, edge_instance, .. })) => {
+                    Ok(Welcomed { control, agent_name, edge_instance })
+                }
                 Ok(_) => Err("the edge did not welcome us".to_owned()),
                 Err(e) => Err(format!("the edge refused us: {e}")),
             }
         })
         .await;
-        let (control, name) = match greeting {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => return Err(Session::Failed(format!("{e} ({})", conn.closed_reason_now()))),
+        match greeting {
+            Ok(Ok(welcomed)) => Ok(welcomed),
+            Ok(Err(e)) => Err(Session::Failed(format!("{e} ({})", conn.closed_reason_now()))),
             Err(_) => {
                 conn.close(code::PROTOCOL_VIOLATION, "no welcome");
-                return Err(Session::Failed("no welcome from the edge in time".into()));
+                Err(Session::Failed("no welcome from the edge in time".into()))
             }
-        };
-        self.count_connection(true, conn.transport());
-        info!(edge = %target, remote = %conn.remote_addr(), agent = %name, transport = conn.transport(), "connected to the edge");
-        Ok(control)
+        }
     }
 
     /// Serves a welcomed connection: accepts one stream per exchange until the connection ends.
@@ -265,6 +240,7 @@ impl TunnelClient {
         control: BiStream,
         retire: CancellationToken,
     ) -> Session {
+        self.count_connection(true, conn.transport());
         // The control stream stays open for the life of the connection; renewals use it.
         let renewal = AbortOnDrop(tokio::spawn(renew_loop(self.clone(), control, retire.clone())));
         let here = TaskTracker::new();
@@ -309,21 +285,40 @@ impl TunnelClient {
 const RETIRE_SETTLE: Duration = Duration::from_secs(1);
 
 impl Link {
+    /// A link for `addr` of `target`, reporting to its follower on `events`.
+    pub(crate) fn new(
+        client: Arc<TunnelClient>,
+        target: String,
+        addr: SocketAddr,
+        retired: CancellationToken,
+        events: mpsc::UnboundedSender<LinkEvent>,
+        probe: bool,
+    ) -> Self {
+        Self { client, target, addr, retired, moving: TaskTracker::new(), events, probe }
+    }
+
     /// Keeps a connection to this address until shutdown, drain or retirement. Every reconnection
     /// waits a jittered delay; the delay grows after each attempt that did not end in a welcomed
     /// connection and starts over after one that did, so an edge that refuses us is never
     /// hammered.
-    async fn run(self) {
+    pub(crate) async fn run(self) {
         let client = &self.client;
         let mut backoff = Backoff::new(client.settings.reconnect_initial, client.settings.reconnect_max);
+        let mut welcomed_once = false;
+        let mut duplicate = false;
         while !client.shutdown.is_cancelled() {
             let outcome = match self.connect().await {
-                Ok(conn) => self.session(conn).await,
+                Ok(conn) => self.session(conn, &mut welcomed_once).await,
                 Err(DialFailure::Unanswered(e)) => Session::Unanswered(format!("the edge does not answer: {e}")),
                 Err(DialFailure::Refused(e)) => Session::Failed(format!("cannot connect to the edge: {e}")),
             };
             // A draining agent does not come back: it is on its way out.
             if client.shutdown.is_cancelled() || client.draining.is_cancelled() || self.retired.is_cancelled() {
+                break;
+            }
+            // Another link holds that instance; a probe that never got through found nothing new.
+            if matches!(outcome, Session::Duplicate) || (self.probe && !welcomed_once) {
+                duplicate = true;
                 break;
             }
             client.metrics.reconnects.inc();
@@ -335,6 +330,7 @@ impl Link {
                 Session::Failed(reason) | Session::Unanswered(reason) => {
                     warn!(edge = %self.target, addr = %self.addr, attempt = backoff.failures, retry_in_ms = delay.as_millis() as u64, "{reason}");
                 }
+                Session::Duplicate => {}
             }
             tokio::select! {
                 () = client.shutdown.cancelled() => break,
@@ -342,19 +338,45 @@ impl Link {
                 () = tokio::time::sleep(delay) => {}
             }
         }
+        let _ = self.events.send(LinkEvent::Ended { addr: self.addr, duplicate });
         self.moving.close();
         self.moving.wait().await;
     }
 
-    /// Greets the edge on `conn` and serves it until it ends. In `auto` mode on TCP, QUIC is
-    /// tried again every probe interval; when it answers, the new connection takes over: new
-    /// exchanges go to it while the ones on TCP finish there.
-    async fn session(&self, conn: Arc<dyn TunnelConnection>) -> Session {
+    /// Greets the edge on `conn` and, unless another link holds the edge instance it reached,
+    /// serves it until it ends. In `auto` mode on TCP, QUIC is tried again every probe interval;
+    /// when it answers from the same edge instance, the new connection takes over: new exchanges
+    /// go to it while the ones on TCP finish there.
+    async fn session(&self, conn: Arc<dyn TunnelConnection>, welcomed_once: &mut bool) -> Session {
         let client = &self.client;
-        let control = match client.greet(&conn, &self.target).await {
-            Ok(control) => control,
+        let Welcomed { control, agent_name, edge_instance } = match client.greet(&conn).await {
+            Ok(welcomed) => welcomed,
             Err(session) => return session,
         };
+        if !client.held.claim(&edge_instance) {
+            debug!(edge = %self.target, addr = %self.addr, %edge_instance, "reached an edge instance already held; closing this connection");
+            conn.close_and_flush(code::OK, "already connected to this edge instance").await;
+            return Session::Duplicate;
+        }
+        *welcomed_once = true;
+        let _ = self.events.send(LinkEvent::Found { addr: self.addr, probe: self.probe });
+        info!(
+            edge = %self.target,
+            remote = %conn.remote_addr(),
+            agent = %agent_name,
+            transport = conn.transport(),
+            %edge_instance,
+            "connected to the edge"
+        );
+        let session = self.serve_instance(conn, control, &edge_instance).await;
+        client.held.release(&edge_instance);
+        let _ = self.events.send(LinkEvent::Lost { addr: self.addr });
+        session
+    }
+
+    /// Serves a welcomed connection to `edge_instance`, moving to QUIC when it passes again.
+    async fn serve_instance(&self, conn: Arc<dyn TunnelConnection>, control: BiStream, edge_instance: &str) -> Session {
+        let client = &self.client;
         let auto = client.settings.transport == TransportChoice::Auto;
         let mut on_tcp = conn.transport() == Transport::Tcp.as_str();
         let mut retire = client.draining.child_token();
@@ -367,18 +389,24 @@ impl Link {
                 session = &mut serving => return session.unwrap_or_else(|e| Session::Ended(e.to_string())),
                 quic = self.probe_quic() => quic,
             };
-            let control = match client.greet(&quic, &self.target).await {
-                Ok(control) => control,
+            let welcomed = match client.greet(&quic).await {
+                Ok(welcomed) if welcomed.edge_instance == edge_instance => welcomed,
+                Ok(_) => {
+                    // Behind a balancer QUIC may land on another replica: stay on TCP here.
+                    quic.close(code::OK, "QUIC reached another edge instance");
+                    continue;
+                }
                 Err(Session::Failed(e) | Session::Ended(e) | Session::Unanswered(e)) => {
                     warn!(edge = %self.target, addr = %self.addr, "QUIC answered again but the session failed: {e}; staying on TCP");
                     continue;
                 }
+                Err(Session::Duplicate) => continue,
             };
             info!(edge = %self.target, addr = %self.addr, "QUIC passes again: new exchanges move to it; those on TCP finish there");
             retire.cancel();
             let old = std::mem::replace(&mut serving, {
                 retire = client.draining.child_token();
-                tokio::spawn(client.clone().serve(quic, control, retire.clone()))
+                tokio::spawn(client.clone().serve(quic, welcomed.control, retire.clone()))
             });
             self.moving.spawn(async move {
                 let _ = old.await;
@@ -473,7 +501,10 @@ enum DialFailure {
 /// Which addresses to start links for and which to retire, given the ones linked now and the
 /// ones the name resolves to. An empty answer retires nothing: a name that briefly resolves to
 /// nothing (a DNS hiccup, every replica restarting) must not tear down the links.
-fn reconcile(current: &BTreeSet<SocketAddr>, found: &BTreeSet<SocketAddr>) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+pub(crate) fn reconcile(
+    current: &BTreeSet<SocketAddr>,
+    found: &BTreeSet<SocketAddr>,
+) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
     if found.is_empty() {
         return (Vec::new(), Vec::new());
     }

@@ -183,7 +183,8 @@ impl AffinityTable {
         };
         let mut moved_from = None;
         if let Some(pin) = pins.by_key.get_mut(key) {
-            if let Some(agent) = agents.by_id(pin.agent_id) {
+            // A superseded connection's calls follow the agent to its newer connection.
+            if let Some(agent) = agents.by_id(pin.agent_id).filter(|a| !a.is_superseded()) {
                 pin.last_seen = now;
                 return Ok(Pinned { agent, moved_from: None });
             }

@@ -23,6 +23,9 @@ pub struct ConnectedAgent {
     serial: Mutex<String>,
     in_flight: AtomicUsize,
     draining: AtomicBool,
+    /// A newer connection of the same agent replaced this one: it takes nothing new, and calls
+    /// pinned to it follow the agent to its newer connection.
+    superseded: AtomicBool,
 }
 
 impl std::fmt::Debug for ConnectedAgent {
@@ -39,6 +42,11 @@ impl ConnectedAgent {
     /// Marks the agent as draining: it receives no new exchanges.
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a newer connection of the same agent replaced this one.
+    pub fn is_superseded(&self) -> bool {
+        self.superseded.load(Ordering::SeqCst)
     }
 
     /// The serial this connection stands on now.
@@ -136,9 +144,26 @@ impl AgentSet {
             serial: Mutex::new(serial),
             in_flight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            superseded: AtomicBool::new(false),
         });
         self.lock().push(agent.clone());
         agent
+    }
+
+    /// Retires every connection of agent `name` but `keep`: they take no new exchanges, and calls
+    /// pinned to them move to the agent's newest connection. A connection that is still alive (an
+    /// agent moving from TCP back to QUIC) finishes what it carries; a dead one (the process was
+    /// killed and restarted) no longer receives anything while it waits for its idle timeout.
+    /// Returns how many were retired.
+    pub fn supersede(&self, name: &str, keep: u64) -> usize {
+        let mut retired = 0;
+        for agent in self.lock().iter().filter(|a| a.name == name && a.id != keep) {
+            if !agent.superseded.swap(true, Ordering::SeqCst) {
+                agent.draining.store(true, Ordering::SeqCst);
+                retired += 1;
+            }
+        }
+        retired
     }
 
     /// Removes the connection with `id`.

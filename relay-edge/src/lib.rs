@@ -189,6 +189,8 @@ impl Edge {
             }),
         };
         let settings = Arc::new(settings);
+        // Random per start: agents behind a load balancer tell this replica from its siblings.
+        let instance = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
         let agents = Arc::new(AgentSet::default());
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -210,6 +212,7 @@ impl Edge {
             tasks: tasks.clone(),
             listener,
             pairing_failures: Default::default(),
+            instance: instance.clone(),
             refusal_log: relay_transport::LogThrottle::default(),
             metrics: metrics.clone(),
         });
@@ -253,6 +256,7 @@ impl Edge {
             tunnel_tcp = ?tunnel_tcp_addr,
             admin = ?admin_addr,
             max_connections,
+            %instance,
             "edge listening"
         );
         Ok(Self { public_addr, tunnel_addr, tunnel_tcp_addr, admin_addr, agents, shutdown, tasks, draining })

@@ -6,7 +6,9 @@ use std::time::{Instant, SystemTime};
 
 use relay_pki::{AgentRefusal, EdgeState, RedeemError, RenewError, cert_serial_hex};
 use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
-use relay_proto::{ControlMessage, PairRefusal, PairRequest, PairResponse, RenewOutcome, code};
+use relay_proto::{
+    ControlMessage, LABEL_AGENT_INSTANCE, LABEL_HOLDS, PairRefusal, PairRequest, PairResponse, RenewOutcome, code,
+};
 use relay_transport::{
     FrameReadError, FrameReader, HandshakeError, IncomingTunnel, LogThrottle, PeerKind, TunnelConnection,
     TunnelListener, Verdict, read_frame, write_frame,
@@ -35,6 +37,8 @@ pub(crate) struct TunnelService {
     pub tasks: TaskTracker,
     pub listener: Arc<TunnelListener>,
     pub pairing_failures: std::sync::Mutex<FailureLimiter>,
+    /// This edge process's instance id, sent in every welcome.
+    pub instance: String,
     /// Refused handshakes and agents, logged once per source or agent, then summarised.
     pub refusal_log: LogThrottle,
     /// Counts refused handshakes (the log summarises them).
@@ -129,13 +133,30 @@ impl TunnelService {
                 return;
             }
         };
-        let welcome =
-            ControlMessage::Welcome { agent_name: name.clone(), software_version: env!("CARGO_PKG_VERSION").into() };
+        let welcome = ControlMessage::Welcome {
+            agent_name: name.clone(),
+            software_version: env!("CARGO_PKG_VERSION").into(),
+            edge_instance: self.instance.clone(),
+        };
         if let Err(e) = write_frame(&mut control.send, &welcome, DEFAULT_MAX_HEAD_LEN).await {
             warn!(agent = %name, %remote, "agent left before welcome: {e}");
             return;
         }
+        let label = |key: &str| hello.labels.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        // An agent that holds a connection to this instance already is looking for the other
+        // replicas behind one address: it closes this one once it has read the welcome, and
+        // nothing is routed to it meanwhile.
+        if label(LABEL_HOLDS).is_some_and(|held| held.split(',').any(|i| i == self.instance)) {
+            debug!(agent = %name, %remote, "agent probe for replicas: it holds this instance already");
+            let _ = tokio::time::timeout(self.settings.hello_timeout, conn.closed()).await;
+            conn.close(code::OK, "already connected to this edge instance");
+            return;
+        }
         let agent = self.agents.insert(name.clone(), serial, remote, conn.clone());
+        let retired = self.agents.supersede(&name, agent.id);
+        if retired > 0 {
+            info!(agent = %name, %remote, retired, instance = label(LABEL_AGENT_INSTANCE).unwrap_or("-"), "agent reconnected: its older connections take nothing new");
+        }
         info!(
             agent = %name,
             %remote,

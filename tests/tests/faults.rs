@@ -629,3 +629,136 @@ async fn an_edge_name_resolving_to_two_replicas_gets_one_connection_to_each() {
     }
     assert_eq!(bot.hits(), 2);
 }
+
+/// Two edge processes behind one flow-hashing balancer address, two agents (each with its own
+/// bot) dialling that one address over `transport`; returns once each agent holds both edges.
+async fn two_edges_behind_one_address(
+    transport: &str,
+) -> (tempfile::TempDir, [EdgeProc; 2], relay_testkit::balancer::FlowBalancer, [EchoBot; 2], Vec<AgentProc>) {
+    let dir = tempfile::tempdir().unwrap();
+    let state = edge_state(dir.path(), &[]);
+    let edges = [
+        EdgeProc::start(&bins(), &[], &state, &[]).await.unwrap(),
+        EdgeProc::start(&bins(), &[], &state, &[]).await.unwrap(),
+    ];
+    let balancer = relay_testkit::balancer::FlowBalancer::start(vec![edges[0].tunnel, edges[1].tunnel]).await.unwrap();
+    let bots = [EchoBot::start().await.unwrap(), EchoBot::start().await.unwrap()];
+    let started = Instant::now();
+    let mut agents = Vec::new();
+    for (i, bot) in bots.iter().enumerate() {
+        let agent_dir = pair(&state, edges[0].tunnel, &format!("agent-{i}"), dir.path()).await;
+        let through = [balancer.addr().to_string()];
+        let args = ["--transport", transport];
+        agents.push(AgentProc::start(&bins(), &[], &agent_dir, &bot.url(), &through, &args).await.unwrap());
+    }
+    let both = eventually(PROC_DEADLINE, || async {
+        edges[0].agents_connected_over(transport).await == 2 && edges[1].agents_connected_over(transport).await == 2
+    })
+    .await;
+    assert!(
+        both,
+        "each agent holds both edges behind the one address:\n{}\n{}",
+        agents[0].proc.log(),
+        agents[1].proc.log()
+    );
+    eprintln!(
+        "{transport}: both agents hold both edges {:?} after starting (balancer flows per edge: {:?})",
+        started.elapsed(),
+        balancer.flows()
+    );
+    (dir, edges, balancer, bots, agents)
+}
+
+/// Thirty calls whose IncomingCall, callbacks and media each go to either edge; returns how
+/// many calls reached more than one bot.
+async fn split_calls(edges: &[EdgeProc; 2], bots: &[EchoBot; 2]) -> usize {
+    let mut media = Vec::new();
+    for i in 0..30usize {
+        let corr = format!("4f1c1a52-0000-4000-8000-{i:012}");
+        let via = |n: usize| edges[(i + n) % 2].public;
+        let incoming = send_collect(via(0), post_json(via(0), "/api/incomingCall", &acs::incoming_call_event(&corr)));
+        assert_eq!(incoming.await.unwrap().status(), StatusCode::OK, "IncomingCall of {corr}");
+        for (n, kind) in [(1, "CallConnected"), (2, "PlayCompleted")] {
+            let body = acs::callback_event(kind, &format!("conn-{i}"), &corr);
+            let reply = send_collect(via(n), post_json(via(n), &format!("/api/callbacks/conn-{i}"), &body)).await;
+            assert_eq!(reply.unwrap().status(), StatusCode::OK, "{kind} of {corr}");
+        }
+        let public = via(1);
+        media.push(tokio::spawn(async move {
+            let mut call = MediaCall::connect(public, "/ws", &corr).await.unwrap();
+            call.stream_audio(10, Duration::from_secs(5)).await.unwrap()
+        }));
+    }
+    for call in media {
+        assert!(call.await.unwrap().intact());
+    }
+    (0..30usize)
+        .filter(|i| {
+            let corr = format!("4f1c1a52-0000-4000-8000-{i:012}");
+            let reached = |bot: &EchoBot| {
+                bot.requests().iter().any(|r| String::from_utf8_lossy(&r.body).contains(&corr))
+                    || bot
+                        .sessions()
+                        .iter()
+                        .any(|s| s.headers.get("x-ms-call-correlation-id").is_some_and(|v| v == corr.as_str()))
+            };
+            reached(&bots[0]) && reached(&bots[1])
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_behind_one_balanced_address_reach_every_edge_and_calls_never_split_over_quic() {
+    let (_dir, edges, _balancer, bots, _agents) = two_edges_behind_one_address("quic").await;
+    assert_eq!(split_calls(&edges, &bots).await, 0, "a call's exchanges reached two bots");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_behind_one_balanced_address_reach_every_edge_and_calls_never_split_over_tcp() {
+    let (_dir, edges, _balancer, bots, _agents) = two_edges_behind_one_address("tcp").await;
+    assert_eq!(split_calls(&edges, &bots).await, 0, "a call's exchanges reached two bots");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_is_served_at_once_not_after_its_dead_connection_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = edge_state(dir.path(), &[]);
+    // A long tunnel idle timeout, so the dead connection lingers unless it is retired.
+    let edge = EdgeProc::start(&bins(), &[], &state, &["--idle-timeout", "30s"]).await.unwrap();
+    let bot = EchoBot::start().await.unwrap();
+    let agent_dir = pair(&state, edge.tunnel, "agent-0", dir.path()).await;
+    // The first process reaches the edge through a link that then goes silent, as a killed
+    // pod's address does: the edge hears nothing more and sends into the void.
+    let link = UdpImpairProxy::start(edge.tunnel, Impairment::NONE, 7).await.unwrap();
+    let args = ["--idle-timeout", "30s"];
+    let first =
+        AgentProc::start(&bins(), &[], &agent_dir, &bot.url(), &[link.addr().to_string()], &args).await.unwrap();
+    assert!(eventually(PROC_DEADLINE, || async { edge.agents_connected().await == 1 }).await);
+    link.blackhole(true);
+    first.proc.signal("KILL").unwrap();
+    let second =
+        AgentProc::start(&bins(), &[], &agent_dir, &bot.url(), &[edge.tunnel.to_string()], &args).await.unwrap();
+    assert!(eventually(PROC_DEADLINE, || async { second.connections().await == 1 }).await);
+    let ready = Instant::now();
+    // Webhooks without a call id go to the least loaded connection: the dead one half the time,
+    // unless the new connection retired it.
+    for i in 0..8 {
+        let public = edge.public;
+        let reply = tokio::time::timeout(
+            Duration::from_secs(3),
+            send_collect(public, post_json(public, "/api/callbacks/restart", "[]")),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!("webhook {i} hung on the dead connection, {:?} after the new one was ready", ready.elapsed())
+        })
+        .unwrap();
+        assert_eq!(
+            reply.status(),
+            StatusCode::OK,
+            "webhook {i}, {:?} after the new connection was ready",
+            ready.elapsed()
+        );
+    }
+    assert_eq!(bot.hits(), 8);
+}

@@ -29,14 +29,26 @@ pub use messages::*;
 
 /// ALPN of the tunnel. A protocol change that old peers cannot read gets a new ALPN, so a
 /// mismatched edge and agent fail the handshake with a clear "no application protocol" error.
-pub const TUNNEL_ALPN: &[u8] = b"acs-relay/1";
+/// Version 2: the welcome names the edge instance, so an agent can reach every replica behind
+/// one address.
+pub const TUNNEL_ALPN: &[u8] = b"acs-relay/2";
 
 /// ALPN of the pairing exchange, served on the same address as the tunnel. Connections with this
 /// ALPN need no client certificate and may only redeem a pairing token.
 pub const PAIRING_ALPN: &[u8] = b"acs-relay-pair/1";
 
 /// Version of the messages inside [`TUNNEL_ALPN`], sent in the agent's hello for diagnostics.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Hello label: this agent process's instance id, random per start. A connection from the same
+/// agent name with another instance comes from a restarted process.
+pub const LABEL_AGENT_INSTANCE: &str = "instance";
+
+/// Hello label: the edge instances this agent process already holds a connection to, comma
+/// separated. An edge that finds itself listed knows the new connection is a probe the agent
+/// will close (it dials one address until it has found every replica behind it); otherwise the
+/// new connection supersedes the agent's older ones to this edge, which are stale.
+pub const LABEL_HOLDS: &str = "holds";
 
 /// Application error codes used to reset a stream or close a connection.
 pub mod code {

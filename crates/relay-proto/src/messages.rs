@@ -143,6 +143,9 @@ pub enum ControlMessage {
         agent_name: String,
         /// The edge's software version, for logs.
         software_version: String,
+        /// This edge process's instance id, random per start: replicas behind one address tell
+        /// themselves apart by it.
+        edge_instance: String,
     },
     /// Agent → edge: send no new exchanges; in-flight ones continue.
     Drain,

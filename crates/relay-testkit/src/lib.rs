@@ -1,5 +1,6 @@
 //! acs-relay test kit: the pieces end-to-end tests and the demo are built from.
 //!
+//! * [`balancer`]: a flow-hashing UDP + TCP load balancer, one address in front of edge replicas;
 //! * [`bot`]: a real HTTP + WebSocket echo bot on loopback that records what reaches it;
 //! * [`acs`]: ACS-shaped traffic: Event Grid IncomingCall, callbacks, and a media call that sends
 //!   `AudioData` frames at 50 per second and measures each echo's round trip;
@@ -13,6 +14,7 @@
 
 pub mod acs;
 pub mod acs_signer;
+pub mod balancer;
 pub mod bot;
 pub mod client;
 pub mod impair;
