@@ -45,6 +45,8 @@ pub struct Agent {
     shutdown: CancellationToken,
     tasks: TaskTracker,
     connected: watch::Receiver<usize>,
+    /// How many edges have confirmed the drain.
+    drain_acks: watch::Receiver<usize>,
     name: String,
     admin_addr: Option<std::net::SocketAddr>,
     draining: CancellationToken,
@@ -67,6 +69,7 @@ impl Agent {
         let draining = CancellationToken::new();
         let exchanges = TaskTracker::new();
         let (connected_tx, connected) = watch::channel(0);
+        let (drain_acks_tx, drain_acks) = watch::channel(0);
         let metrics = Arc::new(metrics::AgentMetrics::default());
         let admin_addr = match settings.admin_listen {
             Some(addr) => {
@@ -95,13 +98,14 @@ impl Agent {
             draining: draining.clone(),
             exchanges: exchanges.clone(),
             connected: connected_tx,
+            drain_acks: drain_acks_tx,
             renew_lock: tokio::sync::Mutex::new(()),
             instance: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
             held: Default::default(),
         });
         tracing::info!(agent = %name, edges = ?edges, admin = ?admin_addr, "agent starting");
         tasks.spawn(client.run());
-        Ok(Self { shutdown, tasks, connected, name, admin_addr, draining, exchanges, metrics })
+        Ok(Self { shutdown, tasks, connected, drain_acks, name, admin_addr, draining, exchanges, metrics })
     }
 
     /// The agent's name from its certificate.
@@ -143,6 +147,18 @@ impl Agent {
     /// sides) and returns.
     pub async fn drain(self, grace: std::time::Duration) {
         self.draining.cancel();
+        // Every edge confirms before anything closes, so none sends a new exchange into a
+        // connection about to go (bounded: an edge that does not answer is given up on).
+        let (mut acks, mut connected) = (self.drain_acks.clone(), self.connected.clone());
+        let _ = tokio::time::timeout(tunnel::DRAIN_NOTICE_TIMEOUT, async {
+            while *acks.borrow_and_update() < *connected.borrow_and_update() {
+                tokio::select! {
+                    changed = acks.changed() => if changed.is_err() { break },
+                    changed = connected.changed() => if changed.is_err() { break },
+                }
+            }
+        })
+        .await;
         self.exchanges.close();
         if tokio::time::timeout(grace, self.exchanges.wait()).await.is_err() {
             tracing::info!("drain grace period over: closing the remaining calls");

@@ -37,6 +37,10 @@ use crate::forward::Forwarder;
 use crate::metrics::{AgentMetrics, OutcomeLabels, TransportLabels};
 use crate::replicas::{HeldInstances, LinkEvent};
 
+/// How long an edge has to confirm a drain notice. It answers as soon as it reads it, within a
+/// round trip; two seconds is many round trips and still short against a platform's grace.
+pub(crate) const DRAIN_NOTICE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long the edge has to answer a renewal request.
 const RENEW_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -63,6 +67,8 @@ pub(crate) struct TunnelClient {
     pub exchanges: TaskTracker,
     /// How many welcomed connections are open now, one per edge replica.
     pub connected: watch::Sender<usize>,
+    /// How many edges have confirmed this agent's drain.
+    pub drain_acks: watch::Sender<usize>,
     pub metrics: Arc<AgentMetrics>,
     /// Held while a renewal runs, so connections to several replicas renew the certificate once.
     pub renew_lock: tokio::sync::Mutex<()>,
@@ -535,7 +541,26 @@ async fn renew_loop(client: Arc<TunnelClient>, mut control: BiStream, drain: Can
                 warn!("could not tell the edge about the drain: {e}");
                 return;
             }
-            info!("draining: the edge sends this agent no new exchanges");
+            // The edge confirms; until then it may still send a new exchange here.
+            let confirmed = tokio::time::timeout(DRAIN_NOTICE_TIMEOUT, async {
+                loop {
+                    match reader.next::<ControlMessage, _>(&mut control.recv).await {
+                        Ok(Some(ControlMessage::Drained)) => return Ok(()),
+                        Ok(Some(_)) => continue,
+                        Ok(None) => return Err("control stream ended".to_owned()),
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+            })
+            .await;
+            match confirmed {
+                Ok(Ok(())) => {
+                    client.drain_acks.send_modify(|n| *n += 1);
+                    info!("draining: the edge sends this agent no new exchanges");
+                }
+                Ok(Err(e)) => warn!("the edge did not confirm the drain: {e}"),
+                Err(_) => warn!("the edge did not confirm the drain within {DRAIN_NOTICE_TIMEOUT:?}"),
+            }
         }
         let validity =
             client.identity.read().ok().and_then(|id| id.cert_chain.first().and_then(|c| cert_validity(c).ok()));

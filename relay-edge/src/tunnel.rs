@@ -175,6 +175,9 @@ impl TunnelService {
                     Ok(Some(ControlMessage::Drain)) => {
                         agent.set_draining();
                         info!(agent = %name, %remote, "agent draining: no new exchanges go to it");
+                        if let Err(e) = write_frame(&mut control.send, &ControlMessage::Drained, DEFAULT_MAX_HEAD_LEN).await {
+                            break format!("control stream failed: {e}");
+                        }
                     }
                     Ok(Some(ControlMessage::Renew { csr_der })) => {
                         let outcome = self.renew(&agent, csr_der).await;

@@ -762,3 +762,27 @@ async fn a_restarted_agent_is_served_at_once_not_after_its_dead_connection_times
     }
     assert_eq!(bot.hits(), 8);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_agent_given_sigterm_tells_every_edge_of_its_drain_before_it_goes() {
+    for transport in ["quic", "tcp"] {
+        let dir = tempfile::tempdir().unwrap();
+        let state = edge_state(dir.path(), &[]);
+        let edge = EdgeProc::start(&bins(), &[], &state, &[]).await.unwrap();
+        let bot = EchoBot::start().await.unwrap();
+        let agent_dir = pair(&state, edge.tunnel, "agent-0", dir.path()).await;
+        let edges = [edge.tunnel.to_string()];
+        let mut agent =
+            AgentProc::start(&bins(), &[], &agent_dir, &bot.url(), &edges, &["--transport", transport]).await.unwrap();
+        assert!(eventually(PROC_DEADLINE, || async { edge.agents_connected().await == 1 }).await);
+        agent.proc.signal("TERM").unwrap();
+        assert!(agent.proc.wait_exit(PROC_DEADLINE).await.is_some_and(|s| s.success()));
+        let gone = edge.proc.wait_line("agent disconnected", PROC_DEADLINE).await;
+        assert!(gone.is_some(), "{transport}: {}", edge.proc.log());
+        let log = edge.proc.log();
+        let drained = log.lines().position(|l| l.contains("agent draining"));
+        let left = log.lines().position(|l| l.contains("agent disconnected"));
+        assert!(drained.is_some() && drained < left, "{transport}: the edge learnt of the drain first:\n{log}");
+        assert!(!agent.proc.log().contains("could not tell the edge"), "{transport}: {}", agent.proc.log());
+    }
+}

@@ -157,6 +157,10 @@ pub enum ControlMessage {
     },
     /// Edge → agent: the answer to [`ControlMessage::Renew`].
     Renewed(RenewOutcome),
+    /// Edge → agent: the answer to [`ControlMessage::Drain`]: no new exchange goes to this
+    /// connection from now on. An agent going away waits for it, so that no edge sends it a new
+    /// exchange it would then cut.
+    Drained,
 }
 
 /// The edge's answer to a renewal request.
