@@ -30,6 +30,49 @@ fn every_example_config_parses_and_resolves() {
     assert!(seen >= 2, "expected the edge and agent examples in {}", dir.display());
 }
 
+/// The `edge.toml: |` blocks of Kubernetes manifests (a ConfigMap's data), with their line.
+fn manifest_configs(text: &str) -> Vec<(usize, String)> {
+    let mut blocks = Vec::new();
+    let mut lines = text.lines().enumerate().peekable();
+    while let Some((number, line)) = lines.next() {
+        if line.trim() != "edge.toml: |" {
+            continue;
+        }
+        let key_indent = line.len() - line.trim_start().len();
+        let mut block = String::new();
+        while let Some((_, next)) = lines.peek() {
+            let indent = next.len() - next.trim_start().len();
+            if !next.trim().is_empty() && indent <= key_indent {
+                break;
+            }
+            block.push_str(next.trim_start());
+            block.push('\n');
+            lines.next();
+        }
+        blocks.push((number + 1, block));
+    }
+    blocks
+}
+
+#[test]
+fn every_edge_configuration_in_the_kubernetes_manifests_resolves_and_would_start() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(root().join("deploy/k8s")).unwrap() {
+        let path = entry.unwrap().path();
+        for (line, block) in manifest_configs(&std::fs::read_to_string(&path).unwrap()) {
+            let place = format!("{}:{line}", path.display());
+            // The manifests set the state directory and listeners in the environment.
+            let text = format!("state_dir = \"/var/lib/acs-relay\"\nlisten = \"0.0.0.0:8080\"\n{block}");
+            let settings = EdgeConfig::parse(&text, Path::new("edge.toml"))
+                .and_then(EdgeConfig::resolve)
+                .unwrap_or_else(|e| panic!("{place}: {e}"));
+            relay_edge::protected_mode(&settings).unwrap_or_else(|e| panic!("{place}: {e}"));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 1, "the edge's ConfigMap was not found");
+}
+
 /// The ```toml blocks of a Markdown file, with the line each starts on.
 fn toml_blocks(text: &str) -> Vec<(usize, String)> {
     let mut blocks = Vec::new();
