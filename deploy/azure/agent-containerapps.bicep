@@ -5,6 +5,12 @@
 // The agent's identity is a pairing bundle (`relay-edge pair --agent NAME --bundle FILE`) kept
 // as a Key Vault secret; the app reads it through a user-assigned managed identity, and the agent
 // gets its text in RELAY_AGENT_BUNDLE. No state volume is needed.
+//
+// The managed identity and its roles come from agent-identity.bicep, deployed first: role
+// assignments take minutes to propagate, and a first revision created with them fails.
+//
+// Redeploys: the agent given SIGTERM has every edge confirm it sends nothing new, then lets calls
+// run for drainSeconds; the grace period is 30 s more (Container Apps allows at most 600 s).
 
 @description('Region for every resource.')
 param location string = resourceGroup().location
@@ -47,10 +53,13 @@ param vnetAddressPrefix string = '10.60.0.0/16'
 @description('Subnet for the environment (at least /23 for the Consumption plan).')
 param subnetPrefix string = '10.60.0.0/23'
 
-resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
-  name: '${name}-identity'
-  location: location
-}
+@description('The user-assigned identity (resource id) from agent-identity.bicep, whose roles have propagated.')
+param identityId string
+
+@description('How long a draining agent lets calls run, in seconds (the grace period is 30 s more; Container Apps allows 600).')
+@minValue(30)
+@maxValue(570)
+param drainSeconds int = 570
 
 resource vault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
   name: keyVaultName
@@ -58,28 +67,6 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
 
 resource registry 'Microsoft.ContainerRegistry/registries@2023-07-01' existing = {
   name: registryName
-}
-
-// AcrPull: the app pulls the bot and agent images with the same identity.
-resource pullImages 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(registry.id, identity.id, 'AcrPull')
-  scope: registry
-  properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', '7f951dda-4ed3-4680-a7ca-43fe172d538d')
-    principalId: identity.properties.principalId
-    principalType: 'ServicePrincipal'
-  }
-}
-
-// Key Vault Secrets User: read secret values, nothing else.
-resource readBundle 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(vault.id, identity.id, 'Key Vault Secrets User')
-  scope: vault
-  properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', '4633458b-17de-408a-b874-0445c86b69e6')
-    principalId: identity.properties.principalId
-    principalType: 'ServicePrincipal'
-  }
 }
 
 resource vnet 'Microsoft.Network/virtualNetworks@2023-11-01' = {
@@ -135,14 +122,10 @@ resource environment 'Microsoft.App/managedEnvironments@2024-03-01' = {
 resource bot 'Microsoft.App/containerApps@2024-03-01' = {
   name: name
   location: location
-  dependsOn: [
-    readBundle
-    pullImages
-  ]
   identity: {
     type: 'UserAssigned'
     userAssignedIdentities: {
-      '${identity.id}': {}
+      '${identityId}': {}
     }
   }
   properties: {
@@ -153,18 +136,19 @@ resource bot 'Microsoft.App/containerApps@2024-03-01' = {
       registries: [
         {
           server: registry.properties.loginServer
-          identity: identity.id
+          identity: identityId
         }
       ]
       secrets: [
         {
           name: 'agent-bundle'
           keyVaultUrl: '${vault.properties.vaultUri}secrets/${bundleSecretName}'
-          identity: identity.id
+          identity: identityId
         }
       ]
     }
     template: {
+      terminationGracePeriodSeconds: drainSeconds + 30
       containers: [
         {
           name: 'bot'
@@ -184,6 +168,10 @@ resource bot 'Microsoft.App/containerApps@2024-03-01' = {
             {
               name: 'RELAY_AGENT_BUNDLE'
               secretRef: 'agent-bundle'
+            }
+            {
+              name: 'RELAY_AGENT_DRAIN_TIMEOUT'
+              value: '${drainSeconds}s'
             }
             {
               name: 'RELAY_AGENT_EDGE'
@@ -236,5 +224,5 @@ resource bot 'Microsoft.App/containerApps@2024-03-01' = {
   }
 }
 
-@description('The identity that reads the bundle and pulls the images.')
-output identityPrincipalId string = identity.properties.principalId
+@description('The app\'s name.')
+output appName string = bot.name

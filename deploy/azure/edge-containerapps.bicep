@@ -4,9 +4,26 @@
 // transport: HTTPS ingress (TLS terminated by Container Apps) for ACS on the edge's port 8080,
 // and an additional external TCP port for the tunnel. Agents set transport = "tcp".
 //
+// An external additional TCP port needs an environment on a custom virtual network (Container
+// Apps ingress docs, "Additional TCP ports"), so this template creates one: a workload-profiles
+// environment whose infrastructure subnet (a /27 or larger) is delegated to
+// Microsoft.App/environments.
+//
 // State (CA, tunnel certificate, agent registry) lives on an Azure Files share mounted with the
 // image user's uid and owner-only modes, since the edge refuses private keys others can read.
 // An init container creates it on first start (`init --if-missing`).
+//
+// The edge's routes and checks come from `edgeConfig` (TOML, see deploy/config/edge.example.toml),
+// kept as a secret and mounted as a file, so every deployment carries them; listeners, state and
+// drain come from the environment variables below.
+//
+// Probes: readiness is /healthz, not /readyz. On Container Apps a replica that is not ready gets
+// no traffic on any port, the tunnel's included, and an edge becomes "ready" in /readyz terms only
+// once an agent reaches it through that port. Without an agent the edge answers ACS with 503 and
+// Retry-After itself, so routing to it early costs nothing.
+//
+// Redeploys: an edge given SIGTERM stops taking new exchanges and lets calls run for drainSeconds;
+// Container Apps allows a grace period of at most 600 s, which this sets 30 s above the drain.
 
 @description('Region for every resource.')
 param location string = resourceGroup().location
@@ -29,6 +46,21 @@ param tunnelPort int = 4433
 @description('Edge replicas; they share the state share. One is enough to start.')
 @minValue(1)
 param replicas int = 1
+
+@description('The edge configuration (TOML): routes, their checks and the checks\' settings. Required: an edge whose routes authenticate nobody refuses to start.')
+@secure()
+param edgeConfig string
+
+@description('Address space of the environment\'s virtual network.')
+param vnetAddressPrefix string = '10.50.0.0/16'
+
+@description('Infrastructure subnet (a /27 or larger, delegated to Microsoft.App/environments). Container Apps\' ingress reaches the edge from it, so it is the edge\'s only trusted proxy.')
+param infrastructureSubnetPrefix string = '10.50.0.0/27'
+
+@description('How long a draining edge lets calls run, in seconds (the grace period is 30 s more; Container Apps allows 600).')
+@minValue(30)
+@maxValue(570)
+param drainSeconds int = 570
 
 var stateShareName = 'edge-state'
 
@@ -69,10 +101,50 @@ resource logs 'Microsoft.OperationalInsights/workspaces@2023-09-01' = {
   }
 }
 
+resource vnet 'Microsoft.Network/virtualNetworks@2023-11-01' = {
+  name: '${name}-edge-vnet'
+  location: location
+  properties: {
+    addressSpace: {
+      addressPrefixes: [
+        vnetAddressPrefix
+      ]
+    }
+    subnets: [
+      {
+        name: 'infrastructure'
+        properties: {
+          addressPrefix: infrastructureSubnetPrefix
+          delegations: [
+            {
+              name: 'containerapps'
+              properties: {
+                serviceName: 'Microsoft.App/environments'
+              }
+            }
+          ]
+        }
+      }
+    ]
+  }
+}
+
 resource environment 'Microsoft.App/managedEnvironments@2024-03-01' = {
   name: '${name}-edge-env'
   location: location
   properties: {
+    workloadProfiles: [
+      {
+        name: 'Consumption'
+        workloadProfileType: 'Consumption'
+      }
+    ]
+    // External: ACS and agents reach the edge from the internet; the tunnel's extra TCP port
+    // needs the custom network.
+    vnetConfiguration: {
+      infrastructureSubnetId: vnet.properties.subnets[0].id
+      internal: false
+    }
     appLogsConfiguration: {
       destination: 'log-analytics'
       logAnalyticsConfiguration: {
@@ -107,12 +179,19 @@ resource edge 'Microsoft.App/containerApps@2024-03-01' = {
   }
   properties: {
     managedEnvironmentId: environment.id
+    workloadProfileName: 'Consumption'
     configuration: {
       activeRevisionsMode: 'Single'
       registries: [
         {
           server: registryServer
           identity: registryIdentityId
+        }
+      ]
+      secrets: [
+        {
+          name: 'edge-config'
+          value: edgeConfig
         }
       ]
       ingress: {
@@ -131,6 +210,7 @@ resource edge 'Microsoft.App/containerApps@2024-03-01' = {
       }
     }
     template: {
+      terminationGracePeriodSeconds: drainSeconds + 30
       initContainers: [
         {
           name: 'init'
@@ -162,6 +242,14 @@ resource edge 'Microsoft.App/containerApps@2024-03-01' = {
           ]
           env: [
             {
+              name: 'RELAY_EDGE_CONFIG'
+              value: '/etc/acs-relay/edge-config'
+            }
+            {
+              name: 'RELAY_EDGE_DRAIN_TIMEOUT'
+              value: '${drainSeconds}s'
+            }
+            {
               name: 'RELAY_EDGE_LISTEN'
               value: '0.0.0.0:8080'
             }
@@ -171,9 +259,9 @@ resource edge 'Microsoft.App/containerApps@2024-03-01' = {
             }
             {
               // Container Apps' ingress sets X-Forwarded-*; it reaches the app from the
-              // environment's infrastructure subnet.
+              // environment's infrastructure subnet, and nothing else may claim a client address.
               name: 'RELAY_EDGE_TRUSTED_PROXIES'
-              value: '100.64.0.0/10,10.0.0.0/8'
+              value: infrastructureSubnetPrefix
             }
           ]
           // Sized from relay-bench: about half a core per 200 concurrent calls.
@@ -191,9 +279,10 @@ resource edge 'Microsoft.App/containerApps@2024-03-01' = {
               periodSeconds: 10
             }
             {
+              // Not /readyz: readiness here gates the tunnel port too (see the header).
               type: 'Readiness'
               httpGet: {
-                path: '/readyz'
+                path: '/healthz'
                 port: 8080
               }
               periodSeconds: 5
@@ -203,6 +292,10 @@ resource edge 'Microsoft.App/containerApps@2024-03-01' = {
             {
               volumeName: 'state'
               mountPath: '/var/lib/acs-relay'
+            }
+            {
+              volumeName: 'config'
+              mountPath: '/etc/acs-relay'
             }
           ]
         }
@@ -218,6 +311,16 @@ resource edge 'Microsoft.App/containerApps@2024-03-01' = {
           storageName: environmentStorage.name
           // SMB shows every file as 0777 unless told otherwise; keys must be owner-only.
           mountOptions: 'uid=65532,gid=65532,dir_mode=0700,file_mode=0600,nobrl'
+        }
+        {
+          name: 'config'
+          storageType: 'Secret'
+          secrets: [
+            {
+              secretRef: 'edge-config'
+              path: 'edge-config'
+            }
+          ]
         }
       ]
     }
