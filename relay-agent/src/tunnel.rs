@@ -18,8 +18,8 @@ use std::time::SystemTime;
 use relay_pki::{AgentIdentity, AgentState, agent_name_from_cert, cert_validity, generate_agent_csr, renewal_due};
 use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
 use relay_proto::{
-    ControlMessage, ExchangeHead, ExchangeKind, Hello, LABEL_AGENT_INSTANCE, LABEL_HOLDS, PROTOCOL_VERSION,
-    RenewOutcome, code,
+    ControlMessage, ExchangeHead, ExchangeKind, Hello, LABEL_AGENT_INSTANCE, LABEL_HOLDS, LABEL_REPLACES,
+    PROTOCOL_VERSION, RenewOutcome, code,
 };
 use relay_transport::{
     BiStream, DialError, FrameReadError, FrameReader, Transport, TunnelConnection, dial_tunnel, host_of, read_frame,
@@ -202,17 +202,21 @@ impl TunnelClient {
 
     /// Says hello on a new connection and waits for the edge's welcome. The hello names this
     /// process's instance and the edge instances it holds already (see [`crate::replicas`]).
-    async fn greet(&self, conn: &Arc<dyn TunnelConnection>) -> Result<Welcomed, Session> {
+    async fn greet(&self, conn: &Arc<dyn TunnelConnection>, replaces: Option<&str>) -> Result<Welcomed, Session> {
         let agent_name = self.identity.read().map(|id| id.name.clone()).unwrap_or_default();
         let hello = ControlMessage::Hello(Hello {
             agent_name,
             software_version: env!("CARGO_PKG_VERSION").into(),
             protocol_version: PROTOCOL_VERSION,
             capabilities: Vec::new(),
-            labels: vec![
-                (LABEL_AGENT_INSTANCE.to_owned(), self.instance.clone()),
-                (LABEL_HOLDS.to_owned(), self.held.label()),
-            ],
+            labels: [
+                Some((LABEL_AGENT_INSTANCE.to_owned(), self.instance.clone())),
+                Some((LABEL_HOLDS.to_owned(), self.held.label())),
+                replaces.map(|instance| (LABEL_REPLACES.to_owned(), instance.to_owned())),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
         });
         let greeting = tokio::time::timeout(self.settings.tunnel.handshake_timeout, async {
             let mut control = conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -312,9 +316,11 @@ impl Link {
         let mut backoff = Backoff::new(client.settings.reconnect_initial, client.settings.reconnect_max);
         let mut welcomed_once = false;
         let mut duplicate = false;
+        // The edge instance this link's last connection went to, once that connection is gone.
+        let mut lost: Option<String> = None;
         while !client.shutdown.is_cancelled() {
             let outcome = match self.connect().await {
-                Ok(conn) => self.session(conn, &mut welcomed_once).await,
+                Ok(conn) => self.session(conn, &mut welcomed_once, &mut lost).await,
                 Err(DialFailure::Unanswered(e)) => Session::Unanswered(format!("the edge does not answer: {e}")),
                 Err(DialFailure::Refused(e)) => Session::Failed(format!("cannot connect to the edge: {e}")),
             };
@@ -353,9 +359,14 @@ impl Link {
     /// serves it until it ends. In `auto` mode on TCP, QUIC is tried again every probe interval;
     /// when it answers from the same edge instance, the new connection takes over: new exchanges
     /// go to it while the ones on TCP finish there.
-    async fn session(&self, conn: Arc<dyn TunnelConnection>, welcomed_once: &mut bool) -> Session {
+    async fn session(
+        &self,
+        conn: Arc<dyn TunnelConnection>,
+        welcomed_once: &mut bool,
+        lost: &mut Option<String>,
+    ) -> Session {
         let client = &self.client;
-        let Welcomed { control, agent_name, edge_instance } = match client.greet(&conn).await {
+        let Welcomed { control, agent_name, edge_instance } = match client.greet(&conn, lost.as_deref()).await {
             Ok(welcomed) => welcomed,
             Err(session) => return session,
         };
@@ -376,6 +387,7 @@ impl Link {
         );
         let session = self.serve_instance(conn, control, &edge_instance).await;
         client.held.release(&edge_instance);
+        *lost = Some(edge_instance);
         let _ = self.events.send(LinkEvent::Lost { addr: self.addr });
         session
     }
@@ -395,7 +407,8 @@ impl Link {
                 session = &mut serving => return session.unwrap_or_else(|e| Session::Ended(e.to_string())),
                 quic = self.probe_quic() => quic,
             };
-            let welcomed = match client.greet(&quic).await {
+            // The QUIC connection replaces this one: the edge must not take it for a probe.
+            let welcomed = match client.greet(&quic, Some(edge_instance)).await {
                 Ok(welcomed) if welcomed.edge_instance == edge_instance => welcomed,
                 Ok(_) => {
                     // Behind a balancer QUIC may land on another replica: stay on TCP here.

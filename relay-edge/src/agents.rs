@@ -12,6 +12,8 @@ pub struct ConnectedAgent {
     pub id: u64,
     /// The agent name from its certificate.
     pub name: String,
+    /// The agent process's instance id from its hello (empty if it sent none).
+    pub instance: String,
     /// Where it connected from.
     pub remote: SocketAddr,
     /// The tunnel connection.
@@ -129,6 +131,7 @@ impl AgentSet {
     pub fn insert(
         &self,
         name: String,
+        instance: String,
         serial: String,
         remote: SocketAddr,
         conn: Arc<dyn TunnelConnection>,
@@ -138,6 +141,7 @@ impl AgentSet {
         let agent = Arc::new(ConnectedAgent {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             name,
+            instance,
             remote,
             conn,
             connected_at_unix,
@@ -150,14 +154,19 @@ impl AgentSet {
         agent
     }
 
-    /// Retires every connection of agent `name` but `keep`: they take no new exchanges, and calls
-    /// pinned to them move to the agent's newest connection. A connection that is still alive (an
-    /// agent moving from TCP back to QUIC) finishes what it carries; a dead one (the process was
-    /// killed and restarted) no longer receives anything while it waits for its idle timeout.
-    /// Returns how many were retired.
-    pub fn supersede(&self, name: &str, keep: u64) -> usize {
+    /// Retires the connections of agent `name` that connection `keep` replaces: those of other
+    /// agent processes (a killed and restarted agent), and, when `same_process`, those of the
+    /// same one too (its earlier connection was lost, or moves from TCP to QUIC). They take no
+    /// new exchanges, and calls pinned to them move to the agent's newest connection. One still
+    /// alive finishes what it carries; a dead one receives nothing more while it waits for its
+    /// idle timeout. Returns how many were retired.
+    pub fn supersede(&self, name: &str, keep: u64, same_process: bool) -> usize {
+        let agents = self.lock();
+        let Some(instance) = agents.iter().find(|a| a.id == keep).map(|a| a.instance.clone()) else { return 0 };
         let mut retired = 0;
-        for agent in self.lock().iter().filter(|a| a.name == name && a.id != keep) {
+        for agent in
+            agents.iter().filter(|a| a.name == name && a.id != keep && (same_process || a.instance != instance))
+        {
             if !agent.superseded.swap(true, Ordering::SeqCst) {
                 agent.draining.store(true, Ordering::SeqCst);
                 retired += 1;

@@ -7,7 +7,8 @@ use std::time::{Instant, SystemTime};
 use relay_pki::{AgentRefusal, EdgeState, RedeemError, RenewError, cert_serial_hex};
 use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
 use relay_proto::{
-    ControlMessage, LABEL_AGENT_INSTANCE, LABEL_HOLDS, PairRefusal, PairRequest, PairResponse, RenewOutcome, code,
+    ControlMessage, LABEL_AGENT_INSTANCE, LABEL_HOLDS, LABEL_REPLACES, PairRefusal, PairRequest, PairResponse,
+    RenewOutcome, code,
 };
 use relay_transport::{
     FrameReadError, FrameReader, HandshakeError, IncomingTunnel, LogThrottle, PeerKind, TunnelConnection,
@@ -146,14 +147,16 @@ impl TunnelService {
         // An agent that holds a connection to this instance already is looking for the other
         // replicas behind one address: it closes this one once it has read the welcome, and
         // nothing is routed to it meanwhile.
-        if label(LABEL_HOLDS).is_some_and(|held| held.split(',').any(|i| i == self.instance)) {
+        let replaces_me = label(LABEL_REPLACES) == Some(self.instance.as_str());
+        if !replaces_me && label(LABEL_HOLDS).is_some_and(|held| held.split(',').any(|i| i == self.instance)) {
             debug!(agent = %name, %remote, "agent probe for replicas: it holds this instance already");
             let _ = tokio::time::timeout(self.settings.hello_timeout, conn.closed()).await;
             conn.close(code::OK, "already connected to this edge instance");
             return;
         }
-        let agent = self.agents.insert(name.clone(), serial, remote, conn.clone());
-        let retired = self.agents.supersede(&name, agent.id);
+        let instance = label(LABEL_AGENT_INSTANCE).unwrap_or_default().to_owned();
+        let agent = self.agents.insert(name.clone(), instance, serial, remote, conn.clone());
+        let retired = self.agents.supersede(&name, agent.id, replaces_me);
         if retired > 0 {
             info!(agent = %name, %remote, retired, instance = label(LABEL_AGENT_INSTANCE).unwrap_or("-"), "agent reconnected: its older connections take nothing new");
         }

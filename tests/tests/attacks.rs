@@ -246,8 +246,9 @@ async fn an_edge_that_authenticates_nobody_refuses_a_public_listener_unless_told
         relay_testkit::procs::Proc::spawn("edge", &[], &bins().edge, &args(&["--listen", "0.0.0.0:0"])).unwrap();
     let status = refused.wait_exit(PROC_DEADLINE).await.expect("an unprotected public edge must exit");
     assert!(!status.success());
-    let log = refused.log();
-    let line = log.lines().find(|l| l.contains("refusing to start")).unwrap_or_else(|| panic!("{log}"));
+    // The output is read by tasks that may still be draining the pipe after the exit.
+    let line = refused.wait_line("refusing to start", PROC_DEADLINE).await;
+    let line = line.unwrap_or_else(|| panic!("{}", refused.log()));
     assert!(line.contains("allow_unauthenticated") && line.contains("README"), "says how to fix it: {line}");
 
     let allowed = relay_testkit::procs::Proc::spawn(

@@ -50,6 +50,12 @@ pub const LABEL_AGENT_INSTANCE: &str = "instance";
 /// new connection supersedes the agent's older ones to this edge, which are stale.
 pub const LABEL_HOLDS: &str = "holds";
 
+/// Hello label: the edge instance whose connection this one replaces (the agent's previous
+/// connection to it was lost, or is moving from TCP to QUIC). That edge retires the agent's
+/// older connections at once, even those of the same agent process, and does not take the new
+/// connection for a probe although the instance is listed in `holds`.
+pub const LABEL_REPLACES: &str = "replaces";
+
 /// Application error codes used to reset a stream or close a connection.
 pub mod code {
     /// Normal end; nothing went wrong.
