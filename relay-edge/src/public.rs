@@ -156,14 +156,15 @@ impl PublicService {
 
     async fn handle(self: &Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<RelayBody> {
         let path = req.uri().path();
+        let path_check = target::check_path(path);
         let route_name = match path {
             "/healthz" | "/readyz" => None,
-            _ if target::check_path(path).is_err() => Some("unmatched".to_owned()),
+            _ if path_check.is_err() => Some("unmatched".to_owned()),
             _ => Some(
                 routes::find(&self.settings.routes, path).map_or_else(|| "unmatched".to_owned(), |r| r.name.clone()),
             ),
         };
-        let response = match self.screen(&req, peer) {
+        let response = match self.screen(&req, path_check, peer) {
             Some(refused) => refused,
             None => self.handle_route(req, peer).await,
         };
@@ -177,14 +178,19 @@ impl PublicService {
     /// `max_header_bytes` (hyper's own buffer limit is only a backstop: heads just above it would
     /// otherwise pass, then fail the tunnel's head frame with a misleading 503), and a path that
     /// a server behind the agent could read differently ([`target`]).
-    fn screen<B>(&self, req: &Request<B>, peer: SocketAddr) -> Option<Response<RelayBody>> {
+    fn screen<B>(
+        &self,
+        req: &Request<B>,
+        path_check: Result<(), target::PathRefusal>,
+        peer: SocketAddr,
+    ) -> Option<Response<RelayBody>> {
         let head_len = request_head_len(req);
         if head_len > self.settings.max_header_bytes {
             self.metrics.rejection("unmatched", "limit", "header-size");
             info!(%peer, head_len, limit = self.settings.max_header_bytes, status = 431, "request head over the limit");
             return Some(edge_answer_closing(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large"));
         }
-        if let Err(refusal) = target::check_path(req.uri().path()) {
+        if let Err(refusal) = path_check {
             self.metrics.rejection("unmatched", "path", refusal.reason());
             info!(%peer, reason = refusal.reason(), status = 400, "request path refused at the edge");
             return Some(edge_answer(StatusCode::BAD_REQUEST, "request path not accepted"));
