@@ -184,16 +184,23 @@ impl AgentSet {
     /// draining and below `limit`, ties broken at random so equal agents share load.
     pub fn pick(&self, limit: usize) -> Result<Arc<ConnectedAgent>, NoAgent> {
         let agents = self.lock();
-        let candidates: Vec<&Arc<ConnectedAgent>> =
-            agents.iter().filter(|a| !a.draining.load(Ordering::SeqCst)).collect();
-        let least =
-            candidates.iter().map(|a| a.in_flight.load(Ordering::SeqCst)).min().ok_or(NoAgent::NoneConnected)?;
+        // One reading of each load: exchanges on other tasks start and end while this runs, and
+        // comparing a second reading against the minimum of the first could leave no candidate.
+        let loads: Vec<(usize, &Arc<ConnectedAgent>)> = agents
+            .iter()
+            .filter(|a| !a.draining.load(Ordering::SeqCst))
+            .map(|a| (a.in_flight.load(Ordering::SeqCst), a))
+            .collect();
+        let least = loads.iter().map(|(load, _)| *load).min().ok_or(NoAgent::NoneConnected)?;
         if least >= limit {
             return Err(NoAgent::AtCapacity);
         }
-        let best: Vec<&&Arc<ConnectedAgent>> =
-            candidates.iter().filter(|a| a.in_flight.load(Ordering::SeqCst) == least).collect();
-        best.get(fastrand::usize(..best.len())).map(|a| Arc::clone(a)).ok_or(NoAgent::NoneConnected)
+        let best: Vec<&Arc<ConnectedAgent>> =
+            loads.iter().filter(|(load, _)| *load == least).map(|(_, agent)| *agent).collect();
+        match best.len() {
+            0 => Err(NoAgent::NoneConnected),
+            n => best.get(fastrand::usize(..n)).map(|a| Arc::clone(a)).ok_or(NoAgent::NoneConnected),
+        }
     }
 
     /// The agent for the first exchange of a call with affinity key `key`: the agent with the
@@ -251,6 +258,75 @@ impl AgentSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection that never carries anything, for tests of how agents are picked.
+    struct Idle;
+
+    impl TunnelConnection for Idle {
+        fn open_bi(
+            &self,
+        ) -> relay_transport::BoxFuture<'_, Result<relay_transport::BiStream, relay_transport::ConnectionLost>>
+        {
+            Box::pin(async { Err(relay_transport::ConnectionLost("idle".into())) })
+        }
+        fn accept_bi(
+            &self,
+        ) -> relay_transport::BoxFuture<'_, Result<relay_transport::BiStream, relay_transport::ConnectionLost>>
+        {
+            Box::pin(std::future::pending())
+        }
+        fn closed(&self) -> relay_transport::BoxFuture<'_, relay_transport::ConnectionLost> {
+            Box::pin(std::future::pending())
+        }
+        fn close(&self, _code: u32, _reason: &str) {}
+        fn close_and_flush(&self, _code: u32, _reason: &str) -> relay_transport::BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+        fn remote_addr(&self) -> SocketAddr {
+            SocketAddr::from(([127, 0, 0, 1], 1))
+        }
+        fn transport(&self) -> &'static str {
+            "quic"
+        }
+    }
+
+    #[test]
+    fn picking_while_exchanges_start_and_end_on_other_threads_never_fails_or_panics() {
+        let set = Arc::new(AgentSet::default());
+        let agents: Vec<_> = (0..3)
+            .map(|i| {
+                set.insert(
+                    format!("agent-{i}"),
+                    String::new(),
+                    String::new(),
+                    SocketAddr::from(([127, 0, 0, 1], 1)),
+                    Arc::new(Idle),
+                )
+            })
+            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        // Loads change under the picker all the time, as exchanges do on a busy edge.
+        let churn: Vec<_> = agents
+            .iter()
+            .cloned()
+            .map(|agent| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let held: Vec<InFlight> = (0..3).map(|_| agent.begin_exchange()).collect();
+                        drop(held);
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..200_000 {
+            assert!(set.pick(usize::MAX).is_ok());
+        }
+        stop.store(true, Ordering::Relaxed);
+        for thread in churn {
+            thread.join().unwrap();
+        }
+    }
 
     #[test]
     fn rendezvous_weights_are_stable_and_spread_calls_evenly() {
