@@ -1,7 +1,7 @@
 //! relay-agent: the private half of acs-relay.
 //!
-//! The agent runs next to the bot. It dials *out* to the edge over mutually authenticated QUIC
-//! (so the bot's network accepts no inbound connection), accepts one stream per exchange, and
+//! The agent runs next to the bot. It dials *out* to the edge over mutually authenticated QUIC, or
+//! TLS over TCP where UDP cannot pass (so the bot's network accepts no inbound connection), accepts one stream per exchange, and
 //! forwards each to the bot on localhost. [`pair`] enrolls it with a one-time token;
 //! [`Agent::start`] runs it. The binary only parses configuration and calls these.
 

@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use relay_pki::{DEFAULT_BUNDLE_VALIDITY, DEFAULT_TOKEN_TTL, EdgeState};
 
 /// The public half of acs-relay: accepts ACS webhooks and media WebSockets and relays them to
-/// agents over a mutually authenticated QUIC tunnel.
+/// agents over a mutually authenticated tunnel (QUIC, or TLS over TCP where UDP cannot pass).
 #[derive(Debug, Parser)]
 #[command(name = "relay-edge", version)]
 struct Cli {

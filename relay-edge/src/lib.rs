@@ -2,9 +2,9 @@
 //!
 //! The edge accepts ACS webhooks and media WebSockets on its public listener, answers what it
 //! can itself (probes, unknown routes, oversized bodies, no agent), and sends every other
-//! exchange down a mutually authenticated QUIC tunnel that an agent dialled out to it. It also
-//! serves pairing on the tunnel port. [`Edge::start`] builds and runs all of it; the binary only
-//! parses configuration and calls it.
+//! exchange down a mutually authenticated tunnel (QUIC, or TLS over TCP where UDP cannot pass)
+//! that an agent dialled out to it. It also serves pairing on the tunnel port. [`Edge::start`]
+//! builds and runs all of it; the binary only parses configuration and calls it.
 
 pub mod admission;
 pub mod affinity;
