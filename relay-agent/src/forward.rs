@@ -12,7 +12,7 @@ use hyper_util::rt::TokioExecutor;
 use relay_exchange::body::{RelayBody, body_from_stream, copy_body_to_stream};
 use relay_exchange::websocket::{SessionLimits, pump};
 use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
-use relay_proto::headers::{from_wire, strip_hop_by_hop, to_wire};
+use relay_proto::headers::{PER_HOP_WEBSOCKET, from_wire, strip_hop_by_hop, to_wire};
 use relay_proto::{ExchangeHead, Failure, FailureKind, HttpReply, ResponseHead, WsReply, code};
 use relay_transport::{BiStream, write_frame};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -20,9 +20,6 @@ use tracing::{debug, info, warn};
 
 use crate::config::AgentSettings;
 use crate::metrics::{AgentMetrics, status_class};
-
-/// Handshake headers that belong to one WebSocket hop; tungstenite makes its own for the bot.
-const PER_HOP_WS_HEADERS: [&str; 3] = ["sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions"];
 
 /// Forwards exchanges to one bot.
 pub(crate) struct Forwarder {
@@ -138,7 +135,8 @@ impl Forwarder {
             let mut request = uri.into_client_request().map_err(|e| e.to_string())?;
             let mut headers = from_wire(head.headers.clone()).map_err(|e| e.to_string())?;
             strip_hop_by_hop(&mut headers);
-            for name in PER_HOP_WS_HEADERS.iter().chain([header::HOST.as_str()].iter()) {
+            // tungstenite makes its own handshake headers, and Host, for the bot.
+            for name in PER_HOP_WEBSOCKET.iter().chain([header::HOST.as_str()].iter()) {
                 headers.remove(*name);
             }
             let mut last: Option<HeaderName> = None;

@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use relay_exchange::body::{RelayBody, empty, full};
 use relay_exchange::websocket::{SessionLimits, SideEnd, pump, websocket_config};
 use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
-use relay_proto::headers::{from_wire, strip_hop_by_hop};
+use relay_proto::headers::{PER_HOP_WEBSOCKET, from_wire, strip_hop_by_hop};
 use relay_proto::{ExchangeKind, FailureKind, WsReply, code};
 use relay_transport::{BiStream, read_frame, write_frame};
 use tokio_tungstenite::WebSocketStream;
@@ -23,9 +23,6 @@ use crate::forward::{call_key, exchange_head, forwarded_headers, open_exchange};
 use crate::metrics::RouteLabels;
 use crate::public::{PublicService, edge_answer};
 use crate::routes::Route;
-
-/// Handshake headers that belong to one WebSocket hop; each hop negotiates its own.
-const PER_HOP_WS_HEADERS: [&str; 3] = ["sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions"];
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
@@ -67,7 +64,7 @@ pub(crate) async fn relay_upgrade(
     let agent = in_flight.agent().name.clone();
     let BiStream { mut send, mut recv } = stream;
     let mut forwarded = forwarded_headers(req.headers(), peer, &service.settings.admission.trusted_proxies);
-    for name in PER_HOP_WS_HEADERS {
+    for name in PER_HOP_WEBSOCKET {
         forwarded.remove(name);
     }
     let head = exchange_head(&req, ExchangeKind::WebSocket, peer, request_id, &forwarded, call_key.clone());
@@ -118,7 +115,7 @@ pub(crate) async fn relay_upgrade(
     if let Ok(mut extra) = from_wire(bot_headers) {
         strip_hop_by_hop(&mut extra);
         for name in
-            PER_HOP_WS_HEADERS.iter().chain(["sec-websocket-accept", "sec-websocket-protocol", "content-length"].iter())
+            PER_HOP_WEBSOCKET.iter().chain(["sec-websocket-accept", "sec-websocket-protocol", "content-length"].iter())
         {
             extra.remove(*name);
         }

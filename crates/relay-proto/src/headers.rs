@@ -16,6 +16,10 @@ pub enum HeaderError {
     Value(String),
 }
 
+/// WebSocket handshake headers that belong to one hop (RFC 6455 §4): the key, version and
+/// extensions each hop negotiates for itself, so neither the edge nor the agent passes them on.
+pub const PER_HOP_WEBSOCKET: [&str; 3] = ["sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions"];
+
 /// Headers that describe one connection, never the message (RFC 9110 §7.6.1). The `Upgrade`
 /// header is handled by [`strip_hop_by_hop`]'s caller for WebSocket upgrades.
 const HOP_BY_HOP: [HeaderName; 6] = [

@@ -6,6 +6,7 @@
 //!   `AudioData` frames at 50 per second and measures each echo's round trip;
 //! * [`client`]: small HTTP helpers, including bodies generated and hashed on the fly;
 //! * [`impair`]: a seeded UDP link-impairment proxy (loss, delay, jitter, black hole);
+//! * [`netns`]: test hosts in network namespaces, for faults only the kernel can make;
 //! * [`procs`]: the real edge and agent as separate processes, for fault tests that kill them;
 //! * [`raw`]: raw HTTP/1.1 for requests no client library would send;
 //! * [`stack`]: a real edge + paired agent + bot, in process, on ports from the OS;
@@ -18,6 +19,7 @@ pub mod balancer;
 pub mod bot;
 pub mod client;
 pub mod impair;
+pub mod netns;
 pub mod procs;
 pub mod raw;
 pub mod stack;
