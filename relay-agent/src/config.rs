@@ -180,11 +180,11 @@ pub struct AgentSettings {
     pub head_timeout: Duration,
     /// See [`DEFAULT_DRAIN_TIMEOUT`].
     pub drain_timeout: Duration,
-    /// See [`relay_exchange::DEFAULT_MAX_WS_MESSAGE`].
+    /// See [`relay_tunnel::DEFAULT_MAX_WS_MESSAGE`].
     pub max_ws_message_bytes: usize,
-    /// See [`relay_exchange::websocket::default_write_buffer`].
+    /// See [`relay_tunnel::websocket::default_write_buffer`].
     pub max_ws_write_buffer_bytes: usize,
-    /// See [`relay_exchange::websocket::DEFAULT_WS_WRITE_TIMEOUT`].
+    /// See [`relay_tunnel::websocket::DEFAULT_WS_WRITE_TIMEOUT`].
     pub ws_write_timeout: Duration,
     /// See [`DEFAULT_RECONNECT_INITIAL`].
     pub reconnect_initial: Duration,
@@ -248,11 +248,11 @@ impl AgentSettings {
             bot_timeout: DEFAULT_BOT_TIMEOUT,
             head_timeout: DEFAULT_HEAD_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
-            max_ws_message_bytes: relay_exchange::DEFAULT_MAX_WS_MESSAGE,
-            max_ws_write_buffer_bytes: relay_exchange::websocket::default_write_buffer(
-                relay_exchange::DEFAULT_MAX_WS_MESSAGE,
+            max_ws_message_bytes: relay_tunnel::DEFAULT_MAX_WS_MESSAGE,
+            max_ws_write_buffer_bytes: relay_tunnel::websocket::default_write_buffer(
+                relay_tunnel::DEFAULT_MAX_WS_MESSAGE,
             ),
-            ws_write_timeout: relay_exchange::websocket::DEFAULT_WS_WRITE_TIMEOUT,
+            ws_write_timeout: relay_tunnel::websocket::DEFAULT_WS_WRITE_TIMEOUT,
             reconnect_initial: DEFAULT_RECONNECT_INITIAL,
             reconnect_max: DEFAULT_RECONNECT_MAX,
             tunnel: TunnelSettings::default(),

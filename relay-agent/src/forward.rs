@@ -9,12 +9,12 @@ use http::{Method, Request, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use relay_exchange::body::{RelayBody, body_from_stream, copy_body_to_stream};
-use relay_exchange::websocket::{SessionLimits, pump};
-use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
 use relay_proto::headers::{PER_HOP_WEBSOCKET, from_wire, strip_hop_by_hop, to_wire};
-use relay_proto::{ExchangeHead, Failure, FailureKind, HttpReply, ResponseHead, WsReply, code};
-use relay_transport::{BiStream, write_frame};
+use relay_proto::{ExchangeHead, ExchangeKind, Failure, FailureKind, HttpReply, ResponseHead, WsReply, code};
+use relay_transport::BiStream;
+use relay_tunnel::body::{RelayBody, body_from_stream, copy_body_to_stream};
+use relay_tunnel::exchange;
+use relay_tunnel::websocket::{SessionLimits, pump};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tracing::{debug, info, warn};
 
@@ -33,6 +33,19 @@ fn path_and_query(head: &ExchangeHead) -> &str {
 }
 
 impl Forwarder {
+    /// Reads the head of an exchange the edge opened and forwards it. A malformed head resets
+    /// this stream only.
+    pub async fn exchange(self: std::sync::Arc<Self>, stream: BiStream, head_timeout: std::time::Duration) {
+        match exchange::accept(stream, head_timeout).await {
+            Ok(Some((head, stream))) => match head.kind {
+                ExchangeKind::Http => self.http(head, stream).await,
+                ExchangeKind::WebSocket => self.websocket(head, stream).await,
+            },
+            Ok(None) => {}
+            Err(e) => warn!("{e}"),
+        }
+    }
+
     pub fn new(settings: std::sync::Arc<AgentSettings>, metrics: std::sync::Arc<AgentMetrics>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -48,34 +61,33 @@ impl Forwarder {
             .map_err(|e| format!("invalid request target: {e}"))
     }
 
-    /// Relays one webhook.
-    pub async fn http(&self, head: ExchangeHead, stream: BiStream) {
-        let started = Instant::now();
-        let BiStream { mut send, mut recv } = stream;
-        let request_id = head.request_id;
-        let (method, uri, headers) = match (
-            Method::from_bytes(head.method.as_bytes()),
-            self.bot_uri(&head, "http"),
-            from_wire(head.headers.clone()),
-        ) {
-            (Ok(method), Ok(uri), Ok(mut headers)) => {
-                strip_hop_by_hop(&mut headers);
-                headers.remove(header::HOST);
-                (method, uri, headers)
-            }
-            _ => {
-                warn!(request_id, "malformed exchange head (method, target or headers); stream reset");
-                recv.stop(code::MALFORMED_FRAME);
-                send.reset(code::MALFORMED_FRAME);
-                self.metrics.exchange("http", "malformed", started.elapsed().as_secs_f64());
-                return;
-            }
-        };
-        let mut request = Request::new(body_from_stream(recv));
+    /// The bot's request for a webhook exchange, without its body; `None` when the head does not
+    /// make a valid request.
+    fn bot_request(&self, head: &ExchangeHead) -> Option<Request<()>> {
+        let method = Method::from_bytes(head.method.as_bytes()).ok()?;
+        let uri = self.bot_uri(head, "http").ok()?;
+        let mut headers = from_wire(head.headers.clone()).ok()?;
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::HOST);
+        let mut request = Request::new(());
         *request.method_mut() = method;
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
+        Some(request)
+    }
 
+    /// Relays one webhook.
+    pub async fn http(&self, head: ExchangeHead, stream: BiStream) {
+        let started = Instant::now();
+        let request_id = head.request_id;
+        let Some(request) = self.bot_request(&head) else {
+            warn!(request_id, "malformed exchange head (method, target or headers); stream reset");
+            exchange::reset(&mut { stream }, code::MALFORMED_FRAME);
+            self.metrics.exchange("http", "malformed", started.elapsed().as_secs_f64());
+            return;
+        };
+        let BiStream { mut send, recv } = stream;
+        let request = request.map(|()| body_from_stream(recv));
         let answer = tokio::time::timeout(self.settings.bot_timeout, self.client.request(request)).await;
         let response = match answer {
             Ok(Ok(response)) => response,
@@ -83,19 +95,15 @@ impl Forwarder {
                 let detail = error_chain(&e);
                 warn!(request_id, path = %path_of(&head), "bot unreachable: {detail}");
                 let failure = Failure { kind: FailureKind::BotUnreachable, detail };
-                let _ = write_frame(&mut send, &HttpReply::Failed(failure), DEFAULT_MAX_HEAD_LEN).await;
-                let _ = tokio::io::AsyncWriteExt::shutdown(&mut send).await;
+                exchange::reply_final(&mut send, &HttpReply::Failed(failure)).await;
                 self.metrics.exchange("http", "bot-unreachable", started.elapsed().as_secs_f64());
                 return;
             }
             Err(_) => {
                 warn!(request_id, path = %path_of(&head), "bot did not answer within {:?}", self.settings.bot_timeout);
-                let failure = Failure {
-                    kind: FailureKind::BotTimeout,
-                    detail: format!("no answer within {:?}", self.settings.bot_timeout),
-                };
-                let _ = write_frame(&mut send, &HttpReply::Failed(failure), DEFAULT_MAX_HEAD_LEN).await;
-                let _ = tokio::io::AsyncWriteExt::shutdown(&mut send).await;
+                let detail = format!("no answer within {:?}", self.settings.bot_timeout);
+                let failure = Failure { kind: FailureKind::BotTimeout, detail };
+                exchange::reply_final(&mut send, &HttpReply::Failed(failure)).await;
                 self.metrics.exchange("http", "bot-timeout", started.elapsed().as_secs_f64());
                 return;
             }
@@ -104,7 +112,7 @@ impl Forwarder {
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
         let reply = HttpReply::Response(ResponseHead { status: parts.status.as_u16(), headers: to_wire(&headers) });
-        if let Err(e) = write_frame(&mut send, &reply, DEFAULT_MAX_HEAD_LEN).await {
+        if let Err(e) = exchange::reply(&mut send, &reply).await {
             warn!(request_id, "could not return the bot's answer to the edge: {e}");
             send.reset(code::ABORTED);
             return;
@@ -126,51 +134,44 @@ impl Forwarder {
         }
     }
 
-    /// Relays one media WebSocket: opens the bot's socket, reports the handshake result, pumps.
-    pub async fn websocket(&self, head: ExchangeHead, stream: BiStream) {
-        let started = Instant::now();
-        let BiStream { mut send, mut recv } = stream;
-        let request_id = head.request_id;
-        let request = self.bot_uri(&head, "ws").map_err(|e| e.to_string()).and_then(|uri| {
-            let mut request = uri.into_client_request().map_err(|e| e.to_string())?;
-            let mut headers = from_wire(head.headers.clone()).map_err(|e| e.to_string())?;
-            strip_hop_by_hop(&mut headers);
-            // tungstenite makes its own handshake headers, and Host, for the bot.
-            for name in PER_HOP_WEBSOCKET.iter().chain([header::HOST.as_str()].iter()) {
-                headers.remove(*name);
+    /// The bot's WebSocket handshake request for an exchange head: the caller's end-to-end
+    /// headers, with tungstenite making its own handshake headers and `Host`.
+    fn bot_ws_request(&self, head: &ExchangeHead) -> Result<Request<()>, String> {
+        let mut request = self.bot_uri(head, "ws")?.into_client_request().map_err(|e| e.to_string())?;
+        let mut headers = from_wire(head.headers.clone()).map_err(|e| e.to_string())?;
+        strip_hop_by_hop(&mut headers);
+        for name in PER_HOP_WEBSOCKET.iter().chain([header::HOST.as_str()].iter()) {
+            headers.remove(*name);
+        }
+        let mut last: Option<HeaderName> = None;
+        for (name, value) in headers {
+            // HeaderMap's owning iterator yields the name once for repeated headers.
+            if let Some(name) = name {
+                last = Some(name);
             }
-            let mut last: Option<HeaderName> = None;
-            for (name, value) in headers {
-                // HeaderMap's owning iterator yields the name once for repeated headers.
-                if let Some(name) = name {
-                    last = Some(name);
-                }
-                if let Some(name) = &last {
-                    request.headers_mut().append(name.clone(), value);
-                }
+            if let Some(name) = &last {
+                request.headers_mut().append(name.clone(), value);
             }
-            Ok(request)
-        });
-        let request = match request {
-            Ok(request) => request,
-            Err(e) => {
-                warn!(request_id, "malformed WebSocket exchange head: {e}; stream reset");
-                recv.stop(code::MALFORMED_FRAME);
-                send.reset(code::MALFORMED_FRAME);
-                self.metrics.exchange("websocket", "malformed", started.elapsed().as_secs_f64());
-                return;
-            }
-        };
-        // The edge owns the idle timeout (it faces the caller); the agent follows its close.
-        let limits = SessionLimits {
+        }
+        Ok(request)
+    }
+
+    /// The limits of a media session. The edge owns the idle timeout (it faces the caller); the
+    /// agent follows its close.
+    fn session_limits(&self) -> SessionLimits {
+        SessionLimits {
             max_message: self.settings.max_ws_message_bytes,
             max_write_buffer: self.settings.max_ws_write_buffer_bytes,
             write_timeout: self.settings.ws_write_timeout,
             idle_timeout: None,
-        };
-        let config = relay_exchange::websocket::websocket_config(&limits);
+        }
+    }
+
+    /// Opens the bot's socket; `Err` is the answer that tells the edge why not.
+    async fn open_bot_socket(&self, request: Request<()>, request_id: u64) -> Result<(BotSocket, WsReply), WsReply> {
+        let config = relay_tunnel::websocket::websocket_config(&self.session_limits());
         let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
-        let reply = match tokio::time::timeout(self.settings.bot_timeout, connect).await {
+        match tokio::time::timeout(self.settings.bot_timeout, connect).await {
             Ok(Ok((ws, response))) => {
                 let mut headers = response.headers().clone();
                 let subprotocol =
@@ -183,11 +184,9 @@ impl Forwarder {
                 let mut headers = parts.headers;
                 strip_hop_by_hop(&mut headers);
                 let mut body = body.unwrap_or_default();
-                body.truncate(DEFAULT_MAX_HEAD_LEN / 2);
-                Err(WsReply::Rejected {
-                    head: ResponseHead { status: parts.status.as_u16(), headers: to_wire(&headers) },
-                    body,
-                })
+                body.truncate(relay_tunnel::HEAD_LIMIT / 2);
+                let head = ResponseHead { status: parts.status.as_u16(), headers: to_wire(&headers) };
+                Err(WsReply::Rejected { head, body })
             }
             Ok(Err(e)) => {
                 warn!(request_id, "cannot open the bot's WebSocket: {e}");
@@ -197,9 +196,24 @@ impl Forwarder {
                 warn!(request_id, "bot did not accept the WebSocket within {:?}", self.settings.bot_timeout);
                 Err(WsReply::Failed(Failure { kind: FailureKind::BotTimeout, detail: "upgrade timed out".into() }))
             }
+        }
+    }
+
+    /// Relays one media WebSocket: opens the bot's socket, reports the handshake result, pumps.
+    pub async fn websocket(&self, head: ExchangeHead, mut stream: BiStream) {
+        let started = Instant::now();
+        let request_id = head.request_id;
+        let request = match self.bot_ws_request(&head) {
+            Ok(request) => request,
+            Err(e) => {
+                warn!(request_id, "malformed WebSocket exchange head: {e}; stream reset");
+                exchange::reset(&mut stream, code::MALFORMED_FRAME);
+                self.metrics.exchange("websocket", "malformed", started.elapsed().as_secs_f64());
+                return;
+            }
         };
-        let (ws, accepted) = match reply {
-            Ok(pair) => pair,
+        let (ws, accepted) = match self.open_bot_socket(request, request_id).await {
+            Ok(opened) => opened,
             Err(refused) => {
                 let outcome = match &refused {
                     WsReply::Rejected { head, .. } => status_class(head.status),
@@ -207,17 +221,16 @@ impl Forwarder {
                     _ => "bot-unreachable".into(),
                 };
                 self.metrics.exchange("websocket", outcome, started.elapsed().as_secs_f64());
-                let _ = write_frame(&mut send, &refused, DEFAULT_MAX_HEAD_LEN).await;
-                let _ = tokio::io::AsyncWriteExt::shutdown(&mut send).await;
+                exchange::reply_final(&mut stream.send, &refused).await;
                 return;
             }
         };
-        if let Err(e) = write_frame(&mut send, &accepted, DEFAULT_MAX_HEAD_LEN).await {
+        if let Err(e) = exchange::reply(&mut stream.send, &accepted).await {
             warn!(request_id, "edge went away before the upgrade completed: {e}");
             return;
         }
         self.metrics.websocket_sessions.inc();
-        let report = pump(ws, BiStream { send, recv }, limits).await;
+        let report = pump(ws, stream, self.session_limits()).await;
         self.metrics.websocket_sessions.dec();
         self.metrics.exchange("websocket", "101", started.elapsed().as_secs_f64());
         info!(
@@ -232,6 +245,9 @@ impl Forwarder {
         );
     }
 }
+
+/// The bot's end of a media session.
+type BotSocket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// The path without the query (queries may carry secrets; logs never show them).
 fn path_of(head: &ExchangeHead) -> &str {

@@ -5,9 +5,12 @@
 //! forwards each to the bot on localhost. [`pair`] enrolls it with a one-time token;
 //! [`Agent::start`] runs it. The binary only parses configuration and calls these.
 
+mod backoff;
 pub mod cli;
 pub mod config;
+mod control;
 mod forward;
+mod link;
 pub mod metrics;
 pub mod pairing;
 mod replicas;
@@ -104,7 +107,7 @@ impl Agent {
             held: Default::default(),
         });
         tracing::info!(agent = %name, edges = ?edges, admin = ?admin_addr, "agent starting");
-        tasks.spawn(client.run());
+        tasks.spawn(replicas::run(client));
         Ok(Self { shutdown, tasks, connected, drain_acks, name, admin_addr, draining, exchanges, metrics })
     }
 
@@ -150,7 +153,7 @@ impl Agent {
         // Every edge confirms before anything closes, so none sends a new exchange into a
         // connection about to go (bounded: an edge that does not answer is given up on).
         let (mut acks, mut connected) = (self.drain_acks.clone(), self.connected.clone());
-        let _ = tokio::time::timeout(tunnel::DRAIN_NOTICE_TIMEOUT, async {
+        let _ = tokio::time::timeout(control::DRAIN_NOTICE_TIMEOUT, async {
             while *acks.borrow_and_update() < *connected.borrow_and_update() {
                 tokio::select! {
                     changed = acks.changed() => if changed.is_err() { break },

@@ -6,12 +6,10 @@ use std::time::Duration;
 use relay_pki::{
     AgentState, AgentStateError, CaError, CaPin, PairingToken, TokenError, agent_name_from_cert, generate_agent_csr,
 };
-use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
-use relay_proto::{PairRefusal, PairRequest, PairResponse, code};
-use relay_transport::{DialError, Transport, TunnelSettings, dial_pairing, host_of, read_frame, write_frame};
+use relay_proto::{PairRefusal, PairRequest, PairResponse};
+use relay_transport::{DialError, Transport, TunnelSettings, dial_pairing, host_of};
 
 use crate::config::{DEFAULT_QUIC_FALLBACK_AFTER, TransportChoice};
-use tokio::io::AsyncWriteExt;
 
 /// How long the edge has to answer a pairing request once connected. Signing takes
 /// milliseconds; the rest is one round trip.
@@ -143,21 +141,9 @@ pub async fn pair(
         };
         let request =
             PairRequest { token_id: token.token_id.clone(), secret: token.secret.to_vec(), csr_der: csr_der.clone() };
-        let exchange = async {
-            let mut stream = conn.open_bi().await.map_err(|e| PairError::Protocol(e.to_string()))?;
-            write_frame(&mut stream.send, &request, DEFAULT_MAX_HEAD_LEN)
-                .await
-                .map_err(|e| PairError::Protocol(e.to_string()))?;
-            let _ = stream.send.shutdown().await;
-            read_frame::<PairResponse, _>(&mut stream.recv, DEFAULT_MAX_HEAD_LEN)
-                .await
-                .map_err(|e| PairError::Protocol(e.to_string()))?
-                .ok_or_else(|| PairError::Protocol("the edge closed without answering".into()))
-        };
-        let response = tokio::time::timeout(PAIRING_ANSWER_TIMEOUT, exchange)
+        let response = relay_tunnel::pairing::redeem(&conn, &request, PAIRING_ANSWER_TIMEOUT)
             .await
-            .map_err(|_| PairError::Protocol("the edge did not answer in time".into()))?;
-        conn.close_and_flush(code::OK, "paired").await;
+            .map_err(|e| PairError::Protocol(e.to_string()));
         return match response? {
             PairResponse::Refused(refusal) => Err(PairError::Refused(refusal)),
             PairResponse::Issued { agent_name, cert_der, ca_der } => {

@@ -12,9 +12,9 @@
 //! closed at once (the edge, seeing itself in the hello's `holds` label, does not mistake it for
 //! a reconnect).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -23,8 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::link::{Link, LinkEvent};
 use crate::metrics::OutcomeLabels;
-use crate::tunnel::{Link, TunnelClient, reconcile};
+use crate::tunnel::TunnelClient;
 
 /// New connections in a row that must find only known instances before the agent believes it
 /// holds every replica behind an address. With two replicas behind a balancer that spreads
@@ -38,60 +39,6 @@ const PROBE_GAP: Duration = Duration::from_millis(20);
 /// How often an address whose replicas were all found is probed once more, to find a replica
 /// that started since (a scale-out, a redeploy the agent did not see as a lost connection).
 pub const REPLICA_RECHECK_INTERVAL: Duration = Duration::from_secs(30);
-
-/// What a link tells its follower.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum LinkEvent {
-    /// A connection reached an edge instance no other link holds.
-    Found {
-        /// The address.
-        addr: SocketAddr,
-        /// Whether the link was started to probe for replicas.
-        probe: bool,
-    },
-    /// A held connection ended (its instance may be gone: look again).
-    Lost {
-        /// The address.
-        addr: SocketAddr,
-    },
-    /// The link ended.
-    Ended {
-        /// The address.
-        addr: SocketAddr,
-        /// Because its connection reached an instance another link holds.
-        duplicate: bool,
-    },
-}
-
-/// The edge instances this agent process holds a connection to, across every address.
-#[derive(Debug, Default)]
-pub(crate) struct HeldInstances {
-    held: Mutex<HashSet<String>>,
-}
-
-impl HeldInstances {
-    /// Claims `instance` for a new connection; `false` if another connection holds it.
-    pub fn claim(&self, instance: &str) -> bool {
-        self.held.lock().is_ok_and(|mut held| held.insert(instance.to_owned()))
-    }
-
-    /// Releases `instance` when its connection ends.
-    pub fn release(&self, instance: &str) {
-        if let Ok(mut held) = self.held.lock() {
-            held.remove(instance);
-        }
-    }
-
-    /// How many are held.
-    pub fn count(&self) -> usize {
-        self.held.lock().map_or(0, |held| held.len())
-    }
-
-    /// The `holds` hello label: the held instances, comma separated.
-    pub fn label(&self) -> String {
-        self.held.lock().map(|held| held.iter().cloned().collect::<Vec<_>>().join(",")).unwrap_or_default()
-    }
-}
 
 /// One resolved address: its links and where the search for replicas behind it stands.
 #[derive(Debug)]
@@ -174,92 +121,115 @@ impl Address {
     }
 }
 
-impl TunnelClient {
-    /// Follows one configured edge: resolves it now and every resolve interval, runs links for
-    /// each address, probes each address for replicas behind it, and retires the links of an
-    /// address DNS no longer returns (a replica that was replaced). A failed lookup keeps the
-    /// links there are.
-    pub(crate) async fn follow(self: Arc<Self>, target: String) {
-        let links = TaskTracker::new();
-        let (events_tx, mut events) = mpsc::unbounded_channel::<LinkEvent>();
-        let mut addresses: HashMap<SocketAddr, Address> = HashMap::new();
-        // An address literal resolves to itself; there is nothing to follow but its replicas.
-        let literal = target.parse::<SocketAddr>().is_ok();
-        let mut resolve_at = Instant::now();
-        let start = |addr: SocketAddr, retired: &CancellationToken, probe: bool| {
-            let link = Link::new(self.clone(), target.clone(), addr, retired.clone(), events_tx.clone(), probe);
-            links.spawn(link.run());
-        };
-        loop {
-            let now = Instant::now();
-            if now >= resolve_at {
-                match tokio::net::lookup_host(&target).await {
-                    Ok(found) => {
-                        let found: BTreeSet<SocketAddr> = found.collect();
-                        let (new, gone) = reconcile(&addresses.keys().copied().collect(), &found);
-                        for addr in gone {
-                            if let Some(address) = addresses.remove(&addr) {
-                                info!(edge = %target, %addr, "edge address no longer resolves; not reconnecting to it");
-                                address.retired.cancel();
-                            }
-                        }
-                        for addr in new {
-                            let address = Address::new(now);
-                            start(addr, &address.retired, false);
-                            addresses.insert(addr, address);
-                        }
-                        if found.is_empty() {
-                            warn!(edge = %target, "edge name resolved to no address");
+/// Keeps one connection to every edge instance behind every configured edge until shutdown or
+/// drain.
+pub(crate) async fn run(client: Arc<TunnelClient>) {
+    let followers = TaskTracker::new();
+    for target in client.edges.clone() {
+        followers.spawn(follow(client.clone(), target));
+    }
+    followers.close();
+    followers.wait().await;
+}
+
+/// Which addresses to start links for and which to retire, given the ones linked now and the
+/// ones the name resolves to. An empty answer retires nothing: a name that briefly resolves to
+/// nothing (a DNS hiccup, every replica restarting) must not tear down the links.
+pub(crate) fn reconcile(
+    current: &BTreeSet<SocketAddr>,
+    found: &BTreeSet<SocketAddr>,
+) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+    if found.is_empty() {
+        return (Vec::new(), Vec::new());
+    }
+    (found.difference(current).copied().collect(), current.difference(found).copied().collect())
+}
+
+/// Follows one configured edge: resolves it now and every resolve interval, runs links for
+/// each address, probes each address for replicas behind it, and retires the links of an
+/// address DNS no longer returns (a replica that was replaced). A failed lookup keeps the
+/// links there are.
+async fn follow(client: Arc<TunnelClient>, target: String) {
+    let links = TaskTracker::new();
+    let (events_tx, mut events) = mpsc::unbounded_channel::<LinkEvent>();
+    let mut addresses: HashMap<SocketAddr, Address> = HashMap::new();
+    // An address literal resolves to itself; there is nothing to follow but its replicas.
+    let literal = target.parse::<SocketAddr>().is_ok();
+    let mut resolve_at = Instant::now();
+    let start = |addr: SocketAddr, retired: &CancellationToken, probe: bool| {
+        let link = Link::new(client.clone(), target.clone(), addr, retired.clone(), events_tx.clone(), probe);
+        links.spawn(link.run());
+    };
+    loop {
+        let now = Instant::now();
+        if now >= resolve_at {
+            match tokio::net::lookup_host(&target).await {
+                Ok(found) => {
+                    let found: BTreeSet<SocketAddr> = found.collect();
+                    let (new, gone) = reconcile(&addresses.keys().copied().collect(), &found);
+                    for addr in gone {
+                        if let Some(address) = addresses.remove(&addr) {
+                            info!(edge = %target, %addr, "edge address no longer resolves; not reconnecting to it");
+                            address.retired.cancel();
                         }
                     }
-                    Err(e) => warn!(edge = %target, "cannot resolve the edge: {e}; keeping current connections"),
+                    for addr in new {
+                        let address = Address::new(now);
+                        start(addr, &address.retired, false);
+                        addresses.insert(addr, address);
+                    }
+                    if found.is_empty() {
+                        warn!(edge = %target, "edge name resolved to no address");
+                    }
                 }
-                // Without a single address yet, retry as soon as a reconnect would.
-                resolve_at = match (literal, addresses.is_empty()) {
-                    (_, true) => now + self.settings.reconnect_max,
-                    (true, false) => now + Duration::from_secs(365 * 24 * 3600),
-                    (false, false) => now + self.settings.edge_resolve_interval,
+                Err(e) => warn!(edge = %target, "cannot resolve the edge: {e}; keeping current connections"),
+            }
+            // Without a single address yet, retry as soon as a reconnect would.
+            resolve_at = match (literal, addresses.is_empty()) {
+                (_, true) => now + client.settings.reconnect_max,
+                (true, false) => now + Duration::from_secs(365 * 24 * 3600),
+                (false, false) => now + client.settings.edge_resolve_interval,
+            };
+        }
+        let max = client.settings.max_edge_replicas;
+        for (addr, address) in &mut addresses {
+            if let Action::Start { probe } = address.on_tick(now, max) {
+                start(*addr, &address.retired, probe);
+            }
+        }
+        let next_probe = addresses.values().filter_map(|a| a.probe_at).min();
+        let next_recheck = addresses.values().map(|a| a.rechecked + REPLICA_RECHECK_INTERVAL).min();
+        let wake = [Some(resolve_at), next_probe, next_recheck].into_iter().flatten().min().unwrap_or(resolve_at);
+        tokio::select! {
+            () = client.shutdown.cancelled() => break,
+            () = client.draining.cancelled() => break,
+            () = tokio::time::sleep_until(wake) => {}
+            Some(event) = events.recv() => {
+                let (addr, counted) = match event {
+                    LinkEvent::Found { addr, probe } => (addr, probe.then_some("new")),
+                    LinkEvent::Ended { addr, duplicate } => (addr, duplicate.then_some("known")),
+                    LinkEvent::Lost { addr } => (addr, None),
                 };
-            }
-            let max = self.settings.max_edge_replicas;
-            for (addr, address) in &mut addresses {
-                if let Action::Start { probe } = address.on_tick(now, max) {
-                    start(*addr, &address.retired, probe);
+                if let Some(outcome) = counted {
+                    client.metrics.replica_probes.get_or_create(&OutcomeLabels { outcome }).inc();
                 }
-            }
-            let next_probe = addresses.values().filter_map(|a| a.probe_at).min();
-            let next_recheck = addresses.values().map(|a| a.rechecked + REPLICA_RECHECK_INTERVAL).min();
-            let wake = [Some(resolve_at), next_probe, next_recheck].into_iter().flatten().min().unwrap_or(resolve_at);
-            tokio::select! {
-                () = self.shutdown.cancelled() => break,
-                () = self.draining.cancelled() => break,
-                () = tokio::time::sleep_until(wake) => {}
-                Some(event) = events.recv() => {
-                    let (addr, counted) = match event {
-                        LinkEvent::Found { addr, probe } => (addr, probe.then_some("new")),
-                        LinkEvent::Ended { addr, duplicate } => (addr, duplicate.then_some("known")),
-                        LinkEvent::Lost { addr } => (addr, None),
-                    };
-                    if let Some(outcome) = counted {
-                        self.metrics.replica_probes.get_or_create(&OutcomeLabels { outcome }).inc();
-                    }
-                    self.metrics.edge_instances.set(i64::try_from(self.held.count()).unwrap_or(i64::MAX));
-                    if let Some(address) = addresses.get_mut(&addr)
-                        && let Action::Start { probe } = address.on_event(event, Instant::now())
-                    {
-                        start(addr, &address.retired, probe);
-                    }
+                client.metrics.edge_instances.set(i64::try_from(client.held.count()).unwrap_or(i64::MAX));
+                if let Some(address) = addresses.get_mut(&addr)
+                    && let Action::Start { probe } = address.on_event(event, Instant::now())
+                {
+                    start(addr, &address.retired, probe);
                 }
             }
         }
-        links.close();
-        links.wait().await;
     }
+    links.close();
+    links.wait().await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tunnel::HeldInstances;
 
     fn addr() -> SocketAddr {
         "127.0.0.1:4433".parse().unwrap()
@@ -338,5 +308,22 @@ mod tests {
         assert_eq!(listed, ["a", "b"]);
         held.release("a");
         assert!(held.claim("a"));
+    }
+
+    fn addrs(list: &[&str]) -> BTreeSet<SocketAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn new_replicas_get_links_and_vanished_ones_are_retired() {
+        let (start, retire) = reconcile(&addrs(&["10.0.0.1:1", "10.0.0.2:1"]), &addrs(&["10.0.0.2:1", "10.0.0.3:1"]));
+        assert_eq!(start, Vec::from_iter(addrs(&["10.0.0.3:1"])));
+        assert_eq!(retire, Vec::from_iter(addrs(&["10.0.0.1:1"])));
+    }
+
+    #[test]
+    fn an_empty_answer_retires_nothing() {
+        let (start, retire) = reconcile(&addrs(&["10.0.0.1:1"]), &BTreeSet::new());
+        assert!(start.is_empty() && retire.is_empty());
     }
 }

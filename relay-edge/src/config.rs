@@ -245,11 +245,11 @@ pub struct EdgeSettings {
     pub admin_listen: Option<SocketAddr>,
     /// See [`DEFAULT_MAX_BODY_BYTES`].
     pub max_body_bytes: u64,
-    /// See [`relay_exchange::DEFAULT_MAX_WS_MESSAGE`].
+    /// See [`relay_tunnel::DEFAULT_MAX_WS_MESSAGE`].
     pub max_ws_message_bytes: usize,
-    /// See [`relay_exchange::websocket::default_write_buffer`].
+    /// See [`relay_tunnel::websocket::default_write_buffer`].
     pub max_ws_write_buffer_bytes: usize,
-    /// See [`relay_exchange::websocket::DEFAULT_WS_WRITE_TIMEOUT`].
+    /// See [`relay_tunnel::websocket::DEFAULT_WS_WRITE_TIMEOUT`].
     pub ws_write_timeout: Duration,
     /// See [`DEFAULT_MAX_HEADER_BYTES`].
     pub max_header_bytes: usize,
@@ -307,11 +307,11 @@ impl EdgeSettings {
             // A port from the OS; the binary's configuration defaults to DEFAULT_ADMIN_LISTEN.
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-            max_ws_message_bytes: relay_exchange::DEFAULT_MAX_WS_MESSAGE,
-            max_ws_write_buffer_bytes: relay_exchange::websocket::default_write_buffer(
-                relay_exchange::DEFAULT_MAX_WS_MESSAGE,
+            max_ws_message_bytes: relay_tunnel::DEFAULT_MAX_WS_MESSAGE,
+            max_ws_write_buffer_bytes: relay_tunnel::websocket::default_write_buffer(
+                relay_tunnel::DEFAULT_MAX_WS_MESSAGE,
             ),
-            ws_write_timeout: relay_exchange::websocket::DEFAULT_WS_WRITE_TIMEOUT,
+            ws_write_timeout: relay_tunnel::websocket::DEFAULT_WS_WRITE_TIMEOUT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_exchanges_per_agent: DEFAULT_MAX_EXCHANGES_PER_AGENT,
             rate_limit_per_source: Some(crate::rate_limit::DEFAULT_RATE_PER_SOURCE),

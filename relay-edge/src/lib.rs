@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod affinity;
 pub mod agents;
+mod answer;
 pub mod cli;
 pub mod config;
 pub mod conn_limit;
@@ -20,6 +21,7 @@ mod pairing_limit;
 mod public;
 pub mod rate_limit;
 mod registry;
+mod relay;
 pub mod request_body;
 pub mod routes;
 pub mod status;
@@ -225,18 +227,21 @@ impl Edge {
             relay_cli::open_file_limit(),
         ));
         let max_connections = connections.max_total();
-        let front = Arc::new(public::PublicService {
-            connections,
+        let relay = Arc::new(relay::Relay {
+            settings,
+            agents: agents.clone(),
             affinity: affinity_table,
+            metrics: metrics.clone(),
+            tasks: tasks.clone(),
+        });
+        let front = Arc::new(public::PublicService {
+            relay,
+            connections,
             rate_limit,
             draining: draining.clone(),
-            settings,
             verifiers: admission::Verifiers { acs, entra },
-            metrics: metrics.clone(),
-            agents: agents.clone(),
             next_request_id: AtomicU64::new(1),
             shutdown: shutdown.clone(),
-            tasks: tasks.clone(),
         });
         tasks.spawn(tunnel.run());
         tasks.spawn(registry.run());
@@ -248,7 +253,7 @@ impl Edge {
                 Arc::new(move || !ready_draining.is_cancelled() && ready_agents.ready());
             tasks.spawn(relay_cli::admin::serve_metrics(listener, text, ready, shutdown.clone()));
         }
-        warn_open_routes(&front.settings);
+        warn_open_routes(&front.relay.settings);
         tasks.spawn(front.run(public));
         tracing::info!(
             %public_addr,

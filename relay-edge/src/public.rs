@@ -1,5 +1,5 @@
-//! The public listener: probes, routing, and the edge's own answers (404, 405, 413, 503).
-//! Relayed exchanges continue in [`crate::forward`].
+//! The public listener: connection caps, probes, screening, routing and admission. Admitted
+//! exchanges continue in [`crate::forward`] (webhooks) and [`crate::websocket`] (media).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -11,71 +11,38 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use relay_exchange::body::{RelayBody, full};
+use relay_tunnel::body::RelayBody;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::admission::{self, AuthCheck, Rejection, event_grid};
-use crate::agents::AgentSet;
-use crate::config::EdgeSettings;
+use crate::answer;
 use crate::conn_limit::ConnectionLimits;
 use crate::linger::LingeringStream;
-use crate::metrics::EdgeMetrics;
 use crate::rate_limit::SourceRateLimiter;
+use crate::relay::Relay;
 use crate::request_body::TimedBody;
 use crate::routes::{self, Route};
 use crate::target;
 
 /// State shared by every public request.
 pub(crate) struct PublicService {
-    pub settings: Arc<EdgeSettings>,
+    /// What relaying needs: settings, agents, calls, metrics, tasks.
+    pub relay: Arc<Relay>,
     /// Token verifiers with their keys loaded.
     pub verifiers: admission::Verifiers,
-    /// Counters and gauges.
-    pub metrics: Arc<EdgeMetrics>,
     /// Per-source request rate, when limited.
     pub rate_limit: Option<SourceRateLimiter>,
     /// Cancelled when the edge starts draining: not ready, no new exchanges.
     pub draining: CancellationToken,
-    /// Calls pinned to agents.
-    pub affinity: Arc<crate::affinity::AffinityTable>,
-    pub agents: Arc<AgentSet>,
     pub next_request_id: AtomicU64,
     /// Client connections open, capped in total and per source.
     pub connections: Arc<ConnectionLimits>,
     pub shutdown: CancellationToken,
-    pub tasks: TaskTracker,
-}
-
-/// A short plain-text answer from the edge itself.
-pub(crate) fn edge_answer(status: StatusCode, text: &str) -> Response<RelayBody> {
-    let mut response = Response::new(full(format!("{text}\n")));
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    response
-}
-
-/// [`edge_answer`] for a request the edge stopped reading: `Connection: close` tells the client
-/// the connection ends with this answer (and [`crate::linger`] makes sure it is read).
-pub(crate) fn edge_answer_closing(status: StatusCode, text: &str) -> Response<RelayBody> {
-    let mut response = edge_answer(status, text);
-    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-    response
 }
 
 impl PublicService {
-    /// `503` with `Retry-After`, so Event Grid and ACS retry instead of giving up. Logged: an
-    /// operator must see that ACS traffic is being turned away.
-    pub(crate) fn unavailable(&self, text: &str) -> Response<RelayBody> {
-        tracing::warn!("answering 503 at the edge: {text}");
-        let mut response = edge_answer(StatusCode::SERVICE_UNAVAILABLE, text);
-        let secs = self.settings.retry_after.as_secs().max(1);
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        response
-    }
-
     /// Accepts connections until shutdown.
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
         loop {
@@ -96,16 +63,16 @@ impl PublicService {
                 Ok(permit) => permit,
                 Err(refused) => {
                     // Closed before a byte is read: the cheapest answer, and nothing is held.
-                    self.metrics.rejection("unmatched", "limit", refused.reason());
+                    self.relay.metrics.rejection("unmatched", "limit", refused.reason());
                     debug!(%peer, reason = refused.reason(), "connection refused: over the cap");
                     drop(stream);
                     continue;
                 }
             };
             let _ = stream.set_nodelay(true);
-            let stream = LingeringStream::new(stream, self.settings.linger_timeout, permit);
+            let stream = LingeringStream::new(stream, self.relay.settings.linger_timeout, permit);
             let this = self.clone();
-            self.tasks.spawn(async move { this.serve_connection(stream, peer).await });
+            self.relay.tasks.spawn(async move { this.serve_connection(stream, peer).await });
         }
     }
 
@@ -117,8 +84,8 @@ impl PublicService {
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(self.settings.header_read_timeout)
-            .max_buf_size(self.settings.max_header_bytes)
+            .header_read_timeout(self.relay.settings.header_read_timeout)
+            .max_buf_size(self.relay.settings.max_header_bytes)
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         tokio::pin!(conn);
@@ -127,8 +94,8 @@ impl PublicService {
                 if let Err(e) = result {
                     // hyper has answered 431 itself; count it like every other refusal.
                     if e.is_parse_too_large() {
-                        self.metrics.rejection("unmatched", "limit", "header-size");
-                        self.metrics.request("unmatched", 431);
+                        self.relay.metrics.rejection("unmatched", "limit", "header-size");
+                        self.relay.metrics.request("unmatched", 431);
                     }
                     debug!(%peer, "public connection ended: {e}");
                 }
@@ -142,7 +109,7 @@ impl PublicService {
 
     /// Answers a request that failed admission; it never reaches an agent.
     fn reject(&self, route: &Route, peer: SocketAddr, rejection: Rejection) -> Response<RelayBody> {
-        self.metrics.rejection(&route.name, rejection.check.name(), rejection.reason);
+        self.relay.metrics.rejection(&route.name, rejection.check.name(), rejection.reason);
         info!(
             route = %route.name,
             check = rejection.check.name(),
@@ -161,7 +128,8 @@ impl PublicService {
             "/healthz" | "/readyz" => None,
             _ if path_check.is_err() => Some("unmatched".to_owned()),
             _ => Some(
-                routes::find(&self.settings.routes, path).map_or_else(|| "unmatched".to_owned(), |r| r.name.clone()),
+                routes::find(&self.relay.settings.routes, path)
+                    .map_or_else(|| "unmatched".to_owned(), |r| r.name.clone()),
             ),
         };
         let response = match self.screen(&req, path_check, peer) {
@@ -169,7 +137,7 @@ impl PublicService {
             None => self.handle_route(req, peer).await,
         };
         if let Some(route) = route_name {
-            self.metrics.request(&route, response.status().as_u16());
+            self.relay.metrics.request(&route, response.status().as_u16());
         }
         response
     }
@@ -185,15 +153,15 @@ impl PublicService {
         peer: SocketAddr,
     ) -> Option<Response<RelayBody>> {
         let head_len = request_head_len(req);
-        if head_len > self.settings.max_header_bytes {
-            self.metrics.rejection("unmatched", "limit", "header-size");
-            info!(%peer, head_len, limit = self.settings.max_header_bytes, status = 431, "request head over the limit");
-            return Some(edge_answer_closing(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large"));
+        if head_len > self.relay.settings.max_header_bytes {
+            self.relay.metrics.rejection("unmatched", "limit", "header-size");
+            info!(%peer, head_len, limit = self.relay.settings.max_header_bytes, status = 431, "request head over the limit");
+            return Some(answer::closing(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large"));
         }
         if let Err(refusal) = path_check {
-            self.metrics.rejection("unmatched", "path", refusal.reason());
+            self.relay.metrics.rejection("unmatched", "path", refusal.reason());
             info!(%peer, reason = refusal.reason(), status = 400, "request path refused at the edge");
-            return Some(edge_answer(StatusCode::BAD_REQUEST, "request path not accepted"));
+            return Some(answer::plain(StatusCode::BAD_REQUEST, "request path not accepted"));
         }
         None
     }
@@ -201,32 +169,32 @@ impl PublicService {
     async fn handle_route(self: &Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<RelayBody> {
         let path = req.uri().path();
         match path {
-            "/healthz" => return edge_answer(StatusCode::OK, "ok"),
+            "/healthz" => return answer::plain(StatusCode::OK, "ok"),
             "/readyz" => {
                 return if self.draining.is_cancelled() {
-                    self.unavailable("edge draining")
-                } else if self.agents.ready() {
-                    edge_answer(StatusCode::OK, "ready")
+                    self.relay.unavailable("edge draining")
+                } else if self.relay.agents.ready() {
+                    answer::plain(StatusCode::OK, "ready")
                 } else {
-                    self.unavailable("no agent connected")
+                    self.relay.unavailable("no agent connected")
                 };
             }
             _ => {}
         }
-        let Some(route) = routes::find(&self.settings.routes, path).cloned() else {
-            return edge_answer(StatusCode::NOT_FOUND, "not found");
+        let Some(route) = routes::find(&self.relay.settings.routes, path).cloned() else {
+            return answer::plain(StatusCode::NOT_FOUND, "not found");
         };
         if self.draining.is_cancelled() {
-            return self.unavailable("edge draining");
+            return self.relay.unavailable("edge draining");
         }
-        let admission = &self.settings.admission;
+        let admission = &self.relay.settings.admission;
         // Before admission: a flood must not get to make the edge verify signatures.
         if let Some(limiter) = &self.rate_limit {
             let client = admission::source_ip::client_ip(peer.ip(), req.headers(), &admission.trusted_proxies)
                 .unwrap_or(peer.ip());
             if !limiter.allow(client, std::time::Instant::now()) {
-                self.metrics.rejection(&route.name, "limit", "rate");
-                let mut response = edge_answer(StatusCode::TOO_MANY_REQUESTS, "too many requests");
+                self.relay.metrics.rejection(&route.name, "limit", "rate");
+                let mut response = answer::plain(StatusCode::TOO_MANY_REQUESTS, "too many requests");
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 return response;
             }
@@ -246,7 +214,7 @@ impl PublicService {
             return event_grid::options_response(req.headers());
         }
         if !route.methods.contains(req.method()) {
-            let mut response = edge_answer(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+            let mut response = answer::plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
             let allow: Vec<&str> = route.methods.iter().map(Method::as_str).collect();
             if let Ok(value) = HeaderValue::from_str(&allow.join(", ")) {
                 response.headers_mut().insert(header::ALLOW, value);
@@ -257,7 +225,7 @@ impl PublicService {
             return self.reject(&route, peer, rejection);
         }
         if route.auth.contains(&AuthCheck::EventGrid) && event_grid::is_validation(req.headers()) {
-            return answer_validation(req, &route, self.settings.body_read_timeout).await;
+            return answer_validation(req, &route, self.relay.settings.body_read_timeout).await;
         }
         let mut req = req;
         if route.auth.contains(&AuthCheck::SharedSecret)
@@ -267,9 +235,9 @@ impl PublicService {
         }
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         if route.websocket {
-            crate::websocket::relay_upgrade(self, req, &route, peer, request_id).await
+            crate::websocket::relay_upgrade(&self.relay, req, &route, peer, request_id).await
         } else {
-            crate::forward::relay_http(self, req, &route, peer, request_id).await
+            crate::forward::relay_http(&self.relay, req, &route, peer, request_id).await
         }
     }
 }
@@ -294,9 +262,9 @@ async fn answer_validation(req: Request<Incoming>, route: &Route, body_timeout: 
     let body = match http_body_util::Limited::new(body, event_grid::MAX_VALIDATION_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if crate::request_body::stalled(e.as_ref()) => {
-            return edge_answer_closing(StatusCode::REQUEST_TIMEOUT, "request body not received in time");
+            return answer::closing(StatusCode::REQUEST_TIMEOUT, "request body not received in time");
         }
-        Err(_) => return edge_answer_closing(StatusCode::PAYLOAD_TOO_LARGE, "validation request too large"),
+        Err(_) => return answer::closing(StatusCode::PAYLOAD_TOO_LARGE, "validation request too large"),
     };
     match event_grid::validation_response(&body) {
         Some(response) => {
@@ -305,7 +273,7 @@ async fn answer_validation(req: Request<Incoming>, route: &Route, body_timeout: 
         }
         None => {
             warn!(route = %route.name, "Event Grid validation request without a validation code");
-            edge_answer(StatusCode::BAD_REQUEST, "no validation code")
+            answer::plain(StatusCode::BAD_REQUEST, "no validation code")
         }
     }
 }

@@ -1,20 +1,17 @@
 //! The edge's tunnel listener: authenticates agents, serves pairing, and keeps the agent set
 //! current as agents connect and leave.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use relay_pki::{AgentRefusal, EdgeState, RedeemError, RenewError, cert_serial_hex};
-use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
-use relay_proto::{
-    ControlMessage, LABEL_AGENT_INSTANCE, LABEL_HOLDS, LABEL_REPLACES, PairRefusal, PairRequest, PairResponse,
-    RenewOutcome, code,
-};
+use relay_proto::{LABEL_AGENT_INSTANCE, LABEL_HOLDS, LABEL_REPLACES, PairRefusal, PairResponse, RenewOutcome, code};
 use relay_transport::{
-    FrameReadError, FrameReader, HandshakeError, IncomingTunnel, LogThrottle, PeerKind, TunnelConnection,
-    TunnelListener, Verdict, read_frame, write_frame,
+    HandshakeError, IncomingTunnel, LogThrottle, PeerKind, TunnelConnection, TunnelListener, Verdict,
 };
-use tokio::io::AsyncWriteExt;
+use relay_tunnel::control::{self, AgentRequest, ControlEnd, EdgeControl, Welcome};
+use relay_tunnel::pairing;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -91,55 +88,23 @@ impl TunnelService {
 
     async fn agent_session(&self, conn: Arc<dyn TunnelConnection>, name: String, serial: String) {
         let remote = conn.remote_addr();
-        let state = self.state.clone();
-        let (check_name, check_serial) = (name.clone(), serial.clone());
-        let checked =
-            tokio::task::spawn_blocking(move || state.check_agent(&check_name, &check_serial, SystemTime::now()))
-                .await
-                .unwrap_or_else(|e| Err(AgentRefusal::Corrupt { name: name.clone(), reason: e.to_string() }));
-        if let Err(refusal) = checked {
-            // A revoked agent redials for as long as it runs: once, then summaries.
-            match self.refusal_log.check(&format!("agent {name}"), Instant::now()) {
-                Verdict::Log => warn!(agent = %name, %remote, "refusing agent: {refusal}"),
-                Verdict::Summary(times) => warn!(agent = %name, %remote, times, "still refusing agent: {refusal}"),
-                Verdict::Quiet => debug!(agent = %name, %remote, "refusing agent: {refusal}"),
-            }
-            let reason = match refusal {
-                AgentRefusal::Revoked(_) | AgentRefusal::NotCurrent { .. } => "certificate revoked",
-                AgentRefusal::Expired(_) => "certificate expired: pair again",
-                _ => "unknown agent",
-            };
+        if let Err(reason) = self.check_agent(&name, &serial, remote).await {
             conn.close(code::UNKNOWN_AGENT, reason);
             return;
         }
-        let hello = tokio::time::timeout(self.settings.hello_timeout, async {
-            let mut control = conn.accept_bi().await.map_err(|e| e.to_string())?;
-            match read_frame::<ControlMessage, _>(&mut control.recv, DEFAULT_MAX_HEAD_LEN).await {
-                Ok(Some(ControlMessage::Hello(hello))) => Ok((control, hello)),
-                Ok(_) => Err("first control message was not a hello".to_owned()),
-                Err(e) => Err(e.to_string()),
-            }
-        })
-        .await;
-        let (mut control, hello) = match hello {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => {
+        let (mut control, hello) = match control::accept_hello(&conn, self.settings.hello_timeout).await {
+            Ok(accepted) => accepted,
+            Err(e) => {
                 warn!(agent = %name, %remote, "closing agent connection: {e}");
-                conn.close(code::PROTOCOL_VIOLATION, "expected hello");
-                return;
-            }
-            Err(_) => {
-                warn!(agent = %name, %remote, "closing agent connection: no hello within {:?}", self.settings.hello_timeout);
-                conn.close(code::PROTOCOL_VIOLATION, "hello timeout");
                 return;
             }
         };
-        let welcome = ControlMessage::Welcome {
+        let welcome = Welcome {
             agent_name: name.clone(),
             software_version: env!("CARGO_PKG_VERSION").into(),
             edge_instance: self.instance.clone(),
         };
-        if let Err(e) = write_frame(&mut control.send, &welcome, DEFAULT_MAX_HEAD_LEN).await {
+        if let Err(e) = control.welcome(welcome).await {
             warn!(agent = %name, %remote, "agent left before welcome: {e}");
             return;
         }
@@ -168,45 +133,70 @@ impl TunnelService {
             protocol = hello.protocol_version,
             "agent connected"
         );
-
-        let mut reader = FrameReader::new(DEFAULT_MAX_HEAD_LEN);
-        let reason = loop {
-            tokio::select! {
-                lost = conn.closed() => break lost.0,
-                () = self.shutdown.cancelled() => break "edge shutting down".to_owned(),
-                msg = reader.next::<ControlMessage, _>(&mut control.recv) => match msg {
-                    Ok(Some(ControlMessage::Drain)) => {
-                        agent.set_draining();
-                        info!(agent = %name, %remote, "agent draining: no new exchanges go to it");
-                        if let Err(e) = write_frame(&mut control.send, &ControlMessage::Drained, DEFAULT_MAX_HEAD_LEN).await {
-                            break format!("control stream failed: {e}");
-                        }
-                    }
-                    Ok(Some(ControlMessage::Renew { csr_der })) => {
-                        let outcome = self.renew(&agent, csr_der).await;
-                        if let Err(e) = write_frame(&mut control.send, &ControlMessage::Renewed(outcome), DEFAULT_MAX_HEAD_LEN).await {
-                            break format!("control stream failed: {e}");
-                        }
-                    }
-                    Ok(Some(other)) => {
-                        warn!(agent = %name, %remote, "unexpected control message {other:?}; ignored");
-                    }
-                    // The agent ended its control stream: it is leaving; wait for the close.
-                    Ok(None) => {
-                        agent.set_draining();
-                        break conn.closed().await.0;
-                    }
-                    // The stream failed because the connection did: report the connection's reason.
-                    Err(FrameReadError::Io(_)) => break conn.closed().await.0,
-                    Err(FrameReadError::Decode(e)) => {
-                        conn.close(code::PROTOCOL_VIOLATION, "bad control frame");
-                        break format!("bad control frame: {e}");
-                    }
-                },
-            }
-        };
+        let reason = self.serve_control(&conn, &mut control, &agent).await;
         self.agents.remove(agent.id);
         info!(agent = %name, %remote, "agent disconnected: {reason}");
+    }
+
+    /// Whether the certificate's agent may connect; the reason to close with if not.
+    async fn check_agent(&self, name: &str, serial: &str, remote: SocketAddr) -> Result<(), &'static str> {
+        let state = self.state.clone();
+        let (check_name, check_serial) = (name.to_owned(), serial.to_owned());
+        let checked =
+            tokio::task::spawn_blocking(move || state.check_agent(&check_name, &check_serial, SystemTime::now()))
+                .await
+                .unwrap_or_else(|e| Err(AgentRefusal::Corrupt { name: name.to_owned(), reason: e.to_string() }));
+        let Err(refusal) = checked else { return Ok(()) };
+        // A revoked agent redials for as long as it runs: once, then summaries.
+        match self.refusal_log.check(&format!("agent {name}"), Instant::now()) {
+            Verdict::Log => warn!(agent = %name, %remote, "refusing agent: {refusal}"),
+            Verdict::Summary(times) => warn!(agent = %name, %remote, times, "still refusing agent: {refusal}"),
+            Verdict::Quiet => debug!(agent = %name, %remote, "refusing agent: {refusal}"),
+        }
+        Err(match refusal {
+            AgentRefusal::Revoked(_) | AgentRefusal::NotCurrent { .. } => "certificate revoked",
+            AgentRefusal::Expired(_) => "certificate expired: pair again",
+            _ => "unknown agent",
+        })
+    }
+
+    /// Answers the agent's drains and renewals until the connection ends; returns why it did.
+    async fn serve_control(
+        &self,
+        conn: &Arc<dyn TunnelConnection>,
+        control: &mut EdgeControl,
+        agent: &Arc<ConnectedAgent>,
+    ) -> String {
+        let (name, remote) = (&agent.name, agent.remote);
+        loop {
+            let request = tokio::select! {
+                lost = conn.closed() => return lost.0,
+                () = self.shutdown.cancelled() => return "edge shutting down".to_owned(),
+                request = control.next() => request,
+            };
+            let answered = match request {
+                Ok(AgentRequest::Drain) => {
+                    agent.set_draining();
+                    info!(agent = %name, %remote, "agent draining: no new exchanges go to it");
+                    control.drained().await
+                }
+                Ok(AgentRequest::Renew { csr_der }) => control.renewed(self.renew(agent, csr_der).await).await,
+                Ok(AgentRequest::Ignored(what)) => {
+                    warn!(agent = %name, %remote, "unexpected control message ({what}); ignored");
+                    Ok(())
+                }
+                // The agent ended its control stream: it is leaving; wait for the close.
+                Ok(AgentRequest::Leaving) => {
+                    agent.set_draining();
+                    return conn.closed().await.0;
+                }
+                Err(ControlEnd::Lost(reason)) => return reason,
+                Err(e @ ControlEnd::Violation(_)) => return e.to_string(),
+            };
+            if let Err(e) = answered {
+                return format!("control stream failed: {e}");
+            }
+        }
     }
 
     /// Signs a renewed certificate for a connected agent and moves the connection onto it.
@@ -233,25 +223,10 @@ impl TunnelService {
 
     async fn pairing_session(&self, conn: Arc<dyn TunnelConnection>) {
         let remote = conn.remote_addr();
-        let request = tokio::time::timeout(self.settings.hello_timeout, async {
-            let mut stream = conn.accept_bi().await.map_err(|e| e.to_string())?;
-            match read_frame::<PairRequest, _>(&mut stream.recv, DEFAULT_MAX_HEAD_LEN).await {
-                Ok(Some(request)) => Ok((stream, request)),
-                Ok(None) => Err("no pairing request".to_owned()),
-                Err(e) => Err(e.to_string()),
-            }
-        })
-        .await;
-        let (mut stream, request) = match request {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => {
+        let (answer, request) = match pairing::read_request(&conn, self.settings.hello_timeout).await {
+            Ok(read) => read,
+            Err(e) => {
                 warn!(%remote, "pairing attempt failed: {e}");
-                conn.close(code::PROTOCOL_VIOLATION, "bad pairing request");
-                return;
-            }
-            Err(_) => {
-                warn!(%remote, "pairing attempt timed out");
-                conn.close(code::PROTOCOL_VIOLATION, "pairing timeout");
                 return;
             }
         };
@@ -296,11 +271,6 @@ impl TunnelService {
                 })
             }
         };
-        if write_frame(&mut stream.send, &response, DEFAULT_MAX_HEAD_LEN).await.is_ok() {
-            let _ = stream.send.shutdown().await;
-            // Let the agent read the answer and close first; closing now could discard it.
-            let _ = tokio::time::timeout(PAIRING_LINGER, conn.closed()).await;
-        }
-        conn.close(code::OK, "pairing done");
+        answer.send(&response, PAIRING_LINGER).await;
     }
 }

@@ -7,21 +7,23 @@ use std::time::Instant;
 
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use relay_exchange::body::{RelayBody, empty, full};
-use relay_exchange::websocket::{SessionLimits, SideEnd, pump, websocket_config};
-use relay_proto::codec::DEFAULT_MAX_HEAD_LEN;
-use relay_proto::headers::{PER_HOP_WEBSOCKET, from_wire, strip_hop_by_hop};
-use relay_proto::{ExchangeKind, FailureKind, WsReply, code};
-use relay_transport::{BiStream, read_frame, write_frame};
+use relay_proto::headers::PER_HOP_WEBSOCKET;
+use relay_proto::{ExchangeKind, HeaderList, WsReply, code};
+use relay_transport::BiStream;
+use relay_tunnel::body::{RelayBody, empty, full};
+use relay_tunnel::exchange::{self, ReplyError};
+use relay_tunnel::websocket::{PumpReport, SessionLimits, SideEnd, pump, websocket_config};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{info, warn};
 
-use crate::forward::{call_key, exchange_head, forwarded_headers, open_exchange};
-use crate::metrics::RouteLabels;
-use crate::public::{PublicService, edge_answer};
+use crate::agents::InFlight;
+use crate::answer;
+use crate::metrics::{EdgeMetrics, RouteLabels};
+use crate::relay::Relay;
 use crate::routes::Route;
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
@@ -33,87 +35,102 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// The `Sec-WebSocket-Accept` value for a valid upgrade request, or the answer to an invalid one.
+fn accept_key<B>(req: &Request<B>) -> Result<String, (StatusCode, &'static str)> {
+    let headers = req.headers();
+    if !header_has_token(headers, header::UPGRADE, "websocket")
+        || !header_has_token(headers, header::CONNECTION, "upgrade")
+    {
+        return Err((StatusCode::BAD_REQUEST, "this route accepts WebSocket upgrades only"));
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v.as_bytes() != b"13") {
+        return Err((StatusCode::UPGRADE_REQUIRED, "WebSocket version 13 required"));
+    }
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|k| derive_accept_key(k.as_bytes()))
+        .ok_or((StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key"))
+}
+
+/// Relays one upgrade: the bot's answer decides it; on 101 the session runs on its own task.
 pub(crate) async fn relay_upgrade(
-    service: &Arc<PublicService>,
+    relay: &Arc<Relay>,
     mut req: Request<Incoming>,
     route: &Route,
     peer: SocketAddr,
     request_id: u64,
 ) -> Response<RelayBody> {
     let started = Instant::now();
-    let headers = req.headers();
-    if !header_has_token(headers, header::UPGRADE, "websocket")
-        || !header_has_token(headers, header::CONNECTION, "upgrade")
-    {
-        return edge_answer(StatusCode::BAD_REQUEST, "this route accepts WebSocket upgrades only");
-    }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v.as_bytes() != b"13") {
-        let mut response = edge_answer(StatusCode::UPGRADE_REQUIRED, "WebSocket version 13 required");
-        response.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
-        return response;
-    }
-    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).map(|k| derive_accept_key(k.as_bytes())) else {
-        return edge_answer(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
+    let key = match accept_key(&req) {
+        Ok(key) => key,
+        Err((status, text)) => {
+            let mut response = answer::plain(status, text);
+            if status == StatusCode::UPGRADE_REQUIRED {
+                response.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            }
+            return response;
+        }
     };
-
-    let call_key = call_key(service, &route.name, route.affinity.as_ref().and_then(|source| source.from_head(&req)));
-    let (in_flight, stream) = match open_exchange(service, &route.name, call_key.as_deref()).await {
+    let call_key = relay.call_key(&route.name, route.affinity.as_ref().and_then(|source| source.from_head(&req)));
+    let (in_flight, mut stream) = match relay.open_exchange(&route.name, call_key.as_deref()).await {
         Ok(opened) => opened,
-        Err(why) => return service.unavailable(why),
+        Err(why) => return relay.unavailable(why),
     };
     let agent = in_flight.agent().name.clone();
-    let BiStream { mut send, mut recv } = stream;
-    let mut forwarded = forwarded_headers(req.headers(), peer, &service.settings.admission.trusted_proxies);
-    for name in PER_HOP_WEBSOCKET {
-        forwarded.remove(name);
-    }
-    let head = exchange_head(&req, ExchangeKind::WebSocket, peer, request_id, &forwarded, call_key.clone());
-    if let Err(e) = write_frame(&mut send, &head, DEFAULT_MAX_HEAD_LEN).await {
+    let head =
+        relay.exchange_head(&req, ExchangeKind::WebSocket, peer, request_id, &PER_HOP_WEBSOCKET, call_key.clone());
+    if let Err(e) = exchange::send_head(&mut stream, &head).await {
         warn!(request_id, agent = %agent, "could not send the upgrade head: {e}");
-        return service.unavailable("agent connection lost");
+        return relay.unavailable("agent connection lost");
     }
-    let reply = tokio::time::timeout(
-        service.settings.response_timeout,
-        read_frame::<WsReply, _>(&mut recv, DEFAULT_MAX_HEAD_LEN),
-    )
-    .await;
-    let (subprotocol, bot_headers) = match reply {
-        Ok(Ok(Some(WsReply::Accepted { subprotocol, headers }))) => (subprotocol, headers),
-        Ok(Ok(Some(WsReply::Rejected { head, body }))) => {
+    let (subprotocol, bot_headers) = match exchange::read_reply(&mut stream.recv, relay.settings.response_timeout).await
+    {
+        Ok(WsReply::Accepted { subprotocol, headers }) => (subprotocol, headers),
+        Ok(WsReply::Rejected { head, body }) => {
             let status = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
             info!(request_id, route = %route.name, agent = %agent, status = status.as_u16(), "bot refused the WebSocket upgrade");
             let mut response = Response::new(full(body));
             *response.status_mut() = status;
-            if let Ok(mut headers) = from_wire(head.headers) {
-                strip_hop_by_hop(&mut headers);
+            if let Some((_, headers)) = exchange::response_parts(head) {
                 *response.headers_mut() = headers;
             }
             return response;
         }
-        Ok(Ok(Some(WsReply::Failed(failure)))) => {
+        Ok(WsReply::Failed(failure)) => {
             warn!(request_id, agent = %agent, "agent could not open the bot's WebSocket: {:?}: {}", failure.kind, failure.detail);
-            return match failure.kind {
-                FailureKind::BotTimeout => edge_answer(StatusCode::GATEWAY_TIMEOUT, "bot did not answer in time"),
-                FailureKind::Draining => service.unavailable("agent draining"),
-                _ => edge_answer(StatusCode::BAD_GATEWAY, "bot unreachable"),
-            };
+            return relay.protocol_answer(exchange::failure_answer(failure.kind));
         }
-        Ok(Ok(None)) | Ok(Err(_)) => {
-            recv.stop(code::MALFORMED_FRAME);
-            send.reset(code::MALFORMED_FRAME);
-            warn!(request_id, agent = %agent, "agent sent no valid upgrade answer; stream reset");
-            return edge_answer(StatusCode::BAD_GATEWAY, "invalid response from agent");
-        }
-        Err(_) => {
-            send.reset(code::ABORTED);
-            return edge_answer(StatusCode::GATEWAY_TIMEOUT, "no answer in time");
+        Err(e) => {
+            let reset = if matches!(e, ReplyError::Timeout(_)) { code::ABORTED } else { code::MALFORMED_FRAME };
+            exchange::reset(&mut stream, reset);
+            warn!(request_id, agent = %agent, "agent sent no valid upgrade answer: {e}; stream reset");
+            return relay.protocol_answer(e.answer());
         }
     };
+    let response = switching_protocols(&key, subprotocol, bot_headers);
+    let session = Session {
+        relay: relay.clone(),
+        upgrade: hyper::upgrade::on(&mut req),
+        stream,
+        route: route.name.clone(),
+        call_key,
+        agent,
+        request_id,
+        started,
+        in_flight,
+    };
+    relay.tasks.spawn(session.run());
+    response
+}
 
+/// The client's `101`: the bot's end-to-end headers, and the handshake headers the edge makes
+/// for the client's own key.
+fn switching_protocols(key: &str, subprotocol: Option<String>, bot_headers: HeaderList) -> Response<RelayBody> {
     let mut response = Response::new(empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    if let Ok(mut extra) = from_wire(bot_headers) {
-        strip_hop_by_hop(&mut extra);
+    if let Some((_, mut extra)) =
+        exchange::response_parts(relay_proto::ResponseHead { status: 101, headers: bot_headers })
+    {
         for name in
             PER_HOP_WEBSOCKET.iter().chain(["sec-websocket-accept", "sec-websocket-protocol", "content-length"].iter())
         {
@@ -124,73 +141,92 @@ pub(crate) async fn relay_upgrade(
     let out = response.headers_mut();
     out.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     out.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    if let Ok(accept) = HeaderValue::from_str(&key) {
+    if let Ok(accept) = HeaderValue::from_str(key) {
         out.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
     if let Some(protocol) = subprotocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
         out.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
     }
+    response
+}
 
-    let upgrade = hyper::upgrade::on(&mut req);
-    let limits = SessionLimits {
-        max_message: service.settings.max_ws_message_bytes,
-        max_write_buffer: service.settings.max_ws_write_buffer_bytes,
-        write_timeout: service.settings.ws_write_timeout,
-        idle_timeout: Some(service.settings.ws_idle_timeout),
-    };
-    let route_name = route.name.clone();
-    let metrics = service.metrics.clone();
-    let affinity = service.affinity.clone();
-    service.tasks.spawn(async move {
-        let upgraded = match upgrade.await {
+/// A media session whose upgrade was accepted, to run once the client's connection upgrades.
+struct Session {
+    relay: Arc<Relay>,
+    upgrade: OnUpgrade,
+    stream: BiStream,
+    route: String,
+    call_key: Option<String>,
+    agent: String,
+    request_id: u64,
+    started: Instant,
+    /// Counts the session against its agent until it ends.
+    in_flight: InFlight,
+}
+
+impl Session {
+    async fn run(mut self) {
+        let upgraded = match (&mut self.upgrade).await {
             Ok(upgraded) => upgraded,
             Err(e) => {
-                send.reset(code::ABORTED);
-                warn!(request_id, agent = %agent, "client upgrade failed: {e}");
+                self.stream.send.reset(code::ABORTED);
+                warn!(request_id = self.request_id, agent = %self.agent, "client upgrade failed: {e}");
                 return;
             }
+        };
+        let settings = &self.relay.settings;
+        let limits = SessionLimits {
+            max_message: settings.max_ws_message_bytes,
+            max_write_buffer: settings.max_ws_write_buffer_bytes,
+            write_timeout: settings.ws_write_timeout,
+            idle_timeout: Some(settings.ws_idle_timeout),
         };
         let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(websocket_config(&limits)))
                 .await;
+        let (metrics, affinity) = (&self.relay.metrics, &self.relay.affinity);
         metrics.websocket_sessions.inc();
-        if let Some(call) = &call_key {
+        if let Some(call) = &self.call_key {
             affinity.session(call, true, std::time::Instant::now());
         }
-        let report = pump(ws, BiStream { send, recv }, limits).await;
+        let report = pump(ws, self.stream, limits).await;
         metrics.websocket_sessions.dec();
-        if let Some(call) = &call_key {
+        if let Some(call) = &self.call_key {
             affinity.session(call, false, std::time::Instant::now());
         }
-        if report.socket_side == SideEnd::Idle {
-            metrics.websocket_idle_closes.inc();
-        }
-        if report.socket_side == SideEnd::TooBig {
-            metrics.rejection(&route_name, "limit", "ws-message-size");
-        }
-        if report.ended(|side| *side == SideEnd::Stalled) {
-            metrics.rejection(&route_name, "limit", "ws-not-reading");
-        }
-        if report.ended(|side| matches!(side, SideEnd::Violation(..))) {
-            metrics.rejection(&route_name, "websocket", "protocol-violation");
-        }
-        metrics
-            .exchange_duration
-            .get_or_create(&RouteLabels { route: route_name.clone() })
-            .observe(started.elapsed().as_secs_f64());
-        drop(in_flight);
+        count_session_end(metrics, &self.route, &report, self.started);
+        drop(self.in_flight);
         info!(
-            request_id,
-            route = %route_name,
+            request_id = self.request_id,
+            route = %self.route,
             status = 101,
             messages_in = report.to_tunnel,
             messages_out = report.to_socket,
             client_end = ?report.socket_side,
             bot_end = ?report.tunnel_side,
-            duration_ms = started.elapsed().as_millis() as u64,
-            agent = %agent,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            agent = %self.agent,
             "websocket session"
         );
-    });
-    response
+    }
+}
+
+/// Counts how a media session ended and how long it ran.
+fn count_session_end(metrics: &EdgeMetrics, route: &str, report: &PumpReport, started: Instant) {
+    if report.socket_side == SideEnd::Idle {
+        metrics.websocket_idle_closes.inc();
+    }
+    if report.socket_side == SideEnd::TooBig {
+        metrics.rejection(route, "limit", "ws-message-size");
+    }
+    if report.ended(|side| *side == SideEnd::Stalled) {
+        metrics.rejection(route, "limit", "ws-not-reading");
+    }
+    if report.ended(|side| matches!(side, SideEnd::Violation(..))) {
+        metrics.rejection(route, "websocket", "protocol-violation");
+    }
+    metrics
+        .exchange_duration
+        .get_or_create(&RouteLabels { route: route.to_owned() })
+        .observe(started.elapsed().as_secs_f64());
 }

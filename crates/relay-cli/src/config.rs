@@ -71,7 +71,7 @@ pub fn parse_duration(key: &'static str, text: &str) -> Result<Duration, ConfigE
 }
 
 /// Resolves the WebSocket write bounds: `max_ws_write_buffer_bytes` (by default one largest
-/// message plus slack, see [`relay_exchange::websocket::default_write_buffer`]; it must hold one
+/// message plus slack, see [`relay_tunnel::websocket::default_write_buffer`]; it must hold one
 /// largest message) and `ws_write_timeout`.
 pub fn ws_write_limits(
     max_message: usize,
@@ -79,7 +79,7 @@ pub fn ws_write_limits(
     write_timeout: Option<&str>,
 ) -> Result<(usize, std::time::Duration), ConfigError> {
     let buffer = match write_buffer {
-        None => relay_exchange::websocket::default_write_buffer(max_message),
+        None => relay_tunnel::websocket::default_write_buffer(max_message),
         Some(bytes) if bytes >= max_message.saturating_add(1024) => bytes,
         Some(_) => {
             return Err(ConfigError::Invalid {
@@ -92,7 +92,7 @@ pub fn ws_write_limits(
         }
     };
     let timeout = match write_timeout {
-        None => relay_exchange::websocket::DEFAULT_WS_WRITE_TIMEOUT,
+        None => relay_tunnel::websocket::DEFAULT_WS_WRITE_TIMEOUT,
         Some(text) => parse_duration("ws_write_timeout", text)?,
     };
     Ok((buffer, timeout))

@@ -10,6 +10,7 @@
 pub mod frames;
 mod h2stream;
 pub mod listener;
+pub mod memory;
 pub mod peer;
 pub mod quic;
 pub mod seam;

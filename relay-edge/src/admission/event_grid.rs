@@ -7,7 +7,7 @@
 //!   `WebHook-Allowed-Origin`, with `Allow: POST`.
 
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
-use relay_exchange::body::{RelayBody, full};
+use relay_tunnel::body::{RelayBody, full};
 use serde::Deserialize;
 
 use std::sync::Arc;

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use ipnet::IpNet;
-use relay_exchange::body::RelayBody;
+use relay_tunnel::body::RelayBody;
 use serde::Deserialize;
 
 pub use acs_jwt::AcsJwtSettings;
@@ -21,7 +21,7 @@ pub use event_grid::{EntraConfig, EntraVerifier, EventGridSettings};
 pub use shared_secret::SharedSecret;
 pub use source_ip::SourceIpSet;
 
-use crate::public::edge_answer;
+use crate::answer;
 
 /// A check a route can require.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -120,7 +120,7 @@ impl Rejection {
     /// The answer to the client: status and challenge only, nothing that helps an attacker.
     pub fn response(&self) -> Response<RelayBody> {
         let text = self.status.canonical_reason().unwrap_or("refused");
-        let mut response = edge_answer(self.status, text);
+        let mut response = answer::plain(self.status, text);
         if let Some(challenge) = self.challenge {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
         }

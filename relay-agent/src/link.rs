@@ -1,0 +1,391 @@
+//! One link: a connection to one edge instance at one address, and its reconnect loop. A link
+//! dials (QUIC first, TLS/TCP when UDP does not pass), greets, serves the exchanges the edge
+//! opens until the connection ends, and dials again after a jittered delay
+//! ([`crate::backoff`]). On TCP in `auto` mode it keeps trying QUIC and moves to it when it
+//! passes again.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use relay_proto::code;
+use relay_transport::{DialError, Transport, TunnelConnection, dial_tunnel, host_of};
+use relay_tunnel::control::{self, AgentControl, GreetError, Welcome};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::backoff::{Attempt, Backoff};
+use crate::config::TransportChoice;
+use crate::tunnel::TunnelClient;
+
+/// What a link tells its follower.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LinkEvent {
+    /// A connection reached an edge instance no other link holds.
+    Found {
+        /// The address.
+        addr: SocketAddr,
+        /// Whether the link was started to probe for replicas.
+        probe: bool,
+    },
+    /// A held connection ended (its instance may be gone: look again).
+    Lost {
+        /// The address.
+        addr: SocketAddr,
+    },
+    /// The link ended.
+    Ended {
+        /// The address.
+        addr: SocketAddr,
+        /// Because its connection reached an instance another link holds.
+        duplicate: bool,
+    },
+}
+
+/// One connection to one address of one configured edge, and its reconnect loop. An address
+/// has one link per edge instance behind it ([`crate::replicas`]); a link whose connection
+/// reaches an instance another link holds closes it and ends.
+pub(crate) struct Link {
+    client: Arc<TunnelClient>,
+    /// The configured name, for logs and as the TLS server name.
+    target: String,
+    addr: SocketAddr,
+    /// Cancelled when DNS no longer returns this address: the link finishes its current
+    /// connection and does not reconnect.
+    retired: CancellationToken,
+    /// Connections this link moved away from (TCP after QUIC came back), finishing their
+    /// exchanges.
+    moving: TaskTracker,
+    /// Where the link reports what it found to its follower.
+    events: mpsc::UnboundedSender<LinkEvent>,
+    /// Started to look for another replica behind the address.
+    probe: bool,
+}
+
+/// How one connection attempt ended.
+enum Session {
+    /// The edge welcomed us and the connection later ended, for this reason.
+    Ended(String),
+    /// We never got a welcomed connection, for this reason.
+    Failed(String),
+    /// The connection reached an edge instance another link holds; it was closed.
+    Duplicate,
+    /// Nothing answered our handshakes (the edge is down, or packets are dropped on the way).
+    Unanswered(String),
+}
+
+impl Session {
+    fn attempt(&self) -> Attempt {
+        match self {
+            Session::Ended(_) => Attempt::Welcomed,
+            Session::Failed(_) => Attempt::Refused,
+            Session::Duplicate => Attempt::Duplicate,
+            Session::Unanswered(_) => Attempt::Unanswered,
+        }
+    }
+}
+
+/// After a retiring connection's last exchange ends, how long it stays open before it is closed:
+/// an exchange the edge opened just before it read the drain is still on its way, and arrives
+/// within a round trip. One second is many round trips on any path the tunnel crosses.
+const RETIRE_SETTLE: Duration = Duration::from_secs(1);
+
+impl Link {
+    /// A link for `addr` of `target`, reporting to its follower on `events`.
+    pub(crate) fn new(
+        client: Arc<TunnelClient>,
+        target: String,
+        addr: SocketAddr,
+        retired: CancellationToken,
+        events: mpsc::UnboundedSender<LinkEvent>,
+        probe: bool,
+    ) -> Self {
+        Self { client, target, addr, retired, moving: TaskTracker::new(), events, probe }
+    }
+
+    /// Keeps a connection to this address until shutdown, drain or retirement. Every reconnection
+    /// waits a jittered delay; the delay grows after each attempt that did not end in a welcomed
+    /// connection and starts over after one that did, so an edge that refuses us is never
+    /// hammered.
+    pub(crate) async fn run(self) {
+        let client = &self.client;
+        let mut backoff = Backoff::new(client.settings.reconnect_initial, client.settings.reconnect_max);
+        let mut welcomed_once = false;
+        let mut duplicate = false;
+        // The edge instance this link's last connection went to, once that connection is gone.
+        let mut lost: Option<String> = None;
+        while !client.shutdown.is_cancelled() {
+            let outcome = match self.connect().await {
+                Ok(conn) => self.session(conn, &mut welcomed_once, &mut lost).await,
+                Err(DialFailure::Unanswered(e)) => Session::Unanswered(format!("the edge does not answer: {e}")),
+                Err(DialFailure::Refused(e)) => Session::Failed(format!("cannot connect to the edge: {e}")),
+            };
+            // A draining agent does not come back: it is on its way out.
+            if client.shutdown.is_cancelled() || client.draining.is_cancelled() || self.retired.is_cancelled() {
+                break;
+            }
+            // Another link holds that instance; a probe that never got through found nothing new.
+            if matches!(outcome, Session::Duplicate) || (self.probe && !welcomed_once) {
+                duplicate = true;
+                break;
+            }
+            client.metrics.reconnects.inc();
+            let delay = backoff.after(outcome.attempt());
+            match outcome {
+                Session::Ended(reason) => {
+                    warn!(edge = %self.target, addr = %self.addr, "tunnel lost: {reason}; reconnecting");
+                }
+                Session::Failed(reason) | Session::Unanswered(reason) => {
+                    warn!(edge = %self.target, addr = %self.addr, attempt = backoff.failures, retry_in_ms = delay.as_millis() as u64, "{reason}");
+                }
+                Session::Duplicate => {}
+            }
+            tokio::select! {
+                () = client.shutdown.cancelled() => break,
+                () = self.retired.cancelled() => break,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+        let _ = self.events.send(LinkEvent::Ended { addr: self.addr, duplicate });
+        self.moving.close();
+        self.moving.wait().await;
+    }
+
+    /// Greets the edge on `conn` and, unless another link holds the edge instance it reached,
+    /// serves it until it ends. In `auto` mode on TCP, QUIC is tried again every probe interval;
+    /// when it answers from the same edge instance, the new connection takes over: new exchanges
+    /// go to it while the ones on TCP finish there.
+    async fn session(
+        &self,
+        conn: Arc<dyn TunnelConnection>,
+        welcomed_once: &mut bool,
+        lost: &mut Option<String>,
+    ) -> Session {
+        let client = &self.client;
+        let (control, Welcome { agent_name, edge_instance, .. }) = match greet(client, &conn, lost.as_deref()).await {
+            Ok(welcomed) => welcomed,
+            Err(session) => return session,
+        };
+        if !client.held.claim(&edge_instance) {
+            debug!(edge = %self.target, addr = %self.addr, %edge_instance, "reached an edge instance already held; closing this connection");
+            conn.close_and_flush(code::OK, "already connected to this edge instance").await;
+            return Session::Duplicate;
+        }
+        *welcomed_once = true;
+        let _ = self.events.send(LinkEvent::Found { addr: self.addr, probe: self.probe });
+        info!(
+            edge = %self.target,
+            remote = %conn.remote_addr(),
+            agent = %agent_name,
+            transport = conn.transport(),
+            %edge_instance,
+            "connected to the edge"
+        );
+        let session = self.serve_instance(conn, control, &edge_instance).await;
+        client.held.release(&edge_instance);
+        *lost = Some(edge_instance);
+        let _ = self.events.send(LinkEvent::Lost { addr: self.addr });
+        session
+    }
+
+    /// Serves a welcomed connection to `edge_instance`, moving to QUIC when it passes again.
+    async fn serve_instance(
+        &self,
+        conn: Arc<dyn TunnelConnection>,
+        control: AgentControl,
+        edge_instance: &str,
+    ) -> Session {
+        let client = &self.client;
+        let auto = client.settings.transport == TransportChoice::Auto;
+        let mut on_tcp = conn.transport() == Transport::Tcp.as_str();
+        let mut retire = client.draining.child_token();
+        let mut serving = tokio::spawn(serve(client.clone(), conn, control, retire.clone()));
+        loop {
+            if !(auto && on_tcp) {
+                break;
+            }
+            let quic = tokio::select! {
+                session = &mut serving => return session.unwrap_or_else(|e| Session::Ended(e.to_string())),
+                quic = self.probe_quic() => quic,
+            };
+            // The QUIC connection replaces this one: the edge must not take it for a probe.
+            let (quic_control, _) = match greet(client, &quic, Some(edge_instance)).await {
+                Ok(welcomed) if welcomed.1.edge_instance == edge_instance => welcomed,
+                Ok(_) => {
+                    // Behind a balancer QUIC may land on another replica: stay on TCP here.
+                    quic.close(code::OK, "QUIC reached another edge instance");
+                    continue;
+                }
+                Err(Session::Failed(e) | Session::Ended(e) | Session::Unanswered(e)) => {
+                    warn!(edge = %self.target, addr = %self.addr, "QUIC answered again but the session failed: {e}; staying on TCP");
+                    continue;
+                }
+                Err(Session::Duplicate) => continue,
+            };
+            info!(edge = %self.target, addr = %self.addr, "QUIC passes again: new exchanges move to it; those on TCP finish there");
+            retire.cancel();
+            let old = std::mem::replace(&mut serving, {
+                retire = client.draining.child_token();
+                tokio::spawn(serve(client.clone(), quic, quic_control, retire.clone()))
+            });
+            self.moving.spawn(async move {
+                let _ = old.await;
+            });
+            on_tcp = false;
+        }
+        serving.await.unwrap_or_else(|e| Session::Ended(e.to_string()))
+    }
+
+    /// Tries QUIC every probe interval until a handshake completes; runs until then.
+    async fn probe_quic(&self) -> Arc<dyn TunnelConnection> {
+        let settings = &self.client.settings;
+        loop {
+            tokio::time::sleep(settings.quic_probe_interval).await;
+            match tokio::time::timeout(settings.quic_fallback_after, self.connect_over(Transport::Quic)).await {
+                Ok(Ok(conn)) => return conn,
+                Ok(Err(DialFailure::Refused(e) | DialFailure::Unanswered(e))) => {
+                    debug!(edge = %self.target, addr = %self.addr, "QUIC probe failed: {e}; staying on TCP");
+                }
+                Err(_) => debug!(edge = %self.target, addr = %self.addr, "QUIC probe got no answer; staying on TCP"),
+            }
+        }
+    }
+
+    /// Dials this address over the configured transport. In `auto` mode QUIC goes first; if no
+    /// QUIC handshake completes within the fallback deadline, TCP is dialled instead. A QUIC
+    /// refusal is not a reason to fall back: the edge answered.
+    async fn connect(&self) -> Result<Arc<dyn TunnelConnection>, DialFailure> {
+        let settings = &self.client.settings;
+        let transport = match settings.transport {
+            TransportChoice::Only(transport) => transport,
+            TransportChoice::Auto => {
+                match tokio::time::timeout(settings.quic_fallback_after, self.connect_over(Transport::Quic)).await {
+                    Ok(Ok(conn)) => return Ok(conn),
+                    Ok(Err(DialFailure::Refused(e))) => return Err(DialFailure::Refused(e)),
+                    Ok(Err(DialFailure::Unanswered(_))) | Err(_) => {
+                        info!(
+                            edge = %self.target,
+                            addr = %self.addr,
+                            "no QUIC answer within {:?} (is UDP blocked on the way?); connecting over TLS/TCP",
+                            settings.quic_fallback_after
+                        );
+                        Transport::Tcp
+                    }
+                }
+            }
+        };
+        self.connect_over(transport).await
+    }
+
+    /// Dials this address over `transport`. While no answer comes, a fresh attempt starts every
+    /// redial interval beside the ones still waiting; the first to complete wins and the others
+    /// are dropped. The try ends when an attempt is refused, or when the first attempt times out
+    /// unanswered (the caller then starts a new try at once, so fresh attempts keep coming every
+    /// interval).
+    async fn connect_over(&self, transport: Transport) -> Result<Arc<dyn TunnelConnection>, DialFailure> {
+        use futures_util::StreamExt as _;
+        let settings = &self.client.settings;
+        let mut pending = futures_util::stream::FuturesUnordered::new();
+        let started = tokio::time::Instant::now();
+        let mut redial = tokio::time::interval_at(started + settings.redial_interval, settings.redial_interval);
+        redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        pending.push(self.dial_once(transport));
+        loop {
+            tokio::select! {
+                Some(outcome) = pending.next() => return outcome,
+                _ = redial.tick() => pending.push(self.dial_once(transport)),
+            }
+        }
+    }
+
+    async fn dial_once(&self, transport: Transport) -> Result<Arc<dyn TunnelConnection>, DialFailure> {
+        let (cert_chain, key, ca_cert) = self.client.credentials().map_err(DialFailure::Refused)?;
+        let host = host_of(&self.target);
+        dial_tunnel(transport, self.addr, host, cert_chain, key, &ca_cert, &self.client.settings.tunnel).await.map_err(
+            |e| match e {
+                DialError::Timeout(_) => DialFailure::Unanswered(e.to_string()),
+                other => DialFailure::Refused(other.to_string()),
+            },
+        )
+    }
+}
+
+/// Says hello on a new connection and waits for the edge's welcome.
+async fn greet(
+    client: &TunnelClient,
+    conn: &Arc<dyn TunnelConnection>,
+    replaces: Option<&str>,
+) -> Result<(AgentControl, Welcome), Session> {
+    control::greet(conn, client.hello(replaces), client.settings.tunnel.handshake_timeout).await.map_err(|e| match e {
+        GreetError::Lost(reason) => Session::Failed(format!("the edge refused us: {reason}")),
+        other => Session::Failed(other.to_string()),
+    })
+}
+
+/// Serves a welcomed connection: accepts one stream per exchange until the connection ends.
+/// When `retire` is cancelled (the link moved to another connection), the edge is told to
+/// send nothing new here, and once the exchanges already here have finished the connection
+/// is closed.
+async fn serve(
+    client: Arc<TunnelClient>,
+    conn: Arc<dyn TunnelConnection>,
+    control: AgentControl,
+    retire: CancellationToken,
+) -> Session {
+    let this = &client;
+    this.count_connection(true, conn.transport());
+    // The control stream stays open for the life of the connection; renewals use it.
+    let renewal = AbortOnDrop(tokio::spawn(crate::control::run(client.clone(), control, retire.clone())));
+    let here = TaskTracker::new();
+    let mut retiring = false;
+    let session = loop {
+        let stream = tokio::select! {
+            () = this.shutdown.cancelled() => {
+                conn.close_and_flush(code::SHUTDOWN, "agent shutting down").await;
+                break Session::Ended("agent shutting down".into());
+            }
+            // A whole-agent drain also cancels `retire`; that drain has its own ending.
+            () = retire.cancelled(), if !retiring && !this.draining.is_cancelled() => {
+                retiring = true;
+                here.close();
+                continue;
+            }
+            () = async { here.wait().await; tokio::time::sleep(RETIRE_SETTLE).await }, if retiring => {
+                conn.close_and_flush(code::OK, "moved to another connection").await;
+                break Session::Ended("moved to another connection".into());
+            }
+            stream = conn.accept_bi() => stream,
+        };
+        match stream {
+            Ok(stream) => {
+                let forwarder = this.forwarder.clone();
+                let head_timeout = this.settings.head_timeout;
+                let exchange = here.track_future(forwarder.exchange(stream, head_timeout));
+                this.exchanges.spawn(exchange);
+            }
+            Err(lost) => break Session::Ended(lost.0),
+        }
+    };
+    drop(renewal);
+    this.count_connection(false, conn.transport());
+    session
+}
+
+/// Why a connection try failed.
+enum DialFailure {
+    /// No answer within the handshake timeout.
+    Unanswered(String),
+    /// The edge answered and refused, or the attempt could not be made.
+    Refused(String),
+}
+
+/// Aborts a task when dropped, so a connection's helper tasks end with it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
