@@ -4,10 +4,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::Uri;
-pub use relay_cli::config::ConfigError;
-use relay_cli::config::{load_toml, parse_duration, parse_toml, tunnel_liveness, ws_message_limit, ws_write_limits};
+pub use relay_runtime::config::ConfigError;
+use relay_runtime::config::{duration_arg, load_toml, parse_toml, tunnel_liveness, ws_message_limit, ws_write_limits};
 use relay_transport::{Transport, TunnelSettings};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// How long the bot has to answer a webhook (response head) or a WebSocket upgrade before the
 /// agent answers 504 for it. ACS expects callbacks to be acknowledged quickly; 30 s is the usual
@@ -88,54 +88,90 @@ impl TransportChoice {
     }
 }
 
-/// Agent settings as they appear in a file or on the command line; every field optional.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// Agent settings as they appear in a file, the environment (`RELAY_AGENT_*`) or on `run`'s
+/// command line; every field optional. Each setting is declared here once: its doc comment is
+/// its help.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// State directory written by `relay-agent pair`.
+    #[arg(long, env = "RELAY_AGENT_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
-    /// A bundle file from `relay-edge pair --bundle`, used instead of a state directory.
+    /// Run from a bundle written by `relay-edge pair --bundle` instead of a state directory.
+    /// `RELAY_AGENT_BUNDLE` may hold the bundle's text instead.
+    #[arg(long, value_name = "FILE")]
     pub bundle: Option<PathBuf>,
     /// A bundle's PEM text (from `RELAY_AGENT_BUNDLE`); never read from a file.
+    #[arg(skip)]
     #[serde(skip)]
     pub bundle_pem: Option<String>,
-    /// The bot's base URL (`http://127.0.0.1:8080`).
+    /// The bot's base URL, e.g. `http://127.0.0.1:8080`.
+    #[arg(long, env = "RELAY_AGENT_UPSTREAM")]
     pub upstream: Option<String>,
     /// Edge tunnel address overriding the one recorded at pairing (`host:port`).
+    #[arg(skip)]
     pub edge: Option<String>,
-    /// Several edge tunnel addresses (`["host:port", ...]`), one connection to each address
-    /// every name resolves to; overrides the address recorded at pairing.
+    /// Edge tunnel address (`HOST:PORT`), overriding the one recorded at pairing. Repeat it (or
+    /// separate with commas) for several edge replicas; a name that resolves to several addresses
+    /// gets one connection per address.
+    #[arg(long = "edge", env = "RELAY_AGENT_EDGE", value_delimiter = ',')]
     pub edges: Option<Vec<String>>,
-    /// How often edge names are resolved again (`"10s"`).
-    pub edge_resolve_interval: Option<String>,
-    /// How often a fresh connection attempt starts while an edge does not answer (`"1s"`).
-    pub redial_interval: Option<String>,
-    /// Edge replicas looked for behind one address at most.
+    /// How often edge names are resolved again to find new replicas (e.g. `10s`).
+    #[arg(long, env = "RELAY_AGENT_EDGE_RESOLVE_INTERVAL", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub edge_resolve_interval: Option<Duration>,
+    /// While an edge does not answer, how often a fresh connection attempt starts (e.g. `1s`).
+    #[arg(long, env = "RELAY_AGENT_REDIAL_INTERVAL", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub redial_interval: Option<Duration>,
+    /// Edge replicas looked for behind one address at most (e.g. behind a load balancer).
+    #[arg(long, env = "RELAY_AGENT_MAX_EDGE_REPLICAS")]
     pub max_edge_replicas: Option<usize>,
-    /// Admin listener serving `/metrics` (`ip:port`).
+    /// Admin listener serving /metrics (default 127.0.0.1:9091).
+    #[arg(long, env = "RELAY_AGENT_ADMIN_LISTEN")]
     pub admin_listen: Option<std::net::SocketAddr>,
-    /// How long the bot has to answer (`"30s"`).
-    pub bot_timeout: Option<String>,
+    /// How long the bot has to answer (e.g. `30s`).
+    #[arg(long, env = "RELAY_AGENT_BOT_TIMEOUT", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub bot_timeout: Option<Duration>,
     /// Largest WebSocket message relayed, in bytes.
+    #[arg(long, env = "RELAY_AGENT_MAX_WS_MESSAGE_BYTES")]
     pub max_ws_message_bytes: Option<usize>,
     /// Bytes a WebSocket may hold queued for writing (default: one largest message + 64 KiB).
+    #[arg(long, env = "RELAY_AGENT_MAX_WS_WRITE_BUFFER_BYTES")]
     pub max_ws_write_buffer_bytes: Option<usize>,
-    /// How long a WebSocket message may wait for its socket to take it before 1008 (`"10s"`).
-    pub ws_write_timeout: Option<String>,
-    /// How long open calls may run after SIGTERM (`"30s"`).
-    pub drain_timeout: Option<String>,
-    /// Tunnel idle timeout (`"5s"`).
-    pub idle_timeout: Option<String>,
-    /// Tunnel keep-alive interval (`"1s"`).
-    pub keep_alive: Option<String>,
-    /// How long a tunnel handshake may take (`"10s"`).
-    pub handshake_timeout: Option<String>,
-    /// `"auto"` (default), `"quic"` or `"tcp"`.
+    /// How long a WebSocket message may wait for its socket to take it before both ends get
+    /// 1008 (e.g. `10s`).
+    #[arg(long, env = "RELAY_AGENT_WS_WRITE_TIMEOUT", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub ws_write_timeout: Option<Duration>,
+    /// How long open calls may run after SIGTERM before they are closed (e.g. `30s`).
+    #[arg(long, env = "RELAY_AGENT_DRAIN_TIMEOUT", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub drain_timeout: Option<Duration>,
+    /// Tunnel idle timeout (e.g. `5s`).
+    #[arg(long, env = "RELAY_AGENT_IDLE_TIMEOUT", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub idle_timeout: Option<Duration>,
+    /// Tunnel keep-alive interval (e.g. `1s`).
+    #[arg(long, env = "RELAY_AGENT_KEEP_ALIVE", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub keep_alive: Option<Duration>,
+    /// How long a tunnel handshake may take (e.g. `10s`).
+    #[arg(long, env = "RELAY_AGENT_HANDSHAKE_TIMEOUT", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub handshake_timeout: Option<Duration>,
+    /// Tunnel transport: `auto` (QUIC, else TLS/TCP when UDP does not pass), `quic` or `tcp`.
+    #[arg(long, env = "RELAY_AGENT_TRANSPORT")]
     pub transport: Option<String>,
-    /// In `auto` mode, how long QUIC may go unanswered before TCP is used (`"3s"`).
-    pub quic_fallback_after: Option<String>,
-    /// In `auto` mode, how often QUIC is tried again while on TCP (`"5m"`).
-    pub quic_probe_interval: Option<String>,
+    /// With `auto`: how long QUIC may go unanswered before TCP is used (e.g. `3s`).
+    #[arg(long, env = "RELAY_AGENT_QUIC_FALLBACK_AFTER", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub quic_fallback_after: Option<Duration>,
+    /// With `auto`: how often QUIC is tried again while on TCP (e.g. `5m`).
+    #[arg(long, env = "RELAY_AGENT_QUIC_PROBE_INTERVAL", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub quic_probe_interval: Option<Duration>,
 }
 
 /// Where the agent's key and certificate come from.
@@ -274,31 +310,9 @@ impl AgentConfig {
         parse_toml(text, path)
     }
 
-    /// `other` wins wherever it has a value.
-    pub fn overlay(self, other: AgentConfig) -> AgentConfig {
-        AgentConfig {
-            state_dir: other.state_dir.or(self.state_dir),
-            bundle: other.bundle.or(self.bundle),
-            bundle_pem: other.bundle_pem.or(self.bundle_pem),
-            upstream: other.upstream.or(self.upstream),
-            edge: other.edge.or(self.edge),
-            edges: other.edges.or(self.edges),
-            edge_resolve_interval: other.edge_resolve_interval.or(self.edge_resolve_interval),
-            redial_interval: other.redial_interval.or(self.redial_interval),
-            max_edge_replicas: other.max_edge_replicas.or(self.max_edge_replicas),
-            admin_listen: other.admin_listen.or(self.admin_listen),
-            bot_timeout: other.bot_timeout.or(self.bot_timeout),
-            max_ws_message_bytes: other.max_ws_message_bytes.or(self.max_ws_message_bytes),
-            max_ws_write_buffer_bytes: other.max_ws_write_buffer_bytes.or(self.max_ws_write_buffer_bytes),
-            ws_write_timeout: other.ws_write_timeout.or(self.ws_write_timeout),
-            drain_timeout: other.drain_timeout.or(self.drain_timeout),
-            idle_timeout: other.idle_timeout.or(self.idle_timeout),
-            keep_alive: other.keep_alive.or(self.keep_alive),
-            handshake_timeout: other.handshake_timeout.or(self.handshake_timeout),
-            transport: other.transport.or(self.transport),
-            quic_fallback_after: other.quic_fallback_after.or(self.quic_fallback_after),
-            quic_probe_interval: other.quic_probe_interval.or(self.quic_probe_interval),
-        }
+    /// The file at `file` (if any) with `upper` (flags and environment) over it.
+    pub fn layered(file: Option<&Path>, upper: &AgentConfig) -> Result<Self, ConfigError> {
+        relay_runtime::config::load_layered(file, upper)
     }
 
     /// Validates and applies defaults.
@@ -341,9 +355,7 @@ impl AgentConfig {
             }
             settings.max_edge_replicas = max;
         }
-        if let Some(text) = &self.edge_resolve_interval {
-            settings.edge_resolve_interval = parse_duration("edge_resolve_interval", text)?;
-        }
+        settings.edge_resolve_interval = self.edge_resolve_interval.unwrap_or(settings.edge_resolve_interval);
         settings.admin_listen = Some(match self.admin_listen {
             Some(addr) => addr,
             None => DEFAULT_ADMIN_LISTEN.parse().map_err(|e: std::net::AddrParseError| ConfigError::Invalid {
@@ -351,38 +363,20 @@ impl AgentConfig {
                 message: e.to_string(),
             })?,
         });
-        if let Some(text) = &self.redial_interval {
-            settings.redial_interval = parse_duration("redial_interval", text)?;
-        }
-        if let Some(text) = &self.drain_timeout {
-            settings.drain_timeout = parse_duration("drain_timeout", text)?;
-        }
-        if let Some(text) = &self.bot_timeout {
-            settings.bot_timeout = parse_duration("bot_timeout", text)?;
-        }
+        settings.redial_interval = self.redial_interval.unwrap_or(settings.redial_interval);
+        settings.drain_timeout = self.drain_timeout.unwrap_or(settings.drain_timeout);
+        settings.bot_timeout = self.bot_timeout.unwrap_or(settings.bot_timeout);
         if let Some(max) = self.max_ws_message_bytes {
             settings.max_ws_message_bytes = ws_message_limit(max)?;
         }
-        (settings.max_ws_write_buffer_bytes, settings.ws_write_timeout) = ws_write_limits(
-            settings.max_ws_message_bytes,
-            self.max_ws_write_buffer_bytes,
-            self.ws_write_timeout.as_deref(),
-        )?;
-        tunnel_liveness(
-            &mut settings.tunnel,
-            self.idle_timeout.as_deref(),
-            self.keep_alive.as_deref(),
-            self.handshake_timeout.as_deref(),
-        )?;
+        (settings.max_ws_write_buffer_bytes, settings.ws_write_timeout) =
+            ws_write_limits(settings.max_ws_message_bytes, self.max_ws_write_buffer_bytes, self.ws_write_timeout)?;
+        tunnel_liveness(&mut settings.tunnel, self.idle_timeout, self.keep_alive, self.handshake_timeout)?;
         if let Some(text) = &self.transport {
             settings.transport = TransportChoice::parse(text)?;
         }
-        if let Some(text) = &self.quic_fallback_after {
-            settings.quic_fallback_after = parse_duration("quic_fallback_after", text)?;
-        }
-        if let Some(text) = &self.quic_probe_interval {
-            settings.quic_probe_interval = parse_duration("quic_probe_interval", text)?;
-        }
+        settings.quic_fallback_after = self.quic_fallback_after.unwrap_or(settings.quic_fallback_after);
+        settings.quic_probe_interval = self.quic_probe_interval.unwrap_or(settings.quic_probe_interval);
         Ok(settings)
     }
 }
@@ -430,12 +424,19 @@ mod tests {
         assert!(err.contains("upstrem") && err.contains("line 3"), "{err}");
     }
 
+    /// The file `text` with `flags` over it, as `run` layers them.
+    fn layered(text: &str, flags: &AgentConfig) -> Result<AgentConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, text).unwrap();
+        AgentConfig::layered(Some(&file), flags)
+    }
+
     #[test]
     fn flags_override_the_file() {
-        let file =
-            AgentConfig::parse("state_dir = \"/s\"\nupstream = \"http://127.0.0.1:1\"\n", Path::new("f")).unwrap();
+        let file = "state_dir = \"/s\"\nupstream = \"http://127.0.0.1:1\"\n";
         let flags = AgentConfig { upstream: Some("http://127.0.0.1:2".into()), ..Default::default() };
-        let settings = file.overlay(flags).resolve().unwrap();
+        let settings = layered(file, &flags).unwrap().resolve().unwrap();
         assert_eq!(settings.upstream.port_u16(), Some(2));
         assert_eq!(settings.bot_timeout, DEFAULT_BOT_TIMEOUT);
     }
@@ -450,7 +451,9 @@ mod tests {
             (Duration::from_secs(2), Duration::from_secs(3), Duration::from_millis(500))
         );
         for bad in ["handshake_timeout = \"0s\"", "keep_alive = \"9s\""] {
-            let err = AgentConfig::parse(&format!("{base}{bad}\n"), Path::new("f")).unwrap().resolve().unwrap_err();
+            let err = AgentConfig::parse(&format!("{base}{bad}\n"), Path::new("f"))
+                .and_then(AgentConfig::resolve)
+                .unwrap_err();
             let key = bad.split(' ').next().unwrap();
             assert!(err.to_string().contains(key), "{bad}: {err}");
         }
@@ -458,17 +461,15 @@ mod tests {
 
     #[test]
     fn several_edges_come_from_the_file_or_the_flags_and_are_checked() {
-        let file = AgentConfig::parse(
-            "state_dir = \"/s\"\nupstream = \"http://127.0.0.1:1\"\nedges = [\"a.example:4433\", \"[::1]:4433\"]\n",
-            Path::new("f"),
-        )
-        .unwrap();
+        let text =
+            "state_dir = \"/s\"\nupstream = \"http://127.0.0.1:1\"\nedges = [\"a.example:4433\", \"[::1]:4433\"]\n";
+        let file = AgentConfig::parse(text, Path::new("f")).unwrap();
         assert_eq!(file.clone().resolve().unwrap().edges, ["a.example:4433", "[::1]:4433"]);
         let flags = AgentConfig { edges: Some(vec!["b.example:1".into()]), ..Default::default() };
-        assert_eq!(file.clone().overlay(flags).resolve().unwrap().edges, ["b.example:1"]);
+        assert_eq!(layered(text, &flags).unwrap().resolve().unwrap().edges, ["b.example:1"]);
         for bad in ["no-port", "host:0", "host:99999", ":4433"] {
             let flags = AgentConfig { edges: Some(vec![bad.into()]), ..Default::default() };
-            let err = file.clone().overlay(flags).resolve().unwrap_err().to_string();
+            let err = layered(text, &flags).unwrap().resolve().unwrap_err().to_string();
             assert!(err.contains("edges"), "{bad}: {err}");
         }
         let both = AgentConfig { edge: Some("c:1".into()), ..file }.resolve().unwrap_err().to_string();

@@ -80,12 +80,12 @@ impl Agent {
                     tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;
                 let bound = listener.local_addr().map_err(|source| StartError::Listen { addr, source })?;
                 let text_metrics = metrics.clone();
-                let text: relay_cli::admin::MetricsText = Arc::new(move || text_metrics.encode());
+                let text: relay_runtime::admin::MetricsText = Arc::new(move || text_metrics.encode());
                 // Ready while at least one edge replica has welcomed us and no drain started.
                 let (ready_connected, ready_draining) = (connected.clone(), draining.clone());
-                let ready: relay_cli::admin::Readiness =
+                let ready: relay_runtime::admin::Readiness =
                     Arc::new(move || !ready_draining.is_cancelled() && *ready_connected.borrow() > 0);
-                tasks.spawn(relay_cli::admin::serve_metrics(listener, text, ready, shutdown.clone()));
+                tasks.spawn(relay_runtime::admin::serve_metrics(listener, text, ready, shutdown.clone()));
                 Some(bound)
             }
             None => None,

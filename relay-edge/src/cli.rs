@@ -98,136 +98,14 @@ enum Command {
     },
 }
 
-/// Settings for `run`; each overrides the config file and `RELAY_EDGE_*` overrides the file too.
+/// Settings for `run`: the file, then `RELAY_EDGE_*`, then flags, each over the one before.
 #[derive(Debug, Args)]
 struct RunArgs {
     /// TOML configuration file.
     #[arg(long, env = "RELAY_EDGE_CONFIG")]
     config: Option<PathBuf>,
-    /// State directory made by `relay-edge init`.
-    #[arg(long, env = "RELAY_EDGE_STATE_DIR")]
-    state_dir: Option<PathBuf>,
-    /// Public HTTP listener address.
-    #[arg(long, env = "RELAY_EDGE_LISTEN")]
-    listen: Option<std::net::SocketAddr>,
-    /// Tunnel (QUIC/UDP) listener address.
-    #[arg(long, env = "RELAY_EDGE_TUNNEL_LISTEN")]
-    tunnel_listen: Option<std::net::SocketAddr>,
-    /// Tunnel TLS/TCP listener address, or "off" (default: the QUIC listener's port, on TCP).
-    #[arg(long, env = "RELAY_EDGE_TUNNEL_TCP_LISTEN")]
-    tunnel_tcp_listen: Option<String>,
-    /// Admin listener serving /metrics (default 127.0.0.1:9090).
-    #[arg(long, env = "RELAY_EDGE_ADMIN_LISTEN")]
-    admin_listen: Option<std::net::SocketAddr>,
-    /// Largest request body relayed, in bytes (larger: 413).
-    #[arg(long, env = "RELAY_EDGE_MAX_BODY_BYTES")]
-    max_body_bytes: Option<u64>,
-    /// Largest WebSocket message relayed, in bytes (larger: close 1009).
-    #[arg(long, env = "RELAY_EDGE_MAX_WS_MESSAGE_BYTES")]
-    max_ws_message_bytes: Option<usize>,
-    /// Bytes a WebSocket may hold queued for writing (default: one largest message + 64 KiB).
-    #[arg(long, env = "RELAY_EDGE_MAX_WS_WRITE_BUFFER_BYTES")]
-    max_ws_write_buffer_bytes: Option<usize>,
-    /// How long a WebSocket message may wait for its socket to take it before both ends get
-    /// 1008 (e.g. `10s`).
-    #[arg(long, env = "RELAY_EDGE_WS_WRITE_TIMEOUT")]
-    ws_write_timeout: Option<String>,
-    /// Largest request head, in bytes (larger: 431).
-    #[arg(long, env = "RELAY_EDGE_MAX_HEADER_BYTES")]
-    max_header_bytes: Option<usize>,
-    /// Exchanges one agent may carry at once (more: 503).
-    #[arg(long, env = "RELAY_EDGE_MAX_EXCHANGES_PER_AGENT")]
-    max_exchanges_per_agent: Option<usize>,
-    /// Requests a second from one client address (more: 429); 0 disables.
-    #[arg(long, env = "RELAY_EDGE_RATE_LIMIT_PER_SOURCE")]
-    rate_limit_per_source: Option<u32>,
-    /// How long to wait for the agent's answer (e.g. `40s`).
-    #[arg(long, env = "RELAY_EDGE_RESPONSE_TIMEOUT")]
-    response_timeout: Option<String>,
-    /// How long a media WebSocket may carry no message before both ends get 1001 (e.g. `60s`).
-    #[arg(long, env = "RELAY_EDGE_WS_IDLE_TIMEOUT")]
-    ws_idle_timeout: Option<String>,
-    /// How long in-flight exchanges may run after SIGTERM (e.g. `30s`).
-    #[arg(long, env = "RELAY_EDGE_DRAIN_TIMEOUT")]
-    drain_timeout: Option<String>,
-    /// How long a call stays pinned to its agent after its last exchange (e.g. `10m`).
-    #[arg(long, env = "RELAY_EDGE_AFFINITY_TTL")]
-    affinity_ttl: Option<String>,
-    /// Largest body prefix read to find a call's key, in bytes.
-    #[arg(long, env = "RELAY_EDGE_AFFINITY_PREFIX_BYTES")]
-    affinity_prefix_bytes: Option<usize>,
-    /// Validity of agent certificates issued at pairing (e.g. `24h`).
-    #[arg(long, env = "RELAY_EDGE_AGENT_CERT_VALIDITY")]
-    agent_cert_validity: Option<String>,
-    /// Tunnel idle timeout (e.g. `5s`).
-    #[arg(long, env = "RELAY_EDGE_IDLE_TIMEOUT")]
-    idle_timeout: Option<String>,
-    /// Tunnel keep-alive interval (e.g. `1s`).
-    #[arg(long, env = "RELAY_EDGE_KEEP_ALIVE")]
-    keep_alive: Option<String>,
-    /// How long a tunnel handshake may take (e.g. `10s`).
-    #[arg(long, env = "RELAY_EDGE_HANDSHAKE_TIMEOUT")]
-    handshake_timeout: Option<String>,
-    /// How long a client has to send a request head (e.g. `10s`).
-    #[arg(long, env = "RELAY_EDGE_HEADER_READ_TIMEOUT")]
-    header_read_timeout: Option<String>,
-    /// How long a request body may go without a byte before 408 (e.g. `10s`).
-    #[arg(long, env = "RELAY_EDGE_BODY_READ_TIMEOUT")]
-    body_read_timeout: Option<String>,
-    /// How long a closing connection is read and discarded so the client reads the answer (e.g.
-    /// `5s`).
-    #[arg(long, env = "RELAY_EDGE_LINGER_TIMEOUT")]
-    linger_timeout: Option<String>,
-    /// Client connections held open at once; more are refused.
-    #[arg(long, env = "RELAY_EDGE_MAX_CONNECTIONS")]
-    max_connections: Option<usize>,
-    /// Client connections one address may hold open at once; more are refused.
-    #[arg(long, env = "RELAY_EDGE_MAX_CONNECTIONS_PER_SOURCE")]
-    max_connections_per_source: Option<usize>,
-    /// Proxies whose X-Forwarded-For/-Proto are believed (CIDRs, comma-separated).
-    #[arg(long, env = "RELAY_EDGE_TRUSTED_PROXIES", value_delimiter = ',')]
-    trusted_proxies: Option<Vec<String>>,
-    /// Start even when no route authenticates its callers and the listener is not loopback:
-    /// the edge then relays anything from anyone (protected mode off).
-    #[arg(long, env = "RELAY_EDGE_ALLOW_UNAUTHENTICATED")]
-    allow_unauthenticated: bool,
-}
-
-impl RunArgs {
-    fn into_config(self) -> (Option<PathBuf>, EdgeConfig) {
-        let config = EdgeConfig {
-            state_dir: self.state_dir,
-            listen: self.listen,
-            tunnel_listen: self.tunnel_listen,
-            tunnel_tcp_listen: self.tunnel_tcp_listen,
-            admin_listen: self.admin_listen,
-            max_body_bytes: self.max_body_bytes,
-            max_ws_message_bytes: self.max_ws_message_bytes,
-            max_ws_write_buffer_bytes: self.max_ws_write_buffer_bytes,
-            ws_write_timeout: self.ws_write_timeout,
-            max_header_bytes: self.max_header_bytes,
-            max_exchanges_per_agent: self.max_exchanges_per_agent,
-            rate_limit_per_source: self.rate_limit_per_source,
-            response_timeout: self.response_timeout,
-            ws_idle_timeout: self.ws_idle_timeout,
-            drain_timeout: self.drain_timeout,
-            affinity_ttl: self.affinity_ttl,
-            affinity_prefix_bytes: self.affinity_prefix_bytes,
-            agent_cert_validity: self.agent_cert_validity,
-            idle_timeout: self.idle_timeout,
-            keep_alive: self.keep_alive,
-            handshake_timeout: self.handshake_timeout,
-            header_read_timeout: self.header_read_timeout,
-            body_read_timeout: self.body_read_timeout,
-            linger_timeout: self.linger_timeout,
-            max_connections: self.max_connections,
-            max_connections_per_source: self.max_connections_per_source,
-            trusted_proxies: self.trusted_proxies,
-            allow_unauthenticated: self.allow_unauthenticated.then_some(true),
-            ..EdgeConfig::default()
-        };
-        (self.config, config)
-    }
+    #[command(flatten)]
+    settings: EdgeConfig,
 }
 
 fn parse_edge_addr(text: &str) -> anyhow::Result<()> {
@@ -289,27 +167,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Health { admin_listen, ready } => {
             let path = if ready { "/readyz" } else { "/healthz" };
-            relay_cli::admin::probe(relay_cli::admin::local(admin_listen), path).await?;
+            relay_runtime::admin::probe(relay_runtime::admin::local(admin_listen), path).await?;
         }
         Command::Agents { state_dir, json } => {
             print!("{}", crate::listing::list(&state_dir, json, SystemTime::now())?);
         }
         Command::Run(args) => {
-            relay_cli::init_logging();
-            let (file, flags) = args.into_config();
-            let base = match &file {
-                Some(path) => EdgeConfig::load(path)?,
-                None => EdgeConfig::default(),
-            };
-            let settings = base.overlay(flags).resolve()?;
+            relay_runtime::init_logging();
+            let settings = EdgeConfig::layered(args.config.as_deref(), &args.settings)?.resolve()?;
             let grace = settings.drain_timeout;
-            let open_files = relay_cli::raise_open_file_limit();
-            let signalled = relay_cli::shutdown_signal();
-            let edge = Edge::start(settings).await?;
-            open_files.log();
-            signalled.await;
-            tracing::info!(grace_s = grace.as_secs(), "draining: not ready, finishing in-flight exchanges");
-            edge.drain(grace).await;
+            relay_runtime::serve_until_signalled(Edge::start(settings), grace, Edge::drain).await?;
         }
     }
     Ok(())
@@ -326,5 +193,5 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    relay_cli::main_from("relay-edge", args, |cli: Cli| run(cli.command))
+    relay_runtime::main_from("relay-edge", args, |cli: Cli| run(cli.command))
 }

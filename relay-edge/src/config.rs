@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use http::header::HeaderName;
 
-pub use relay_cli::config::{ConfigError, parse_duration};
-use relay_cli::config::{load_toml, parse_toml, tunnel_liveness, ws_message_limit, ws_write_limits};
+use relay_runtime::config::duration_arg;
+pub use relay_runtime::config::{ConfigError, parse_duration};
+use relay_runtime::config::{load_toml, parse_toml, tunnel_liveness, ws_message_limit, ws_write_limits};
 use relay_transport::{TcpListen, TunnelSettings};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::admission::acs_jwt::{DEFAULT_ACS_ISSUER, DEFAULT_ACS_JWKS_URL, JWKS_REFRESH_MIN_INTERVAL, JwksSource};
 use crate::admission::shared_secret::SecretLocation;
@@ -95,78 +96,130 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 2_048;
 /// How long an agent has, after its handshake, to send its hello on the control stream.
 pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Edge settings as they appear in a file or on the command line; every field optional.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// Edge settings as they appear in a file, the environment (`RELAY_EDGE_*`) or on `run`'s command
+/// line; every field optional. Each setting is declared here once: its doc comment is its help.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeConfig {
     /// State directory made by `relay-edge init`.
+    #[arg(long, env = "RELAY_EDGE_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Public HTTP listener (`ip:port`).
+    /// Public HTTP listener address.
+    #[arg(long, env = "RELAY_EDGE_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Tunnel QUIC listener (`ip:port`, UDP).
+    /// Tunnel (QUIC/UDP) listener address.
+    #[arg(long, env = "RELAY_EDGE_TUNNEL_LISTEN")]
     pub tunnel_listen: Option<SocketAddr>,
-    /// Tunnel TLS/TCP listener (`ip:port`), for agents whose path drops UDP, or `"off"`. By
-    /// default the QUIC listener's address and port number, on TCP.
+    /// Tunnel TLS/TCP listener address, or "off" (default: the QUIC listener's port, on TCP).
+    #[arg(long, env = "RELAY_EDGE_TUNNEL_TCP_LISTEN")]
     pub tunnel_tcp_listen: Option<String>,
-    /// Admin listener serving `/metrics` (`ip:port`).
+    /// Admin listener serving /metrics (default 127.0.0.1:9090).
+    #[arg(long, env = "RELAY_EDGE_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
-    /// Largest request body relayed, in bytes.
+    /// Largest request body relayed, in bytes (larger: 413).
+    #[arg(long, env = "RELAY_EDGE_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<u64>,
-    /// Largest WebSocket message relayed, in bytes.
+    /// Largest WebSocket message relayed, in bytes (larger: close 1009).
+    #[arg(long, env = "RELAY_EDGE_MAX_WS_MESSAGE_BYTES")]
     pub max_ws_message_bytes: Option<usize>,
     /// Bytes a WebSocket may hold queued for writing (default: one largest message + 64 KiB).
+    #[arg(long, env = "RELAY_EDGE_MAX_WS_WRITE_BUFFER_BYTES")]
     pub max_ws_write_buffer_bytes: Option<usize>,
-    /// How long a WebSocket message may wait for its socket to take it before 1008 (`"10s"`).
-    pub ws_write_timeout: Option<String>,
+    /// How long a WebSocket message may wait for its socket to take it before both ends get
+    /// 1008 (e.g. `10s`).
+    #[arg(long, env = "RELAY_EDGE_WS_WRITE_TIMEOUT", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub ws_write_timeout: Option<Duration>,
     /// Largest request head, in bytes (larger: 431).
+    #[arg(long, env = "RELAY_EDGE_MAX_HEADER_BYTES")]
     pub max_header_bytes: Option<usize>,
     /// Exchanges one agent may carry at once (more: 503).
+    #[arg(long, env = "RELAY_EDGE_MAX_EXCHANGES_PER_AGENT")]
     pub max_exchanges_per_agent: Option<usize>,
-    /// Requests a second allowed from one client address (more: 429); 0 disables the limit.
+    /// Requests a second from one client address (more: 429); 0 disables.
+    #[arg(long, env = "RELAY_EDGE_RATE_LIMIT_PER_SOURCE")]
     pub rate_limit_per_source: Option<u32>,
-    /// How long to wait for the agent's answer (`"40s"`).
-    pub response_timeout: Option<String>,
-    /// How long a media WebSocket may pass no message before it is closed (`"60s"`).
-    pub ws_idle_timeout: Option<String>,
-    /// How long in-flight exchanges may run after SIGTERM (`"30s"`).
-    pub drain_timeout: Option<String>,
-    /// How long a call stays pinned to its agent after its last exchange (`"10m"`).
-    pub affinity_ttl: Option<String>,
+    /// How long to wait for the agent's answer (e.g. `40s`).
+    #[arg(long, env = "RELAY_EDGE_RESPONSE_TIMEOUT", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub response_timeout: Option<Duration>,
+    /// How long a media WebSocket may carry no message before both ends get 1001 (e.g. `60s`).
+    #[arg(long, env = "RELAY_EDGE_WS_IDLE_TIMEOUT", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub ws_idle_timeout: Option<Duration>,
+    /// How long in-flight exchanges may run after SIGTERM (e.g. `30s`).
+    #[arg(long, env = "RELAY_EDGE_DRAIN_TIMEOUT", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub drain_timeout: Option<Duration>,
+    /// How long a call stays pinned to its agent after its last exchange (e.g. `10m`).
+    #[arg(long, env = "RELAY_EDGE_AFFINITY_TTL", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub affinity_ttl: Option<Duration>,
     /// Largest body prefix read to find a call's key, in bytes.
+    #[arg(long, env = "RELAY_EDGE_AFFINITY_PREFIX_BYTES")]
     pub affinity_prefix_bytes: Option<usize>,
-    /// Validity of agent certificates issued at pairing (`"24h"`).
-    pub agent_cert_validity: Option<String>,
-    /// Tunnel idle timeout (`"5s"`).
-    pub idle_timeout: Option<String>,
-    /// Tunnel keep-alive interval (`"1s"`).
-    pub keep_alive: Option<String>,
-    /// How long a tunnel handshake may take (`"10s"`).
-    pub handshake_timeout: Option<String>,
-    /// How long a client has to send a request head (`"10s"`).
-    pub header_read_timeout: Option<String>,
-    /// How long a request body may go without a byte before 408 (`"10s"`).
-    pub body_read_timeout: Option<String>,
-    /// How long a closing connection is read and discarded so the client reads the answer
-    /// (`"5s"`; `"0s"` closes at once).
-    pub linger_timeout: Option<String>,
-    /// Client connections held open at once (more are refused).
+    /// Validity of agent certificates issued at pairing (e.g. `24h`).
+    #[arg(long, env = "RELAY_EDGE_AGENT_CERT_VALIDITY", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub agent_cert_validity: Option<Duration>,
+    /// Tunnel idle timeout (e.g. `5s`).
+    #[arg(long, env = "RELAY_EDGE_IDLE_TIMEOUT", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub idle_timeout: Option<Duration>,
+    /// Tunnel keep-alive interval (e.g. `1s`).
+    #[arg(long, env = "RELAY_EDGE_KEEP_ALIVE", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub keep_alive: Option<Duration>,
+    /// How long a tunnel handshake may take (e.g. `10s`).
+    #[arg(long, env = "RELAY_EDGE_HANDSHAKE_TIMEOUT", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub handshake_timeout: Option<Duration>,
+    /// How long a client has to send a request head (e.g. `10s`).
+    #[arg(long, env = "RELAY_EDGE_HEADER_READ_TIMEOUT", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub header_read_timeout: Option<Duration>,
+    /// How long a request body may go without a byte before 408 (e.g. `10s`).
+    #[arg(long, env = "RELAY_EDGE_BODY_READ_TIMEOUT", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub body_read_timeout: Option<Duration>,
+    /// How long a closing connection is read and discarded so the client reads the answer (e.g.
+    /// `5s`).
+    #[arg(long, env = "RELAY_EDGE_LINGER_TIMEOUT", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub linger_timeout: Option<Duration>,
+    /// Client connections held open at once; more are refused.
+    #[arg(long, env = "RELAY_EDGE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
-    /// Client connections one address may hold open at once (more are refused).
+    /// Client connections one address may hold open at once; more are refused.
+    #[arg(long, env = "RELAY_EDGE_MAX_CONNECTIONS_PER_SOURCE")]
     pub max_connections_per_source: Option<usize>,
-    /// Peers whose `X-Forwarded-For`/`-Proto` are believed (CIDRs).
+    /// Proxies whose X-Forwarded-For/-Proto are believed (CIDRs, comma-separated).
+    #[arg(long, env = "RELAY_EDGE_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Option<Vec<String>>,
-    /// Start even though no route authenticates its callers on a non-loopback listener.
+    /// Start even when no route authenticates its callers and the listener is not loopback:
+    /// the edge then relays anything from anyone (protected mode off).
+    #[arg(long, env = "RELAY_EDGE_ALLOW_UNAUTHENTICATED", num_args = 0..=1, default_missing_value = "true")]
     pub allow_unauthenticated: Option<bool>,
     /// Relayed routes; the three ACS endpoints when absent.
+    #[arg(skip)]
+    #[serde(skip_serializing)]
     #[serde(rename = "route")]
     pub routes: Option<Vec<RouteConfig>>,
     /// Settings of the `shared-secret` check.
+    #[arg(skip)]
+    #[serde(skip_serializing)]
     pub shared_secret: Option<SharedSecretConfig>,
     /// Settings of the `source-ip` check.
+    #[arg(skip)]
+    #[serde(skip_serializing)]
     pub source_ip: Option<SourceIpConfig>,
     /// Settings of the `event-grid` check.
+    #[arg(skip)]
+    #[serde(skip_serializing)]
     pub event_grid: Option<EventGridConfig>,
     /// Settings of the `acs-jwt` check.
+    #[arg(skip)]
+    #[serde(skip_serializing)]
     pub acs: Option<AcsConfig>,
 }
 
@@ -183,7 +236,8 @@ pub struct AcsConfig {
     /// A JWKS file instead of the URL (offline use and tests).
     pub jwks_file: Option<PathBuf>,
     /// Shortest interval between key refreshes caused by unknown key ids (`"60s"`).
-    pub keys_refresh_min_interval: Option<String>,
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub keys_refresh_min_interval: Option<Duration>,
 }
 
 /// `[shared_secret]`: where the secret travels and where the edge reads it from. The secret
@@ -348,43 +402,9 @@ impl EdgeConfig {
         parse_toml(text, path)
     }
 
-    /// `other` wins wherever it has a value.
-    pub fn overlay(self, other: EdgeConfig) -> EdgeConfig {
-        EdgeConfig {
-            state_dir: other.state_dir.or(self.state_dir),
-            listen: other.listen.or(self.listen),
-            tunnel_listen: other.tunnel_listen.or(self.tunnel_listen),
-            tunnel_tcp_listen: other.tunnel_tcp_listen.or(self.tunnel_tcp_listen),
-            admin_listen: other.admin_listen.or(self.admin_listen),
-            max_body_bytes: other.max_body_bytes.or(self.max_body_bytes),
-            max_ws_message_bytes: other.max_ws_message_bytes.or(self.max_ws_message_bytes),
-            max_ws_write_buffer_bytes: other.max_ws_write_buffer_bytes.or(self.max_ws_write_buffer_bytes),
-            ws_write_timeout: other.ws_write_timeout.or(self.ws_write_timeout),
-            max_header_bytes: other.max_header_bytes.or(self.max_header_bytes),
-            max_exchanges_per_agent: other.max_exchanges_per_agent.or(self.max_exchanges_per_agent),
-            rate_limit_per_source: other.rate_limit_per_source.or(self.rate_limit_per_source),
-            response_timeout: other.response_timeout.or(self.response_timeout),
-            ws_idle_timeout: other.ws_idle_timeout.or(self.ws_idle_timeout),
-            drain_timeout: other.drain_timeout.or(self.drain_timeout),
-            affinity_ttl: other.affinity_ttl.or(self.affinity_ttl),
-            affinity_prefix_bytes: other.affinity_prefix_bytes.or(self.affinity_prefix_bytes),
-            agent_cert_validity: other.agent_cert_validity.or(self.agent_cert_validity),
-            idle_timeout: other.idle_timeout.or(self.idle_timeout),
-            keep_alive: other.keep_alive.or(self.keep_alive),
-            handshake_timeout: other.handshake_timeout.or(self.handshake_timeout),
-            header_read_timeout: other.header_read_timeout.or(self.header_read_timeout),
-            body_read_timeout: other.body_read_timeout.or(self.body_read_timeout),
-            linger_timeout: other.linger_timeout.or(self.linger_timeout),
-            max_connections: other.max_connections.or(self.max_connections),
-            max_connections_per_source: other.max_connections_per_source.or(self.max_connections_per_source),
-            trusted_proxies: other.trusted_proxies.or(self.trusted_proxies),
-            allow_unauthenticated: other.allow_unauthenticated.or(self.allow_unauthenticated),
-            routes: other.routes.or(self.routes),
-            shared_secret: other.shared_secret.or(self.shared_secret),
-            source_ip: other.source_ip.or(self.source_ip),
-            event_grid: other.event_grid.or(self.event_grid),
-            acs: other.acs.or(self.acs),
-        }
+    /// The file at `file` (if any) with `upper` (flags and environment) over it.
+    pub fn layered(file: Option<&Path>, upper: &EdgeConfig) -> Result<Self, ConfigError> {
+        relay_runtime::config::load_layered(file, upper)
     }
 
     /// Validates and applies defaults.
@@ -423,11 +443,8 @@ impl EdgeConfig {
         if let Some(max) = self.max_ws_message_bytes {
             settings.max_ws_message_bytes = ws_message_limit(max)?;
         }
-        (settings.max_ws_write_buffer_bytes, settings.ws_write_timeout) = ws_write_limits(
-            settings.max_ws_message_bytes,
-            self.max_ws_write_buffer_bytes,
-            self.ws_write_timeout.as_deref(),
-        )?;
+        (settings.max_ws_write_buffer_bytes, settings.ws_write_timeout) =
+            ws_write_limits(settings.max_ws_message_bytes, self.max_ws_write_buffer_bytes, self.ws_write_timeout)?;
         if let Some(max) = self.max_header_bytes {
             // hyper needs room for at least one read buffer; the tunnel's head frame bounds the top.
             if !(8192..=MAX_HEADER_BYTES_LIMIT).contains(&max) {
@@ -451,33 +468,17 @@ impl EdgeConfig {
         if let Some(rate) = self.rate_limit_per_source {
             settings.rate_limit_per_source = (rate > 0).then_some(rate);
         }
-        if let Some(text) = &self.affinity_ttl {
-            settings.affinity_ttl = parse_duration("affinity_ttl", text)?;
-        }
+        settings.affinity_ttl = self.affinity_ttl.unwrap_or(settings.affinity_ttl);
         if let Some(bytes) = self.affinity_prefix_bytes {
             settings.affinity_prefix_bytes = bytes;
         }
-        if let Some(text) = &self.drain_timeout {
-            settings.drain_timeout = parse_duration("drain_timeout", text)?;
-        }
-        if let Some(text) = &self.ws_idle_timeout {
-            settings.ws_idle_timeout = parse_duration("ws_idle_timeout", text)?;
-        }
-        if let Some(text) = &self.response_timeout {
-            settings.response_timeout = parse_duration("response_timeout", text)?;
-        }
-        if let Some(text) = &self.agent_cert_validity {
-            settings.agent_cert_validity = parse_duration("agent_cert_validity", text)?;
-        }
-        if let Some(text) = &self.header_read_timeout {
-            settings.header_read_timeout = parse_duration("header_read_timeout", text)?;
-        }
-        if let Some(text) = &self.body_read_timeout {
-            settings.body_read_timeout = parse_duration("body_read_timeout", text)?;
-        }
-        if let Some(text) = &self.linger_timeout {
-            settings.linger_timeout = parse_duration("linger_timeout", text)?;
-        }
+        settings.drain_timeout = self.drain_timeout.unwrap_or(settings.drain_timeout);
+        settings.ws_idle_timeout = self.ws_idle_timeout.unwrap_or(settings.ws_idle_timeout);
+        settings.response_timeout = self.response_timeout.unwrap_or(settings.response_timeout);
+        settings.agent_cert_validity = self.agent_cert_validity.unwrap_or(settings.agent_cert_validity);
+        settings.header_read_timeout = self.header_read_timeout.unwrap_or(settings.header_read_timeout);
+        settings.body_read_timeout = self.body_read_timeout.unwrap_or(settings.body_read_timeout);
+        settings.linger_timeout = self.linger_timeout.unwrap_or(settings.linger_timeout);
         for (key, value, target) in [
             ("max_connections", self.max_connections, &mut settings.max_connections),
             ("max_connections_per_source", self.max_connections_per_source, &mut settings.max_connections_per_source),
@@ -489,12 +490,7 @@ impl EdgeConfig {
                 *target = max;
             }
         }
-        tunnel_liveness(
-            &mut settings.tunnel,
-            self.idle_timeout.as_deref(),
-            self.keep_alive.as_deref(),
-            self.handshake_timeout.as_deref(),
-        )?;
+        tunnel_liveness(&mut settings.tunnel, self.idle_timeout, self.keep_alive, self.handshake_timeout)?;
         if let Some(routes) = &self.routes {
             settings.routes = routes
                 .iter()
@@ -636,10 +632,7 @@ impl EdgeConfig {
                         JwksSource::Url(uri)
                     }
                 };
-                let refresh_min_interval = match &cfg.keys_refresh_min_interval {
-                    Some(text) => parse_duration("acs.keys_refresh_min_interval", text)?,
-                    None => JWKS_REFRESH_MIN_INTERVAL,
-                };
+                let refresh_min_interval = cfg.keys_refresh_min_interval.unwrap_or(JWKS_REFRESH_MIN_INTERVAL);
                 Some(AcsJwtConfig {
                     audience,
                     issuer: cfg.issuer.clone().unwrap_or_else(|| DEFAULT_ACS_ISSUER.to_owned()),
@@ -675,11 +668,11 @@ mod tests {
 
     #[test]
     fn later_sources_win_and_defaults_fill_the_rest() {
-        let file =
-            EdgeConfig::parse("state_dir = \"/a\"\nmax_body_bytes = 10\nlisten = \"127.0.0.1:1\"", Path::new("f"))
-                .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("edge.toml");
+        std::fs::write(&file, "state_dir = \"/a\"\nmax_body_bytes = 10\nlisten = \"127.0.0.1:1\"").unwrap();
         let flags = EdgeConfig { max_body_bytes: Some(20), ..Default::default() };
-        let settings = file.overlay(flags).resolve().unwrap();
+        let settings = EdgeConfig::layered(Some(&file), &flags).unwrap().resolve().unwrap();
         assert_eq!(settings.max_body_bytes, 20);
         assert_eq!(settings.listen, "127.0.0.1:1".parse().unwrap());
         assert_eq!(settings.tunnel_listen, DEFAULT_TUNNEL_LISTEN.parse().unwrap());
@@ -689,11 +682,10 @@ mod tests {
 
     #[test]
     fn bad_values_are_one_line_errors() {
-        let bad = EdgeConfig { state_dir: Some("/a".into()), keep_alive: Some("45s".into()), ..Default::default() };
-        assert!(bad.resolve().unwrap_err().to_string().contains("keep_alive"));
-        let bad =
-            EdgeConfig { state_dir: Some("/a".into()), response_timeout: Some("soon".into()), ..Default::default() };
-        assert!(bad.resolve().unwrap_err().to_string().contains("response_timeout"));
+        let err = resolve_text("keep_alive = \"45s\"").unwrap_err().to_string();
+        assert!(err.contains("keep_alive") && !err.contains('\n'), "{err}");
+        let err = resolve_text("response_timeout = \"soon\"").unwrap_err().to_string();
+        assert!(err.contains("response_timeout") && err.contains("line 2") && !err.contains('\n'), "{err}");
         assert!(matches!(EdgeConfig::default().resolve(), Err(ConfigError::Missing("state_dir"))));
     }
 

@@ -224,7 +224,7 @@ impl Edge {
             settings.max_connections,
             settings.max_connections_per_source,
             settings.admission.trusted_proxies.clone(),
-            relay_cli::open_file_limit(),
+            relay_runtime::open_file_limit(),
         ));
         let max_connections = connections.max_total();
         let relay = Arc::new(relay::Relay {
@@ -246,12 +246,12 @@ impl Edge {
         tasks.spawn(tunnel.run());
         tasks.spawn(registry.run());
         if let Some((listener, _)) = admin {
-            let text: relay_cli::admin::MetricsText = Arc::new(move || metrics.encode());
+            let text: relay_runtime::admin::MetricsText = Arc::new(move || metrics.encode());
             // The same answer as the public `/readyz`: an agent to send to, and not draining.
             let (ready_agents, ready_draining) = (agents.clone(), draining.clone());
-            let ready: relay_cli::admin::Readiness =
+            let ready: relay_runtime::admin::Readiness =
                 Arc::new(move || !ready_draining.is_cancelled() && ready_agents.ready());
-            tasks.spawn(relay_cli::admin::serve_metrics(listener, text, ready, shutdown.clone()));
+            tasks.spawn(relay_runtime::admin::serve_metrics(listener, text, ready, shutdown.clone()));
         }
         warn_open_routes(&front.relay.settings);
         tasks.spawn(front.run(public));

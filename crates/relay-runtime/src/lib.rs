@@ -1,7 +1,8 @@
-//! What both acs-relay binaries do around their subcommands: parse arguments with clap, report
-//! every error as one line on stderr with a non-zero exit, set up logging from `RUST_LOG`, and
-//! wait for SIGTERM or SIGINT; and the configuration plumbing both use ([`config`]). Binaries
-//! stay thin: parse, build the pieces, run.
+//! The process runtime both acs-relay binaries share: the command-line entry (arguments parsed
+//! with clap, every error one line on stderr with a non-zero exit), logging from `RUST_LOG`,
+//! process life for `run` (open-file limit, signal handlers, start, drain on SIGTERM, see
+//! [`serve_until_signalled`]), layered configuration ([`config`]) and the admin listener
+//! ([`admin`]). Binaries stay thin: parse, build the pieces, run.
 
 pub mod admin;
 pub mod config;
@@ -82,6 +83,29 @@ pub fn init_logging() {
     // Colour only on a terminal: container log collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+}
+
+/// Runs a service for the life of the process: raises the open-file limit (every call is a
+/// socket or two), installs the signal handlers before anything starts (a SIGTERM during
+/// start-up is then a drain, not the default death), starts the service with `start`, and on
+/// SIGTERM or SIGINT lets `drain` finish it within `grace`. A start-up error is returned as is,
+/// and stays the only line printed.
+pub async fn serve_until_signalled<S, E, Fd>(
+    start: impl Future<Output = Result<S, E>>,
+    grace: std::time::Duration,
+    drain: impl FnOnce(S, std::time::Duration) -> Fd,
+) -> Result<(), E>
+where
+    Fd: Future<Output = ()>,
+{
+    let open_files = raise_open_file_limit();
+    let signalled = shutdown_signal();
+    let service = start.await?;
+    open_files.log();
+    signalled.await;
+    tracing::info!(grace_s = grace.as_secs(), "draining: not ready, finishing in-flight exchanges");
+    drain(service, grace).await;
+    Ok(())
 }
 
 /// Resolves on SIGTERM (what container platforms send) or SIGINT. The handlers are installed

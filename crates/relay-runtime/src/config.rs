@@ -1,9 +1,17 @@
 //! Configuration plumbing both binaries share: reading a TOML file strictly (unknown keys are
-//! errors naming the key and line), parsing durations, and the one error type for all of it.
+//! errors naming the key and line), layering file < environment < flag, parsing durations, and
+//! the one error type for all of it.
+//!
+//! Each binary declares every setting once, as a field of one struct that is both its TOML
+//! schema (serde) and its `run` flags with their environment variables (clap): the doc comment
+//! is the help text. clap already puts a flag over its environment variable; [`load_layered`]
+//! puts both over the file by letting toml merge the two: whatever the command line set replaces
+//! the file's value, key by key.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// Why a configuration is unusable. Each message is one line naming what to fix.
@@ -46,18 +54,74 @@ pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     parse_toml(&text, path)
 }
 
-/// Parses TOML text into `T`; `path` names it in errors.
+/// Parses TOML text into `T`; `path` names it in errors, with the line and the key.
 pub fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        line: e.span().map_or(1, |span| line_of(text, span.start)),
-        message: e.message().replace('\n', " "),
+    toml::from_str(text).map_err(|e| {
+        let line = e.span().map_or(1, |span| line_of(text, span.start));
+        let message = e.message().replace('\n', " ");
+        // A bad value's message says what is wrong with it; name the key it was given for.
+        let key = text.lines().nth(line - 1).and_then(|l| l.split_once('=')).map(|(k, _)| k.trim());
+        let message = match key {
+            Some(key) if !key.is_empty() && !message.contains(key) => format!("{key}: {message}"),
+            _ => message,
+        };
+        ConfigError::Parse { path: path.to_owned(), line, message }
     })
+}
+
+/// The settings from the file at `file` (if any) with `upper` over it: every key `upper` sets
+/// (the command line and the environment, as clap parsed them) replaces the file's. `T`'s
+/// sections that only a file can hold are marked `skip_serializing` so `upper` never clears them.
+pub fn load_layered<T: Serialize + DeserializeOwned>(file: Option<&Path>, upper: &T) -> Result<T, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid { key: "configuration", message };
+    let mut merged = match file {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
+            // Checked against the schema first, so errors name the line.
+            parse_toml::<T>(&text, path)?;
+            toml::from_str::<toml::Table>(&text).map_err(|e| invalid(e.to_string()))?
+        }
+        None => toml::Table::new(),
+    };
+    merged.extend(toml::Table::try_from(upper).map_err(|e| invalid(e.to_string()))?);
+    T::deserialize(merged).map_err(|e| invalid(e.to_string().replace('\n', " ")))
 }
 
 /// 1-based line of a byte offset in `text`.
 fn line_of(text: &str, offset: usize) -> usize {
     text.get(..offset).map_or(1, |before| before.matches('\n').count() + 1)
+}
+
+/// serde for an optional duration written as `90s`, `15m`, `24h` or `7d` (zero is refused):
+/// `#[serde(default, with = "relay_runtime::config::duration")]`.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes the duration the way it is read.
+    pub fn serialize<S: Serializer>(value: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(d) => s.serialize_some(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Reads an optional duration.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|text| super::duration_arg(&text).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// Parses a flag's or environment variable's duration, for clap's `value_parser`.
+pub fn duration_arg(text: &str) -> Result<Duration, String> {
+    parse_duration("duration", text).map_err(|e| match e {
+        ConfigError::Invalid { message, .. } => message,
+        other => other.to_string(),
+    })
 }
 
 /// Parses a positive duration such as `90s`, `15m`, `24h` or `7d`.
@@ -76,7 +140,7 @@ pub fn parse_duration(key: &'static str, text: &str) -> Result<Duration, ConfigE
 pub fn ws_write_limits(
     max_message: usize,
     write_buffer: Option<usize>,
-    write_timeout: Option<&str>,
+    write_timeout: Option<Duration>,
 ) -> Result<(usize, std::time::Duration), ConfigError> {
     let buffer = match write_buffer {
         None => relay_tunnel::websocket::default_write_buffer(max_message),
@@ -91,11 +155,7 @@ pub fn ws_write_limits(
             });
         }
     };
-    let timeout = match write_timeout {
-        None => relay_tunnel::websocket::DEFAULT_WS_WRITE_TIMEOUT,
-        Some(text) => parse_duration("ws_write_timeout", text)?,
-    };
-    Ok((buffer, timeout))
+    Ok((buffer, write_timeout.unwrap_or(relay_tunnel::websocket::DEFAULT_WS_WRITE_TIMEOUT)))
 }
 
 /// Checks a `max_ws_message_bytes` setting: a message must fit one frame under the codec's
@@ -114,19 +174,13 @@ pub fn ws_message_limit(max: usize) -> Result<usize, ConfigError> {
 /// must come more often than the idle timeout, or idle tunnels would time out.
 pub fn tunnel_liveness(
     tunnel: &mut relay_transport::TunnelSettings,
-    idle_timeout: Option<&str>,
-    keep_alive: Option<&str>,
-    handshake_timeout: Option<&str>,
+    idle_timeout: Option<Duration>,
+    keep_alive: Option<Duration>,
+    handshake_timeout: Option<Duration>,
 ) -> Result<(), ConfigError> {
-    if let Some(text) = handshake_timeout {
-        tunnel.handshake_timeout = parse_duration("handshake_timeout", text)?;
-    }
-    if let Some(text) = idle_timeout {
-        tunnel.idle_timeout = parse_duration("idle_timeout", text)?;
-    }
-    if let Some(text) = keep_alive {
-        tunnel.keep_alive = parse_duration("keep_alive", text)?;
-    }
+    tunnel.handshake_timeout = handshake_timeout.unwrap_or(tunnel.handshake_timeout);
+    tunnel.idle_timeout = idle_timeout.unwrap_or(tunnel.idle_timeout);
+    tunnel.keep_alive = keep_alive.unwrap_or(tunnel.keep_alive);
     if tunnel.keep_alive >= tunnel.idle_timeout {
         return Err(ConfigError::Invalid { key: "keep_alive", message: "must be shorter than idle_timeout".into() });
     }
