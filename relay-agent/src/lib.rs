@@ -1,8 +1,8 @@
 //! relay-agent: the private half of acs-relay.
 //!
-//! The agent runs next to the bot. It dials *out* to the edge over mutually authenticated QUIC, or
-//! TLS over TCP where UDP cannot pass (so the bot's network accepts no inbound connection), accepts one stream per exchange, and
-//! forwards each to the bot on localhost. [`pair`] enrolls it with a one-time token;
+//! The agent runs next to the bot. It dials *out* to the edge over mutually authenticated QUIC,
+//! or TLS over TCP where UDP cannot pass (so the bot's network accepts no inbound connection),
+//! accepts one stream per exchange, and forwards each to the bot on localhost. [`pair`] enrolls it with a one-time token;
 //! [`Agent::start`] runs it. The binary only parses configuration and calls these.
 
 mod backoff;
@@ -17,6 +17,8 @@ mod replicas;
 mod tunnel;
 
 use std::sync::Arc;
+
+use relay_runtime::admin::AdminListener;
 
 use relay_pki::{AgentState, AgentStateError};
 use tokio::sync::watch;
@@ -76,16 +78,14 @@ impl Agent {
         let metrics = Arc::new(metrics::AgentMetrics::default());
         let admin_addr = match settings.admin_listen {
             Some(addr) => {
-                let listener =
-                    tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;
-                let bound = listener.local_addr().map_err(|source| StartError::Listen { addr, source })?;
+                let admin =
+                    AdminListener::bind(addr).await.map_err(|e| StartError::Listen { addr, source: e.source })?;
+                let bound = admin.addr();
                 let text_metrics = metrics.clone();
-                let text: relay_runtime::admin::MetricsText = Arc::new(move || text_metrics.encode());
                 // Ready while at least one edge replica has welcomed us and no drain started.
                 let (ready_connected, ready_draining) = (connected.clone(), draining.clone());
-                let ready: relay_runtime::admin::Readiness =
-                    Arc::new(move || !ready_draining.is_cancelled() && *ready_connected.borrow() > 0);
-                tasks.spawn(relay_runtime::admin::serve_metrics(listener, text, ready, shutdown.clone()));
+                let ready = move || !ready_draining.is_cancelled() && *ready_connected.borrow() > 0;
+                tasks.spawn(admin.serve(move || text_metrics.encode(), ready, shutdown.clone()));
                 Some(bound)
             }
             None => None,

@@ -8,20 +8,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http::header::HeaderName;
-
 use relay_runtime::config::duration_arg;
 pub use relay_runtime::config::{ConfigError, parse_duration};
 use relay_runtime::config::{load_toml, parse_toml, tunnel_liveness, ws_message_limit, ws_write_limits};
 use relay_transport::{TcpListen, TunnelSettings};
 use serde::{Deserialize, Serialize};
 
-use crate::admission::acs_jwt::{DEFAULT_ACS_ISSUER, DEFAULT_ACS_JWKS_URL, JWKS_REFRESH_MIN_INTERVAL, JwksSource};
-use crate::admission::shared_secret::SecretLocation;
-use crate::admission::source_ip::service_tag_networks;
-use crate::admission::{
-    AcsJwtConfig, AdmissionSettings, AuthCheck, EntraConfig, EventGridSettings, SharedSecret, SourceIpSet,
-};
+use crate::admission::AdmissionSettings;
+pub use crate::admission::config::{AcsConfig, EventGridConfig, SharedSecretConfig, SourceIpConfig};
 use crate::routes::{Route, RouteConfig, default_routes};
 
 /// Public listener default: ACS delivers to HTTPS/WSS, normally terminated by an ingress in
@@ -223,67 +217,6 @@ pub struct EdgeConfig {
     pub acs: Option<AcsConfig>,
 }
 
-/// `[acs]`: how ACS's tokens are checked.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AcsConfig {
-    /// The ACS resource's immutable id: the tokens' audience. Required.
-    pub audience: Option<String>,
-    /// The tokens' issuer; ACS Call Automation's by default.
-    pub issuer: Option<String>,
-    /// Where ACS publishes its keys; ACS's URL by default.
-    pub jwks_url: Option<String>,
-    /// A JWKS file instead of the URL (offline use and tests).
-    pub jwks_file: Option<PathBuf>,
-    /// Shortest interval between key refreshes caused by unknown key ids (`"60s"`).
-    #[serde(default, with = "relay_runtime::config::duration")]
-    pub keys_refresh_min_interval: Option<Duration>,
-}
-
-/// `[shared_secret]`: where the secret travels and where the edge reads it from. The secret
-/// itself never sits in the configuration file.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SharedSecretConfig {
-    /// The header carrying the secret (e.g. `x-bot-secret`).
-    pub header: Option<String>,
-    /// Or the query parameter carrying it (e.g. `secret`).
-    pub query: Option<String>,
-    /// The environment variable holding the secret.
-    pub value_env: Option<String>,
-    /// Or a file holding it (e.g. a mounted Kubernetes secret); trailing newlines are ignored.
-    pub value_file: Option<PathBuf>,
-}
-
-/// `[source_ip]`: the allow-list.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SourceIpConfig {
-    /// Allowed networks (`52.112.0.0/14`, `2603:1063::/38`).
-    #[serde(default)]
-    pub cidrs: Vec<String>,
-    /// An Azure Service Tags JSON file (`ServiceTags_Public_*.json`).
-    pub service_tags_file: Option<PathBuf>,
-    /// The tags to take from it (e.g. `AzureCommunicationServices`).
-    #[serde(default)]
-    pub service_tags: Vec<String>,
-}
-
-/// `[event_grid]`: subscription checks.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EventGridConfig {
-    /// When non-empty, `aeg-subscription-name` must be one of these.
-    #[serde(default)]
-    pub subscription_names: Vec<String>,
-    /// With `entra_audience`: require Event Grid's Entra ID token from this tenant.
-    pub entra_tenant_id: Option<String>,
-    /// The token audience (the app id or app id URI set on the subscription).
-    pub entra_audience: Option<String>,
-    /// Override of the tenant's OpenID configuration URL (tests, sovereign clouds).
-    pub entra_openid_config_url: Option<String>,
-}
-
 /// Fully resolved edge settings.
 #[derive(Debug, Clone)]
 pub struct EdgeSettings {
@@ -410,17 +343,9 @@ impl EdgeConfig {
     /// Validates and applies defaults.
     pub fn resolve(self) -> Result<EdgeSettings, ConfigError> {
         let state_dir = self.state_dir.clone().ok_or(ConfigError::Missing("state_dir"))?;
-        let default_addr = |text: &str| {
-            text.parse::<SocketAddr>().map_err(|e| ConfigError::Invalid { key: "listen", message: e.to_string() })
-        };
-        let listen = match self.listen {
-            Some(addr) => addr,
-            None => default_addr(DEFAULT_LISTEN)?,
-        };
-        let tunnel_listen = match self.tunnel_listen {
-            Some(addr) => addr,
-            None => default_addr(DEFAULT_TUNNEL_LISTEN)?,
-        };
+        let listen = self.listen.map_or_else(|| default_addr("listen", DEFAULT_LISTEN), Ok)?;
+        let tunnel_listen =
+            self.tunnel_listen.map_or_else(|| default_addr("tunnel_listen", DEFAULT_TUNNEL_LISTEN), Ok)?;
         let mut settings = EdgeSettings::new(state_dir, listen, tunnel_listen);
         settings.tunnel_tcp_listen = match self.tunnel_tcp_listen.as_deref().map(str::trim) {
             None | Some("") => TcpListen::SamePort,
@@ -430,48 +355,56 @@ impl EdgeConfig {
                 message: format!("{e} (expected ip:port or \"off\")"),
             })?),
         };
-        settings.admin_listen = Some(match self.admin_listen {
-            Some(addr) => addr,
-            None => DEFAULT_ADMIN_LISTEN.parse().map_err(|e: std::net::AddrParseError| ConfigError::Invalid {
-                key: "admin_listen",
-                message: e.to_string(),
-            })?,
-        });
-        if let Some(max) = self.max_body_bytes {
-            settings.max_body_bytes = max;
+        settings.admin_listen =
+            Some(self.admin_listen.map_or_else(|| default_addr("admin_listen", DEFAULT_ADMIN_LISTEN), Ok)?);
+        self.apply_limits(&mut settings)?;
+        tunnel_liveness(&mut settings.tunnel, self.idle_timeout, self.keep_alive, self.handshake_timeout)?;
+        if let Some(routes) = &self.routes {
+            settings.routes = routes
+                .iter()
+                .map(|r| r.build().map_err(|message| ConfigError::Invalid { key: "route", message }))
+                .collect::<Result<_, _>>()?;
         }
+        settings.admission = AdmissionSettings::from_config(
+            self.trusted_proxies.as_deref().unwrap_or_default(),
+            self.shared_secret.as_ref(),
+            self.source_ip.as_ref(),
+            self.event_grid.as_ref(),
+            self.acs.as_ref(),
+        )?;
+        settings.allow_unauthenticated = self.allow_unauthenticated.unwrap_or(false);
+        check_sections(&settings.routes, &settings.admission)?;
+        Ok(settings)
+    }
+
+    /// Applies the sizes, counts and timeouts, checking each against its bounds.
+    fn apply_limits(&self, settings: &mut EdgeSettings) -> Result<(), ConfigError> {
+        let out_of = |key, message: String| ConfigError::Invalid { key, message };
+        settings.max_body_bytes = self.max_body_bytes.unwrap_or(settings.max_body_bytes);
         if let Some(max) = self.max_ws_message_bytes {
             settings.max_ws_message_bytes = ws_message_limit(max)?;
         }
         (settings.max_ws_write_buffer_bytes, settings.ws_write_timeout) =
             ws_write_limits(settings.max_ws_message_bytes, self.max_ws_write_buffer_bytes, self.ws_write_timeout)?;
-        if let Some(max) = self.max_header_bytes {
-            // hyper needs room for at least one read buffer; the tunnel's head frame bounds the top.
-            if !(8192..=MAX_HEADER_BYTES_LIMIT).contains(&max) {
-                return Err(ConfigError::Invalid {
-                    key: "max_header_bytes",
-                    message: format!("must be between 8192 and {MAX_HEADER_BYTES_LIMIT}"),
-                });
+        // hyper needs room for at least one read buffer; the tunnel's head frame bounds the top.
+        settings.max_header_bytes = match self.max_header_bytes {
+            Some(max) if !(8192..=MAX_HEADER_BYTES_LIMIT).contains(&max) => {
+                return Err(out_of("max_header_bytes", format!("must be between 8192 and {MAX_HEADER_BYTES_LIMIT}")));
             }
-            settings.max_header_bytes = max;
-        }
-        if let Some(max) = self.max_exchanges_per_agent {
-            let streams = settings.tunnel.max_exchange_streams as usize;
-            if max == 0 || max > streams {
-                return Err(ConfigError::Invalid {
-                    key: "max_exchanges_per_agent",
-                    message: format!("must be between 1 and {streams}"),
-                });
+            max => max.unwrap_or(settings.max_header_bytes),
+        };
+        let streams = settings.tunnel.max_exchange_streams as usize;
+        settings.max_exchanges_per_agent = match self.max_exchanges_per_agent {
+            Some(max) if max == 0 || max > streams => {
+                return Err(out_of("max_exchanges_per_agent", format!("must be between 1 and {streams}")));
             }
-            settings.max_exchanges_per_agent = max;
-        }
+            max => max.unwrap_or(settings.max_exchanges_per_agent),
+        };
         if let Some(rate) = self.rate_limit_per_source {
             settings.rate_limit_per_source = (rate > 0).then_some(rate);
         }
         settings.affinity_ttl = self.affinity_ttl.unwrap_or(settings.affinity_ttl);
-        if let Some(bytes) = self.affinity_prefix_bytes {
-            settings.affinity_prefix_bytes = bytes;
-        }
+        settings.affinity_prefix_bytes = self.affinity_prefix_bytes.unwrap_or(settings.affinity_prefix_bytes);
         settings.drain_timeout = self.drain_timeout.unwrap_or(settings.drain_timeout);
         settings.ws_idle_timeout = self.ws_idle_timeout.unwrap_or(settings.ws_idle_timeout);
         settings.response_timeout = self.response_timeout.unwrap_or(settings.response_timeout);
@@ -483,174 +416,37 @@ impl EdgeConfig {
             ("max_connections", self.max_connections, &mut settings.max_connections),
             ("max_connections_per_source", self.max_connections_per_source, &mut settings.max_connections_per_source),
         ] {
-            if let Some(max) = value {
-                if max == 0 {
-                    return Err(ConfigError::Invalid { key, message: "must be at least 1".into() });
-                }
-                *target = max;
+            match value {
+                Some(0) => return Err(out_of(key, "must be at least 1".into())),
+                Some(max) => *target = max,
+                None => {}
             }
         }
-        tunnel_liveness(&mut settings.tunnel, self.idle_timeout, self.keep_alive, self.handshake_timeout)?;
-        if let Some(routes) = &self.routes {
-            settings.routes = routes
-                .iter()
-                .map(|r| r.build().map_err(|message| ConfigError::Invalid { key: "route", message }))
-                .collect::<Result<_, _>>()?;
-        }
-        settings.admission = self.admission()?;
-        settings.allow_unauthenticated = self.allow_unauthenticated.unwrap_or(false);
-        for route in &settings.routes {
-            for check in &route.auth {
-                let configured = match check {
-                    AuthCheck::SharedSecret => settings.admission.shared_secret.is_some(),
-                    AuthCheck::SourceIp => settings.admission.source_ip.is_some(),
-                    AuthCheck::EventGrid => settings.admission.event_grid.is_some(),
-                    AuthCheck::AcsJwt => settings.admission.acs.is_some(),
-                };
-                if !configured {
-                    let section = match check {
-                        AuthCheck::AcsJwt => "acs",
-                        AuthCheck::EventGrid => "event_grid",
-                        AuthCheck::SharedSecret => "shared_secret",
-                        AuthCheck::SourceIp => "source_ip",
-                    };
-                    return Err(ConfigError::Invalid {
-                        key: "route",
-                        message: format!(
-                            "route {:?} uses check {:?} but the [{section}] section is missing",
-                            route.name,
-                            check.name()
-                        ),
-                    });
-                }
-            }
-        }
-        Ok(settings)
-    }
-
-    fn admission(&self) -> Result<AdmissionSettings, ConfigError> {
-        let invalid = |key, message: String| ConfigError::Invalid { key, message };
-        let trusted_proxies = self
-            .trusted_proxies
-            .iter()
-            .flatten()
-            .map(|cidr| parse_net(cidr).map_err(|e| invalid("trusted_proxies", e)))
-            .collect::<Result<Vec<_>, _>>()?;
-        let shared_secret = match &self.shared_secret {
-            None => None,
-            Some(cfg) => {
-                let location = match (&cfg.header, &cfg.query) {
-                    (Some(header), None) => SecretLocation::Header(
-                        HeaderName::from_bytes(header.as_bytes())
-                            .map_err(|_| invalid("shared_secret.header", format!("{header:?} is not a header name")))?,
-                    ),
-                    (None, Some(query)) if !query.is_empty() => SecretLocation::Query(query.clone()),
-                    _ => return Err(invalid("shared_secret", "set exactly one of header or query".into())),
-                };
-                let value = match (&cfg.value_env, &cfg.value_file) {
-                    (Some(var), None) => std::env::var(var).map_err(|_| {
-                        invalid("shared_secret.value_env", format!("environment variable {var} is not set"))
-                    })?,
-                    (None, Some(path)) => {
-                        let bytes = relay_pki::read_secret_file(path)
-                            .map_err(|error| ConfigError::Read { path: path.clone(), error })?;
-                        String::from_utf8(bytes)
-                            .map_err(|_| {
-                                invalid("shared_secret.value_file", format!("{} is not UTF-8", path.display()))
-                            })?
-                            .trim_end_matches(['\r', '\n'])
-                            .to_owned()
-                    }
-                    _ => return Err(invalid("shared_secret", "set exactly one of value_env or value_file".into())),
-                };
-                if value.is_empty() {
-                    return Err(invalid("shared_secret", "the secret is empty".into()));
-                }
-                Some(SharedSecret::new(location, value.into_bytes()))
-            }
-        };
-        let source_ip = match &self.source_ip {
-            None => None,
-            Some(cfg) => {
-                let mut nets = cfg
-                    .cidrs
-                    .iter()
-                    .map(|c| parse_net(c).map_err(|e| invalid("source_ip.cidrs", e)))
-                    .collect::<Result<Vec<_>, _>>()?;
-                match (&cfg.service_tags_file, cfg.service_tags.is_empty()) {
-                    (Some(path), false) => {
-                        let json = std::fs::read_to_string(path)
-                            .map_err(|error| ConfigError::Read { path: path.clone(), error })?;
-                        let tagged = service_tag_networks(&json, &cfg.service_tags)
-                            .map_err(|e| invalid("source_ip.service_tags_file", format!("{}: {e}", path.display())))?;
-                        nets.extend(tagged);
-                    }
-                    (None, true) => {}
-                    _ => return Err(invalid("source_ip", "service_tags_file and service_tags go together".into())),
-                }
-                if nets.is_empty() {
-                    return Err(invalid("source_ip", "the allow-list is empty: nobody could connect".into()));
-                }
-                Some(SourceIpSet::new(nets))
-            }
-        };
-        let event_grid = match &self.event_grid {
-            None => None,
-            Some(cfg) => {
-                let entra = match (&cfg.entra_tenant_id, &cfg.entra_audience) {
-                    (None, None) => None,
-                    (Some(tenant), Some(audience)) if !tenant.is_empty() && !audience.is_empty() => {
-                        let url = cfg
-                            .entra_openid_config_url
-                            .clone()
-                            .unwrap_or_else(|| EntraConfig::default_openid_config_url(tenant));
-                        let openid_config_url = url
-                            .parse()
-                            .map_err(|e| invalid("event_grid.entra_openid_config_url", format!("{url:?}: {e}")))?;
-                        Some(EntraConfig { tenant_id: tenant.clone(), audience: audience.clone(), openid_config_url })
-                    }
-                    _ => return Err(invalid("event_grid", "entra_tenant_id and entra_audience go together".into())),
-                };
-                Some(EventGridSettings { subscription_names: cfg.subscription_names.clone(), entra })
-            }
-        };
-        let acs = match &self.acs {
-            None => None,
-            Some(cfg) => {
-                let audience =
-                    cfg.audience.clone().filter(|a| !a.is_empty()).ok_or(ConfigError::Missing("acs.audience"))?;
-                let keys = match (&cfg.jwks_url, &cfg.jwks_file) {
-                    (Some(_), Some(_)) => return Err(invalid("acs", "set jwks_url or jwks_file, not both".into())),
-                    (None, Some(path)) => JwksSource::File(path.clone()),
-                    (url, None) => {
-                        let url = url.as_deref().unwrap_or(DEFAULT_ACS_JWKS_URL);
-                        let uri: http::Uri =
-                            url.parse().map_err(|e| invalid("acs.jwks_url", format!("{url:?}: {e}")))?;
-                        if !matches!(uri.scheme_str(), Some("https" | "http")) {
-                            return Err(invalid("acs.jwks_url", format!("{url:?} must be an https:// URL")));
-                        }
-                        JwksSource::Url(uri)
-                    }
-                };
-                let refresh_min_interval = cfg.keys_refresh_min_interval.unwrap_or(JWKS_REFRESH_MIN_INTERVAL);
-                Some(AcsJwtConfig {
-                    audience,
-                    issuer: cfg.issuer.clone().unwrap_or_else(|| DEFAULT_ACS_ISSUER.to_owned()),
-                    keys,
-                    refresh_min_interval,
-                })
-            }
-        };
-        Ok(AdmissionSettings { trusted_proxies, shared_secret, source_ip, event_grid, acs })
+        Ok(())
     }
 }
 
-/// A network in CIDR notation, or a single address (as a /32 or /128).
-fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
-    let text = text.trim();
-    text.parse::<ipnet::IpNet>()
-        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-        .map_err(|_| format!("{text:?} is not a CIDR such as 52.112.0.0/14"))
+/// A default listener address (a constant, so a failure here is a programming error that the
+/// tests catch; it is still reported, never a panic).
+fn default_addr(key: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|e: std::net::AddrParseError| ConfigError::Invalid { key, message: e.to_string() })
+}
+
+/// Every check a route names must have its section in the file.
+fn check_sections(routes: &[Route], admission: &AdmissionSettings) -> Result<(), ConfigError> {
+    let mut missing = routes.iter().flat_map(|r| r.auth.iter().map(move |check| (r, *check)));
+    match missing.find(|(_, check)| !admission.configures(*check)) {
+        Some((route, check)) => Err(ConfigError::Invalid {
+            key: "route",
+            message: format!(
+                "route {:?} uses check {:?} but the [{}] section is missing",
+                route.name,
+                check.name(),
+                check.section()
+            ),
+        }),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -46,6 +46,29 @@ pub(crate) struct ExchangeLog {
     pub bytes_out: Arc<AtomicU64>,
 }
 
+impl ExchangeLog {
+    fn new(
+        relay: &Relay,
+        request_id: u64,
+        route: &Route,
+        method: &http::Method,
+        agent: &str,
+        started: Instant,
+    ) -> Self {
+        Self {
+            metrics: relay.metrics.clone(),
+            request_id,
+            route: route.name.clone(),
+            method: method.to_string(),
+            agent: agent.to_owned(),
+            status: 0,
+            started,
+            bytes_in: Arc::new(AtomicU64::new(0)),
+            bytes_out: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
 impl Drop for ExchangeLog {
     fn drop(&mut self) {
         let (bytes_in, bytes_out) = (self.bytes_in.load(Ordering::Relaxed), self.bytes_out.load(Ordering::Relaxed));
@@ -96,17 +119,7 @@ pub(crate) async fn relay_http(
     };
     let agent = in_flight.agent().name.clone();
     let head = relay.exchange_head(&req, ExchangeKind::Http, peer, request_id, &[], key);
-    let mut log = ExchangeLog {
-        metrics: relay.metrics.clone(),
-        request_id,
-        route: route.name.clone(),
-        method: req.method().to_string(),
-        agent: agent.clone(),
-        status: 0,
-        started,
-        bytes_in: Arc::new(AtomicU64::new(0)),
-        bytes_out: Arc::new(AtomicU64::new(0)),
-    };
+    let mut log = ExchangeLog::new(relay, request_id, route, req.method(), &agent, started);
     if let Err(e) = exchange::send_head(&mut stream, &head).await {
         warn!(request_id, agent = %agent, "could not send the request head: {e}");
         log.status = 503;

@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use relay_pki::{EdgeState, EdgeStateError};
+use relay_runtime::admin::AdminListener;
 use relay_transport::{DialError, TunnelListener};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -163,33 +164,13 @@ impl Edge {
         let public_addr = public.local_addr().map_err(|source| StartError::Listen { addr: settings.listen, source })?;
         let admin = match settings.admin_listen {
             Some(addr) => {
-                let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;
-                let bound = listener.local_addr().map_err(|source| StartError::Listen { addr, source })?;
-                Some((listener, bound))
+                Some(AdminListener::bind(addr).await.map_err(|e| StartError::Listen { addr, source: e.source })?)
             }
             None => None,
         };
-        let admin_addr = admin.as_ref().map(|(_, addr)| *addr);
+        let admin_addr = admin.as_ref().map(AdminListener::addr);
         let metrics = Arc::new(metrics::EdgeMetrics::default());
-
-        let entra = match settings.admission.event_grid.as_ref().and_then(|grid| grid.entra.as_ref()) {
-            None => None,
-            Some(config) => {
-                Some(config.load(admission::acs_jwt::JWKS_REFRESH_MIN_INTERVAL).await.map_err(StartError::Keys)?)
-            }
-        };
-        let acs = match &settings.admission.acs {
-            None => None,
-            Some(config) => Some(admission::AcsJwtSettings {
-                audience: config.audience.clone(),
-                issuer: config.issuer.clone(),
-                keys: Arc::new(
-                    admission::acs_jwt::JwksCache::load(config.keys.clone(), config.refresh_min_interval)
-                        .await
-                        .map_err(StartError::Keys)?,
-                ),
-            }),
-        };
+        let verifiers = admission::Verifiers::load(&settings.admission).await.map_err(StartError::Keys)?;
         let settings = Arc::new(settings);
         // Random per start: agents behind a load balancer tell this replica from its siblings.
         let instance = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
@@ -239,19 +220,17 @@ impl Edge {
             connections,
             rate_limit,
             draining: draining.clone(),
-            verifiers: admission::Verifiers { acs, entra },
+            verifiers,
             next_request_id: AtomicU64::new(1),
             shutdown: shutdown.clone(),
         });
         tasks.spawn(tunnel.run());
         tasks.spawn(registry.run());
-        if let Some((listener, _)) = admin {
-            let text: relay_runtime::admin::MetricsText = Arc::new(move || metrics.encode());
+        if let Some(admin) = admin {
             // The same answer as the public `/readyz`: an agent to send to, and not draining.
             let (ready_agents, ready_draining) = (agents.clone(), draining.clone());
-            let ready: relay_runtime::admin::Readiness =
-                Arc::new(move || !ready_draining.is_cancelled() && ready_agents.ready());
-            tasks.spawn(relay_runtime::admin::serve_metrics(listener, text, ready, shutdown.clone()));
+            let ready = move || !ready_draining.is_cancelled() && ready_agents.ready();
+            tasks.spawn(admin.serve(move || metrics.encode(), ready, shutdown.clone()));
         }
         warn_open_routes(&front.relay.settings);
         tasks.spawn(front.run(public));

@@ -168,18 +168,8 @@ impl PublicService {
 
     async fn handle_route(self: &Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<RelayBody> {
         let path = req.uri().path();
-        match path {
-            "/healthz" => return answer::plain(StatusCode::OK, "ok"),
-            "/readyz" => {
-                return if self.draining.is_cancelled() {
-                    self.relay.unavailable("edge draining")
-                } else if self.relay.agents.ready() {
-                    answer::plain(StatusCode::OK, "ready")
-                } else {
-                    self.relay.unavailable("no agent connected")
-                };
-            }
-            _ => {}
+        if let Some(answer) = self.probe(path) {
+            return answer;
         }
         let Some(route) = routes::find(&self.relay.settings.routes, path).cloned() else {
             return answer::plain(StatusCode::NOT_FOUND, "not found");
@@ -189,15 +179,8 @@ impl PublicService {
         }
         let admission = &self.relay.settings.admission;
         // Before admission: a flood must not get to make the edge verify signatures.
-        if let Some(limiter) = &self.rate_limit {
-            let client = admission::source_ip::client_ip(peer.ip(), req.headers(), &admission.trusted_proxies)
-                .unwrap_or(peer.ip());
-            if !limiter.allow(client, std::time::Instant::now()) {
-                self.relay.metrics.rejection(&route.name, "limit", "rate");
-                let mut response = answer::plain(StatusCode::TOO_MANY_REQUESTS, "too many requests");
-                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                return response;
-            }
+        if let Some(refused) = self.over_rate(&route, &req, peer) {
+            return refused;
         }
         // Event Grid's CloudEvents handshake arrives as OPTIONS on the webhook route, before any
         // event; only the checks that do not depend on an event apply to it.
@@ -214,12 +197,7 @@ impl PublicService {
             return event_grid::options_response(req.headers());
         }
         if !route.methods.contains(req.method()) {
-            let mut response = answer::plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
-            let allow: Vec<&str> = route.methods.iter().map(Method::as_str).collect();
-            if let Ok(value) = HeaderValue::from_str(&allow.join(", ")) {
-                response.headers_mut().insert(header::ALLOW, value);
-            }
-            return response;
+            return method_not_allowed(&route);
         }
         if let Err(rejection) = admission::admit(&route.auth, admission, &self.verifiers, &req, peer).await {
             return self.reject(&route, peer, rejection);
@@ -240,6 +218,43 @@ impl PublicService {
             crate::forward::relay_http(&self.relay, req, &route, peer, request_id).await
         }
     }
+}
+
+impl PublicService {
+    /// The answer to a liveness or readiness probe, if `path` is one.
+    fn probe(&self, path: &str) -> Option<Response<RelayBody>> {
+        match path {
+            "/healthz" => Some(answer::plain(StatusCode::OK, "ok")),
+            "/readyz" if self.draining.is_cancelled() => Some(self.relay.unavailable("edge draining")),
+            "/readyz" if self.relay.agents.ready() => Some(answer::plain(StatusCode::OK, "ready")),
+            "/readyz" => Some(self.relay.unavailable("no agent connected")),
+            _ => None,
+        }
+    }
+
+    /// `429` when the client (behind a trusted proxy: the address it names) is over its rate.
+    fn over_rate<B>(&self, route: &Route, req: &Request<B>, peer: SocketAddr) -> Option<Response<RelayBody>> {
+        let limiter = self.rate_limit.as_ref()?;
+        let trusted = &self.relay.settings.admission.trusted_proxies;
+        let client = admission::source_ip::client_ip(peer.ip(), req.headers(), trusted).unwrap_or(peer.ip());
+        if limiter.allow(client, std::time::Instant::now()) {
+            return None;
+        }
+        self.relay.metrics.rejection(&route.name, "limit", "rate");
+        let mut response = answer::plain(StatusCode::TOO_MANY_REQUESTS, "too many requests");
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        Some(response)
+    }
+}
+
+/// `405` with the route's methods in `Allow`.
+fn method_not_allowed(route: &Route) -> Response<RelayBody> {
+    let mut response = answer::plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    let allow: Vec<&str> = route.methods.iter().map(Method::as_str).collect();
+    if let Ok(value) = HeaderValue::from_str(&allow.join(", ")) {
+        response.headers_mut().insert(header::ALLOW, value);
+    }
+    response
 }
 
 /// The size of a request head as it came on the wire: request line, each header line with its

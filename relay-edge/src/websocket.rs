@@ -87,14 +87,8 @@ pub(crate) async fn relay_upgrade(
     {
         Ok(WsReply::Accepted { subprotocol, headers }) => (subprotocol, headers),
         Ok(WsReply::Rejected { head, body }) => {
-            let status = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
-            info!(request_id, route = %route.name, agent = %agent, status = status.as_u16(), "bot refused the WebSocket upgrade");
-            let mut response = Response::new(full(body));
-            *response.status_mut() = status;
-            if let Some((_, headers)) = exchange::response_parts(head) {
-                *response.headers_mut() = headers;
-            }
-            return response;
+            info!(request_id, route = %route.name, agent = %agent, status = head.status, "bot refused the WebSocket upgrade");
+            return refused_upgrade(head, body);
         }
         Ok(WsReply::Failed(failure)) => {
             warn!(request_id, agent = %agent, "agent could not open the bot's WebSocket: {:?}: {}", failure.kind, failure.detail);
@@ -120,6 +114,17 @@ pub(crate) async fn relay_upgrade(
         in_flight,
     };
     relay.tasks.spawn(session.run());
+    response
+}
+
+/// The bot's refusal of an upgrade, passed on to the client as the bot gave it.
+fn refused_upgrade(head: relay_proto::ResponseHead, body: Vec<u8>) -> Response<RelayBody> {
+    let status = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    if let Some((_, headers)) = exchange::response_parts(head) {
+        *response.headers_mut() = headers;
+    }
     response
 }
 

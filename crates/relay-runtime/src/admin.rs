@@ -81,6 +81,51 @@ pub async fn probe(addr: std::net::SocketAddr, path: &str) -> Result<(), ProbeEr
     tokio::time::timeout(PROBE_TIMEOUT, attempt).await.map_err(|_| ProbeError::Timeout(addr))?
 }
 
+/// An admin listener bound at start-up (so a taken port is a start-up error) and served once the
+/// service whose metrics and readiness it reports exists.
+#[derive(Debug)]
+pub struct AdminListener {
+    listener: TcpListener,
+    addr: std::net::SocketAddr,
+}
+
+impl AdminListener {
+    /// Binds `addr`; the error names the address.
+    pub async fn bind(addr: std::net::SocketAddr) -> Result<Self, BindError> {
+        let bound = async {
+            let listener = TcpListener::bind(addr).await?;
+            let local = listener.local_addr()?;
+            Ok::<_, std::io::Error>(Self { listener, addr: local })
+        };
+        bound.await.map_err(|source| BindError { addr, source })
+    }
+
+    /// The address bound (with the port the OS chose for port 0).
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`.
+    pub async fn serve(
+        self,
+        metrics: impl Fn() -> String + Send + Sync + 'static,
+        ready: impl Fn() -> bool + Send + Sync + 'static,
+        shutdown: CancellationToken,
+    ) {
+        serve_metrics(self.listener, Arc::new(metrics), Arc::new(ready), shutdown).await;
+    }
+}
+
+/// The admin listener's address could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct BindError {
+    /// The address.
+    pub addr: std::net::SocketAddr,
+    /// Why.
+    pub source: std::io::Error,
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` from `listener` until `shutdown`.
 pub async fn serve_metrics(listener: TcpListener, metrics: MetricsText, ready: Readiness, shutdown: CancellationToken) {
     loop {

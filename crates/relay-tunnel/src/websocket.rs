@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use relay_proto::{CloseFrame, WsFrame, code};
-use relay_transport::{BiStream, FrameReadError, FrameReader, write_frame};
+use relay_transport::{BiStream, FrameReadError, FrameReader, RecvHalf, SendHalf, write_frame};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame as WireClose;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_util::sync::CancellationToken;
 
 use crate::CLOSE_LINGER;
 
@@ -227,6 +228,72 @@ impl CloseRequest {
     }
 }
 
+/// What both directions of one session share: the limits, the signals one direction gives the
+/// other, and the counts. Atomics rather than plain counters: both directions borrow them, and a
+/// lingering direction may be dropped mid-way, yet its count so far still belongs in the report.
+struct Shared {
+    /// The largest frame a message may make on the tunnel.
+    frame_limit: usize,
+    /// How long the socket may take to accept one message.
+    write_timeout: Duration,
+    /// Cancelled when the socket stops taking what is written to it: the socket → tunnel
+    /// direction then closes the tunnel side with 1008.
+    stalled: CancellationToken,
+    /// Cancelled when the session has been silent for the idle timeout: both directions close.
+    idle: CancellationToken,
+    /// Set when the socket must be closed for what it sent (too big, a protocol violation): the
+    /// other direction, which owns the sink, sends the close.
+    close_socket: CloseRequest,
+    started: tokio::time::Instant,
+    /// Milliseconds from `started` to the last data message relayed either way.
+    last_activity: AtomicU64,
+    to_tunnel: AtomicU64,
+    to_socket: AtomicU64,
+}
+
+impl Shared {
+    fn new(limits: &SessionLimits) -> Self {
+        Self {
+            frame_limit: limits.max_message.saturating_add(FRAME_OVERHEAD),
+            write_timeout: limits.write_timeout,
+            stalled: CancellationToken::new(),
+            idle: CancellationToken::new(),
+            close_socket: CloseRequest::default(),
+            started: tokio::time::Instant::now(),
+            last_activity: AtomicU64::new(0),
+            to_tunnel: AtomicU64::new(0),
+            to_socket: AtomicU64::new(0),
+        }
+    }
+
+    /// A data message passed: the session is not idle.
+    fn touch(&self) {
+        self.last_activity.store(elapsed_ms(self.started), Ordering::Relaxed);
+    }
+
+    /// Cancels `idle` once no data message has passed for `limit`; never, without one.
+    async fn watchdog(&self, limit: Option<Duration>) {
+        let Some(limit) = limit else { return std::future::pending().await };
+        loop {
+            let deadline = self.started + Duration::from_millis(self.last_activity.load(Ordering::Relaxed)) + limit;
+            if tokio::time::Instant::now() >= deadline {
+                self.idle.cancel();
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+
+    /// Sends the tunnel a close with `code` and `reason`, finishes the stream, and ends this
+    /// direction with `end`.
+    async fn close_tunnel(&self, send: &mut Box<dyn SendHalf>, code: u16, reason: &str, end: SideEnd) -> SideEnd {
+        let close = WsFrame::Close(Some(CloseFrame { code, reason: reason.into() }));
+        let _ = write_frame(send, &close, self.frame_limit).await;
+        let _ = send.shutdown().await;
+        end
+    }
+}
+
 /// Relays messages between `ws` (configured with [`websocket_config`] of the same `limits`) and
 /// `stream` until both directions end (or one ends and the other does not follow within
 /// [`CLOSE_LINGER`]), then completes the socket's close handshake. With an idle timeout, a
@@ -236,216 +303,26 @@ pub async fn pump<S>(ws: WebSocketStream<S>, stream: BiStream, limits: SessionLi
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    pump_with_linger(ws, stream, limits, CLOSE_LINGER).await
-}
-
-async fn pump_with_linger<S>(
-    ws: WebSocketStream<S>,
-    stream: BiStream,
-    limits: SessionLimits,
-    linger: Duration,
-) -> PumpReport
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let (mut sink, mut source) = ws.split();
+    let (mut sink, source) = ws.split();
     let BiStream { mut send, mut recv } = stream;
-    let frame_limit = limits.max_message.saturating_add(FRAME_OVERHEAD);
-    let idle_timeout = limits.idle_timeout;
-    // Cancelled when the socket stops taking what is written to it: the socket → tunnel
-    // direction then closes the tunnel side with 1008.
-    let stalled = tokio_util::sync::CancellationToken::new();
-    // Atomics rather than plain counters: both directions' futures borrow them, and the
-    // lingering one may be dropped mid-way, yet its count so far still belongs in the report.
-    let to_tunnel = AtomicU64::new(0);
-    let to_socket = AtomicU64::new(0);
-
-    // Set when the socket must be closed for what it sent (too big, a protocol violation): the
-    // other direction, which owns the sink, sends the close.
-    let close_socket = CloseRequest::default();
-    // Milliseconds from `started` to the last data message relayed either way, and the signal
-    // both directions close on when the session has been silent for the idle timeout.
-    let started = tokio::time::Instant::now();
-    let last_activity = AtomicU64::new(0);
-    let touch = || last_activity.store(elapsed_ms(started), Ordering::Relaxed);
-    let idle = tokio_util::sync::CancellationToken::new();
-    let watchdog = async {
-        let Some(limit) = idle_timeout else { return std::future::pending().await };
-        loop {
-            let deadline = started + Duration::from_millis(last_activity.load(Ordering::Relaxed)) + limit;
-            if tokio::time::Instant::now() >= deadline {
-                idle.cancel();
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
-    };
-    let socket_to_tunnel = async {
-        let mut last_ping: Option<tokio::time::Instant> = None;
-        loop {
-            let next = tokio::select! {
-                next = source.next() => next,
-                () = idle.cancelled() => {
-                    let close = WsFrame::Close(Some(CloseFrame { code: 1001, reason: IDLE_REASON.into() }));
-                    let _ = write_frame(&mut send, &close, frame_limit).await;
-                    let _ = send.shutdown().await;
-                    return SideEnd::Idle;
-                }
-                () = stalled.cancelled() => {
-                    let close = WsFrame::Close(Some(CloseFrame { code: 1008, reason: STALLED_REASON.into() }));
-                    let _ = write_frame(&mut send, &close, frame_limit).await;
-                    let _ = send.shutdown().await;
-                    return SideEnd::Stalled;
-                }
-            };
-            let msg = match next {
-                Some(Ok(msg)) => msg,
-                Some(Err(WsError::Capacity(_))) => {
-                    let close = WsFrame::Close(Some(CloseFrame { code: 1009, reason: "message too big".into() }));
-                    let _ = write_frame(&mut send, &close, frame_limit).await;
-                    let _ = send.shutdown().await;
-                    close_socket.ask(CloseCode::Size, "message too big");
-                    return SideEnd::TooBig;
-                }
-                Some(Err(e)) => {
-                    if let Some((code, reason)) = violation(&e) {
-                        let close = WsFrame::Close(Some(CloseFrame { code: code.into(), reason: reason.into() }));
-                        let _ = write_frame(&mut send, &close, frame_limit).await;
-                        let _ = send.shutdown().await;
-                        close_socket.ask(code, reason);
-                        return SideEnd::Violation(code.into(), e.to_string());
-                    }
-                    send.reset(code::ABORTED);
-                    return SideEnd::Lost(e.to_string());
-                }
-                None => {
-                    send.reset(code::ABORTED);
-                    return SideEnd::Lost("socket ended without a close frame".into());
-                }
-            };
-            let is_data = matches!(msg, Message::Text(_) | Message::Binary(_));
-            match &msg {
-                // Answered on this hop; forwarded at most once per interval so the far end
-                // still learns the peer is alive.
-                Message::Ping(_) if last_ping.is_some_and(|at| at.elapsed() < PING_FORWARD_INTERVAL) => continue,
-                Message::Ping(_) => last_ping = Some(tokio::time::Instant::now()),
-                // Every hop answers its own pings: a pong is for this hop alone.
-                Message::Pong(_) => continue,
-                _ => {}
-            }
-            let Some(frame) = to_frame(msg) else { continue };
-            let close_code = match &frame {
-                WsFrame::Close(close) => Some(close.as_ref().map(|c| c.code)),
-                _ => None,
-            };
-            // A write the tunnel does not take (its far end is stuck behind the same socket that
-            // stopped reading) gives way when the other direction gives up on that socket.
-            let written = tokio::select! {
-                written = write_frame(&mut send, &frame, frame_limit) => written,
-                () = stalled.cancelled() => {
-                    send.reset(code::ABORTED);
-                    return SideEnd::Stalled;
-                }
-            };
-            if let Err(e) = written {
-                send.reset(code::ABORTED);
-                return SideEnd::Lost(e.to_string());
-            }
-            if is_data {
-                touch();
-            }
-            to_tunnel.fetch_add(1, Ordering::Relaxed);
-            if let Some(code) = close_code {
-                let _ = send.shutdown().await;
-                return SideEnd::Closed(code);
-            }
-        }
-    };
-
-    let tunnel_to_socket = async {
-        let mut reader = FrameReader::new(frame_limit);
-        loop {
-            let next = tokio::select! {
-                next = reader.next::<WsFrame, _>(&mut recv) => next,
-                (code, reason) = close_socket.asked() => {
-                    let _ = sink.send(close_message(code, reason)).await;
-                    recv.stop(code::ABORTED);
-                    return SideEnd::Closed(Some(code.into()));
-                }
-                () = idle.cancelled() => {
-                    let _ = sink.send(close_message(CloseCode::Away, IDLE_REASON)).await;
-                    recv.stop(code::ABORTED);
-                    return SideEnd::Idle;
-                }
-            };
-            let frame = match next {
-                Ok(Some(frame)) => frame,
-                Ok(None) => {
-                    let _ = sink.send(close_message(CloseCode::Away, "relay stream ended")).await;
-                    return SideEnd::Lost("tunnel stream ended without a close frame".into());
-                }
-                Err(FrameReadError::Io(e)) => {
-                    let _ = sink.send(close_message(CloseCode::Away, "peer went away")).await;
-                    return SideEnd::Lost(e.to_string());
-                }
-                Err(FrameReadError::Decode(e)) => {
-                    recv.stop(code::MALFORMED_FRAME);
-                    let _ = sink.send(close_message(CloseCode::Error, "relay protocol error")).await;
-                    return SideEnd::Malformed(e.to_string());
-                }
-            };
-            let close_code = match &frame {
-                WsFrame::Close(close) => Some(close.as_ref().map(|c| c.code)),
-                _ => None,
-            };
-            let is_data = matches!(frame, WsFrame::Text(_) | WsFrame::Binary(_));
-            let msg = match to_message(frame) {
-                Ok(msg) => msg,
-                Err(_) => {
-                    recv.stop(code::MALFORMED_FRAME);
-                    let _ = sink.send(close_message(CloseCode::Invalid, "invalid UTF-8 in text message")).await;
-                    return SideEnd::Malformed("text message is not UTF-8".into());
-                }
-            };
-            let sent = tokio::time::timeout(limits.write_timeout, sink.send(msg)).await;
-            if let Some(code) = close_code {
-                // After a close the socket may already be closing; either way this side is done.
-                return SideEnd::Closed(code);
-            }
-            match sent {
-                Ok(Ok(())) => {}
-                // The socket's peer is not reading: close both ends rather than hold or queue more.
-                Err(_) | Ok(Err(WsError::WriteBufferFull(_))) => {
-                    stalled.cancel();
-                    recv.stop(code::ABORTED);
-                    return SideEnd::Stalled;
-                }
-                Ok(Err(e)) => {
-                    recv.stop(code::ABORTED);
-                    return SideEnd::Lost(e.to_string());
-                }
-            }
-            if is_data {
-                touch();
-            }
-            to_socket.fetch_add(1, Ordering::Relaxed);
-        }
-    };
-
+    let shared = Shared::new(&limits);
+    let socket_to_tunnel = socket_to_tunnel(&shared, source, &mut send);
+    let tunnel_to_socket = tunnel_to_socket(&shared, &mut sink, &mut recv);
     let (socket_side, tunnel_side) = {
         tokio::pin!(socket_to_tunnel, tunnel_to_socket);
         let both = async {
             tokio::select! {
                 socket_side = &mut socket_to_tunnel => {
-                    let tunnel_side = tokio::time::timeout(linger, &mut tunnel_to_socket).await.unwrap_or(SideEnd::LingerExpired);
+                    let tunnel_side = tokio::time::timeout(CLOSE_LINGER, &mut tunnel_to_socket).await.unwrap_or(SideEnd::LingerExpired);
                     (socket_side, tunnel_side)
                 }
                 tunnel_side = &mut tunnel_to_socket => {
-                    let socket_side = tokio::time::timeout(linger, &mut socket_to_tunnel).await.unwrap_or(SideEnd::LingerExpired);
+                    let socket_side = tokio::time::timeout(CLOSE_LINGER, &mut socket_to_tunnel).await.unwrap_or(SideEnd::LingerExpired);
                     (socket_side, tunnel_side)
                 }
             }
         };
+        let watchdog = shared.watchdog(limits.idle_timeout);
         tokio::pin!(both, watchdog);
         // The watchdog only cancels `idle`; both directions then close and `both` completes.
         tokio::select! {
@@ -457,14 +334,173 @@ where
     // close, or send a close if none passed, so neither end sees 1006 (abnormal closure). A
     // socket that does not read gets its 1008 if it still takes one.
     if tunnel_side == SideEnd::Stalled {
-        let _ = tokio::time::timeout(linger, sink.send(close_message(CloseCode::Policy, STALLED_REASON))).await;
+        let stalled = close_message(CloseCode::Policy, STALLED_REASON);
+        let _ = tokio::time::timeout(CLOSE_LINGER, sink.send(stalled)).await;
     }
-    let _ = tokio::time::timeout(linger, sink.close()).await;
+    let _ = tokio::time::timeout(CLOSE_LINGER, sink.close()).await;
     PumpReport {
-        to_tunnel: to_tunnel.load(Ordering::Relaxed),
-        to_socket: to_socket.load(Ordering::Relaxed),
+        to_tunnel: shared.to_tunnel.load(Ordering::Relaxed),
+        to_socket: shared.to_socket.load(Ordering::Relaxed),
         socket_side,
         tunnel_side,
+    }
+}
+
+/// The close code a frame carries, if it is a close (`Some(None)`: a close without a code).
+fn close_code(frame: &WsFrame) -> Option<Option<u16>> {
+    match frame {
+        WsFrame::Close(close) => Some(close.as_ref().map(|c| c.code)),
+        _ => None,
+    }
+}
+
+/// The socket → tunnel direction: each message from the socket becomes one frame on the stream.
+async fn socket_to_tunnel<St>(shared: &Shared, mut source: St, send: &mut Box<dyn SendHalf>) -> SideEnd
+where
+    St: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let mut last_ping: Option<tokio::time::Instant> = None;
+    loop {
+        let next = tokio::select! {
+            next = source.next() => next,
+            () = shared.idle.cancelled() => return shared.close_tunnel(send, 1001, IDLE_REASON, SideEnd::Idle).await,
+            () = shared.stalled.cancelled() => return shared.close_tunnel(send, 1008, STALLED_REASON, SideEnd::Stalled).await,
+        };
+        let msg = match next {
+            Some(Ok(msg)) => msg,
+            Some(Err(e)) => return socket_failed(shared, send, e).await,
+            None => {
+                send.reset(code::ABORTED);
+                return SideEnd::Lost("socket ended without a close frame".into());
+            }
+        };
+        let is_data = matches!(msg, Message::Text(_) | Message::Binary(_));
+        match &msg {
+            // Answered on this hop; forwarded at most once per interval so the far end still
+            // learns the peer is alive.
+            Message::Ping(_) if last_ping.is_some_and(|at| at.elapsed() < PING_FORWARD_INTERVAL) => continue,
+            Message::Ping(_) => last_ping = Some(tokio::time::Instant::now()),
+            // Every hop answers its own pings: a pong is for this hop alone.
+            Message::Pong(_) => continue,
+            _ => {}
+        }
+        let Some(frame) = to_frame(msg) else { continue };
+        let closing = close_code(&frame);
+        // A write the tunnel does not take (its far end is stuck behind the same socket that
+        // stopped reading) gives way when the other direction gives up on that socket.
+        let written = tokio::select! {
+            written = write_frame(send, &frame, shared.frame_limit) => written.map_err(|e| SideEnd::Lost(e.to_string())),
+            () = shared.stalled.cancelled() => Err(SideEnd::Stalled),
+        };
+        if let Err(end) = written {
+            send.reset(code::ABORTED);
+            return end;
+        }
+        if is_data {
+            shared.touch();
+        }
+        shared.to_tunnel.fetch_add(1, Ordering::Relaxed);
+        if let Some(code) = closing {
+            let _ = send.shutdown().await;
+            return SideEnd::Closed(code);
+        }
+    }
+}
+
+/// How the socket → tunnel direction ends on a socket error: a message over the limit or a
+/// protocol violation closes both ends with its code; anything else is a lost socket.
+async fn socket_failed(shared: &Shared, send: &mut Box<dyn SendHalf>, error: WsError) -> SideEnd {
+    if let WsError::Capacity(_) = error {
+        shared.close_socket.ask(CloseCode::Size, "message too big");
+        return shared.close_tunnel(send, 1009, "message too big", SideEnd::TooBig).await;
+    }
+    if let Some((code, reason)) = violation(&error) {
+        shared.close_socket.ask(code, reason);
+        return shared
+            .close_tunnel(send, code.into(), reason, SideEnd::Violation(code.into(), error.to_string()))
+            .await;
+    }
+    send.reset(code::ABORTED);
+    SideEnd::Lost(error.to_string())
+}
+
+/// The tunnel → socket direction: each frame from the stream becomes one message on the socket,
+/// sent within the write timeout.
+async fn tunnel_to_socket<Si>(shared: &Shared, sink: &mut Si, recv: &mut Box<dyn RecvHalf>) -> SideEnd
+where
+    Si: futures_util::Sink<Message, Error = WsError> + Unpin,
+{
+    let mut reader = FrameReader::new(shared.frame_limit);
+    loop {
+        let next = tokio::select! {
+            next = reader.next::<WsFrame, _>(recv) => next,
+            (code, reason) = shared.close_socket.asked() => {
+                let _ = sink.send(close_message(code, reason)).await;
+                recv.stop(code::ABORTED);
+                return SideEnd::Closed(Some(code.into()));
+            }
+            () = shared.idle.cancelled() => {
+                let _ = sink.send(close_message(CloseCode::Away, IDLE_REASON)).await;
+                recv.stop(code::ABORTED);
+                return SideEnd::Idle;
+            }
+        };
+        let frame = match next {
+            Ok(Some(frame)) => frame,
+            failed => return tunnel_failed(sink, recv, failed.err()).await,
+        };
+        let closing = close_code(&frame);
+        let is_data = matches!(frame, WsFrame::Text(_) | WsFrame::Binary(_));
+        let Ok(msg) = to_message(frame) else {
+            recv.stop(code::MALFORMED_FRAME);
+            let _ = sink.send(close_message(CloseCode::Invalid, "invalid UTF-8 in text message")).await;
+            return SideEnd::Malformed("text message is not UTF-8".into());
+        };
+        let sent = tokio::time::timeout(shared.write_timeout, sink.send(msg)).await;
+        if let Some(code) = closing {
+            // After a close the socket may already be closing; either way this side is done.
+            return SideEnd::Closed(code);
+        }
+        match sent {
+            Ok(Ok(())) => {}
+            // The socket's peer is not reading: close both ends rather than hold or queue more.
+            Err(_) | Ok(Err(WsError::WriteBufferFull(_))) => {
+                shared.stalled.cancel();
+                recv.stop(code::ABORTED);
+                return SideEnd::Stalled;
+            }
+            Ok(Err(e)) => {
+                recv.stop(code::ABORTED);
+                return SideEnd::Lost(e.to_string());
+            }
+        }
+        if is_data {
+            shared.touch();
+        }
+        shared.to_socket.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// How the tunnel → socket direction ends when the stream ends (`None`) or fails: the socket is
+/// told the peer went away, or, for a malformed frame, that the relay failed.
+async fn tunnel_failed<Si>(sink: &mut Si, recv: &mut Box<dyn RecvHalf>, error: Option<FrameReadError>) -> SideEnd
+where
+    Si: futures_util::Sink<Message, Error = WsError> + Unpin,
+{
+    match error {
+        None => {
+            let _ = sink.send(close_message(CloseCode::Away, "relay stream ended")).await;
+            SideEnd::Lost("tunnel stream ended without a close frame".into())
+        }
+        Some(FrameReadError::Io(e)) => {
+            let _ = sink.send(close_message(CloseCode::Away, "peer went away")).await;
+            SideEnd::Lost(e.to_string())
+        }
+        Some(FrameReadError::Decode(e)) => {
+            recv.stop(code::MALFORMED_FRAME);
+            let _ = sink.send(close_message(CloseCode::Error, "relay protocol error")).await;
+            SideEnd::Malformed(e.to_string())
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 //! credential. Platform handshakes (Event Grid's validation and `OPTIONS`) are answered here too.
 
 pub mod acs_jwt;
+pub mod config;
 pub mod event_grid;
 pub mod shared_secret;
 pub mod source_ip;
@@ -101,6 +102,28 @@ pub struct Verifiers {
     pub acs: Option<AcsJwtSettings>,
     /// For `event-grid` with an Entra ID token.
     pub entra: Option<EntraVerifier>,
+}
+
+impl Verifiers {
+    /// The verifiers `settings` call for, with their keys fetched (or read) now, so a key source
+    /// that does not work is a start-up error.
+    pub async fn load(settings: &AdmissionSettings) -> Result<Self, String> {
+        let entra = match settings.event_grid.as_ref().and_then(|grid| grid.entra.as_ref()) {
+            None => None,
+            Some(config) => Some(config.load(acs_jwt::JWKS_REFRESH_MIN_INTERVAL).await?),
+        };
+        let acs = match &settings.acs {
+            None => None,
+            Some(config) => Some(AcsJwtSettings {
+                audience: config.audience.clone(),
+                issuer: config.issuer.clone(),
+                keys: std::sync::Arc::new(
+                    acs_jwt::JwksCache::load(config.keys.clone(), config.refresh_min_interval).await?,
+                ),
+            }),
+        };
+        Ok(Self { acs, entra })
+    }
 }
 
 /// Why a request was turned away.
