@@ -24,6 +24,8 @@ pub struct ConnectedAgent {
     /// the last one renewed over it (the renewal proved the new key over this connection).
     serial: Mutex<String>,
     in_flight: AtomicUsize,
+    /// Every agent's exchanges together, for the drain to wait on.
+    all: Arc<Exchanges>,
     draining: AtomicBool,
     /// A newer connection of the same agent replaced this one: it takes nothing new, and calls
     /// pinned to it follow the agent to its newer connection.
@@ -66,8 +68,17 @@ impl ConnectedAgent {
     /// Counts an exchange as in flight on this agent until the guard drops.
     pub fn begin_exchange(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.all.open.fetch_add(1, Ordering::SeqCst);
         InFlight(self.clone())
     }
+}
+
+/// Exchanges in flight across every agent, including those of connections already gone (they
+/// end within their timeouts), with a signal when the last one ends.
+#[derive(Debug, Default)]
+struct Exchanges {
+    open: AtomicUsize,
+    none_open: tokio::sync::Notify,
 }
 
 /// An exchange in flight on an agent; dropping it ends the count.
@@ -84,6 +95,9 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.0.all.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.all.none_open.notify_waiters();
+        }
     }
 }
 
@@ -119,6 +133,7 @@ pub fn rendezvous_weight(key: &str, name: &str) -> u64 {
 pub struct AgentSet {
     agents: Mutex<Vec<Arc<ConnectedAgent>>>,
     next_id: AtomicU64,
+    exchanges: Arc<Exchanges>,
 }
 
 impl AgentSet {
@@ -147,6 +162,7 @@ impl AgentSet {
             connected_at_unix,
             serial: Mutex::new(serial),
             in_flight: AtomicUsize::new(0),
+            all: self.exchanges.clone(),
             draining: AtomicBool::new(false),
             superseded: AtomicBool::new(false),
         });
@@ -227,9 +243,18 @@ impl AgentSet {
         self.lock().iter().find(|a| a.id == id).cloned()
     }
 
-    /// Exchanges in flight on every agent together.
-    pub fn in_flight_total(&self) -> usize {
-        self.lock().iter().map(|a| a.in_flight.load(Ordering::SeqCst)).sum()
+    /// Resolves once no exchange is in flight on any agent (at once if none is).
+    pub async fn exchanges_done(&self) {
+        loop {
+            let notified = self.exchanges.none_open.notified();
+            tokio::pin!(notified);
+            // Registered before the count is read, so an exchange ending in between still wakes us.
+            notified.as_mut().enable();
+            if self.exchanges.open.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Whether any agent can take exchanges.
@@ -288,6 +313,24 @@ mod tests {
         fn transport(&self) -> &'static str {
             "quic"
         }
+    }
+
+    #[tokio::test]
+    async fn the_drain_wakes_when_the_last_exchange_ends_even_one_on_a_removed_agent() {
+        let set = AgentSet::default();
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        let a = set.insert("a".into(), String::new(), "01".into(), addr, Arc::new(Idle));
+        let b = set.insert("b".into(), String::new(), "02".into(), addr, Arc::new(Idle));
+        let (first, second) = (a.begin_exchange(), b.begin_exchange());
+        set.remove(b.id);
+        let done = set.exchanges_done();
+        tokio::pin!(done);
+        assert!(futures_util::FutureExt::now_or_never(done.as_mut()).is_none(), "two exchanges are open");
+        drop(first);
+        assert!(futures_util::FutureExt::now_or_never(done.as_mut()).is_none(), "one exchange is open");
+        drop(second);
+        tokio::time::timeout(std::time::Duration::from_secs(5), done).await.expect("the last exchange ended");
+        tokio::time::timeout(std::time::Duration::from_secs(5), set.exchanges_done()).await.expect("none open");
     }
 
     #[test]

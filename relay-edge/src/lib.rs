@@ -44,9 +44,6 @@ pub use config::{ConfigError, EdgeConfig, EdgeSettings};
 
 use crate::agents::AgentSet;
 
-/// How often a draining edge checks whether its exchanges have ended.
-const DRAIN_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
-
 /// Why the edge could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -286,14 +283,7 @@ impl Edge {
     /// then shuts down; calls still open get 1001.
     pub async fn drain(self, grace: std::time::Duration) {
         self.begin_drain();
-        let agents = self.agents.clone();
-        let drained = tokio::time::timeout(grace, async move {
-            // Bounded by the grace period; in-flight counts fall as exchanges end.
-            while agents.in_flight_total() > 0 {
-                tokio::time::sleep(DRAIN_POLL_INTERVAL).await;
-            }
-        })
-        .await;
+        let drained = tokio::time::timeout(grace, self.agents.exchanges_done()).await;
         if drained.is_err() {
             tracing::info!("drain grace period over: closing the remaining exchanges");
         }

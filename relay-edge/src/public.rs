@@ -26,6 +26,11 @@ use crate::request_body::TimedBody;
 use crate::routes::{self, Route};
 use crate::target;
 
+/// After a failed accept (out of file descriptors, most often), how long the listener waits
+/// before the next: long enough not to spin on an error that persists, short enough that
+/// connections resume within a blink once descriptors free up.
+const ACCEPT_ERROR_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// State shared by every public request.
 pub(crate) struct PublicService {
     /// What relaying needs: settings, agents, calls, metrics, tasks.
@@ -55,7 +60,7 @@ impl PublicService {
                 Err(e) => {
                     // Out of file descriptors and similar: keep serving the connections we have.
                     debug!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                     continue;
                 }
             };

@@ -12,10 +12,9 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::ca::{CaError, IssuedAgentCert, validate_agent_name};
-use crate::edge_state::{EdgeState, EdgeStateError, IssuedCert, unix};
+use crate::edge_state::{AGENTS_DIR, EdgeState, EdgeStateError, IssuedCert, unix};
 use crate::fsutil::write_atomic;
 
-pub(crate) const AGENTS_DIR: &str = "agents";
 const LOCK_FILE: &str = ".lock";
 
 /// Whether an agent may connect.

@@ -35,6 +35,8 @@ const CA_CERT: &str = "ca.crt";
 const CA_KEY: &str = "ca.key";
 const EDGE_IDENTITY: &str = "edge.pem";
 const TOKENS_DIR: &str = "tokens";
+/// One record per paired agent ([`crate::agent_registry`]).
+pub(crate) const AGENTS_DIR: &str = "agents";
 
 /// Why the edge state could not be created, opened or changed.
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +169,7 @@ impl EdgeState {
         if dir.join(CA_KEY).exists() {
             return Err(EdgeStateError::AlreadyInitialized(dir.to_owned()));
         }
-        for sub in ["", TOKENS_DIR, crate::agent_registry::AGENTS_DIR] {
+        for sub in ["", TOKENS_DIR, AGENTS_DIR] {
             let path = dir.join(sub);
             fs::create_dir_all(&path).map_err(io_err(&path))?;
         }
@@ -195,7 +197,7 @@ impl EdgeState {
         let key = String::from_utf8(key).map_err(|_| EdgeStateError::Corrupt(key_path.clone()))?;
         let cert = String::from_utf8(cert).map_err(|_| EdgeStateError::Corrupt(cert_path.clone()))?;
         let ca = PairingCa::from_pem(&cert, &key).map_err(|_| EdgeStateError::Corrupt(dir.join(CA_CERT)))?;
-        for sub in [TOKENS_DIR, crate::agent_registry::AGENTS_DIR] {
+        for sub in [TOKENS_DIR, AGENTS_DIR] {
             let path = dir.join(sub);
             fs::create_dir_all(&path).map_err(io_err(&path))?;
         }

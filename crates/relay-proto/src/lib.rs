@@ -16,8 +16,9 @@
 //!   * WebSocket: the agent answers with a [`WsReply`] frame; then both sides send [`WsFrame`]s.
 //! * **Pairing stream** (on a connection with [`PAIRING_ALPN`]): one [`PairRequest`], one
 //!   [`PairResponse`].
-//! * **Session stream** (TLS/TCP transport only, opened by the edge right after the handshake
-//!   and used by the transport, not the tunnel): [`SessionMessage`]s.
+//!
+//! The TLS/TCP transport has one more stream below these, its session stream, which is the
+//! transport's own (`relay_transport::tcp::session`): the tunnel never sees it.
 
 pub mod codec;
 pub mod headers;

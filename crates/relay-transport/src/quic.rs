@@ -211,7 +211,7 @@ impl IncomingQuic {
     }
 
     /// Completes the handshake and classifies the peer. A tunnel peer without a certificate is
-    /// closed here with [`code::CERTIFICATE_REQUIRED`].
+    /// closed here with [`relay_proto::code::CERTIFICATE_REQUIRED`].
     pub async fn handshake(self) -> Result<(Arc<dyn TunnelConnection>, PeerKind), HandshakeError> {
         let connecting = self.incoming.accept().map_err(|e| HandshakeError::Tls(e.to_string()))?;
         let conn = match tokio::time::timeout(self.handshake_timeout, connecting).await {
