@@ -6,15 +6,13 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
 use relay_agent::TransportChoice;
+use relay_testkit::procs::{Proc, log_field};
 use relay_transport::Transport;
 use serde::Serialize;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 use crate::media::{self, MediaLoad, MediaReport, Percentiles};
 use crate::procstat::{self, ProcSample};
@@ -87,70 +85,30 @@ pub struct Comparison {
     pub relay_cpu_ms_per_call_second: f64,
 }
 
-/// A child process whose output is drained (so it never blocks on a full pipe) and searched
-/// for one line.
-struct Spawned {
-    child: Child,
-    line: String,
-}
-
-async fn spawn(program: &Path, args: &[String], wanted: &str) -> anyhow::Result<Spawned> {
-    let mut child = Command::new(program)
-        .args(args)
-        // The line waited for is logged at info; the level of everything else stays the operator's.
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG")
-                .map_or_else(|_| "info".to_owned(), |level| format!("{level},relay_edge=info,relay_agent=info")),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {}", program.display()))?;
-    let (found_tx, mut found_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let pipes: Vec<Box<dyn tokio::io::AsyncRead + Send + Unpin>> = [
-        child.stdout.take().map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-        child.stderr.take().map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    for pipe in pipes {
-        let (found, wanted) = (found_tx.clone(), wanted.to_owned());
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(pipe).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains(&wanted) || line.contains("ERROR") {
-                    let _ = found.send(line);
-                }
-            }
-        });
-    }
-    drop(found_tx);
-    let line = tokio::time::timeout(START_DEADLINE, found_rx.recv())
+/// Starts this binary as `args` and waits for the line containing `wanted` (an error line
+/// first is a failed start).
+async fn spawn(exe: &Path, args: &[String], wanted: &str) -> anyhow::Result<(Proc, String)> {
+    let name = args.first().cloned().unwrap_or_default();
+    let os_args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+    // The line waited for is logged at info; the level of everything else stays the operator's.
+    let filter = std::env::var("RUST_LOG")
+        .map_or_else(|_| "info".to_owned(), |level| format!("{level},relay_edge=info,relay_agent=info"));
+    let proc = Proc::spawn_logging(&name, &[], exe, &os_args, &filter)
+        .with_context(|| format!("cannot start {}", exe.display()))?;
+    let line = proc
+        .wait_line(wanted, START_DEADLINE)
         .await
-        .ok()
-        .flatten()
-        .with_context(|| format!("{} {} did not start", program.display(), args.join(" ")))?;
-    if !line.contains(wanted) {
-        bail!("{} failed: {line}", program.display());
-    }
-    Ok(Spawned { child, line })
+        .with_context(|| format!("{} {} did not start: {}", exe.display(), args.join(" "), proc.log()))?;
+    Ok((proc, line))
 }
 
-/// The value of `key=value` in a log line.
+/// The address in `key=address` of a log line.
 fn field(line: &str, key: &str) -> Option<SocketAddr> {
-    let prefix = format!("{key}=");
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&prefix))
-        .map(|v| v.trim_start_matches("Some(").trim_end_matches(')'))
-        .and_then(|v| v.parse().ok())
+    log_field(line, key)?.parse().ok()
 }
 
-fn pid(child: &Child) -> anyhow::Result<u32> {
-    child.id().context("child already exited")
+fn pid(proc: &Proc) -> anyhow::Result<u32> {
+    proc.pid().context("child already exited")
 }
 
 /// Runs the media and webhook phases against `target`, sampling `procs` around them.
@@ -199,14 +157,13 @@ pub async fn run(exe: &Path, settings: CompareSettings) -> anyhow::Result<Compar
     };
     let (bot_addr, bot_procs): (SocketAddr, Vec<(&str, u32)>) = match (&bot, settings.bot) {
         (_, Some(addr)) => (addr, Vec::new()),
-        (Some(own), None) => {
-            let addr = own
-                .line
+        (Some((own, line)), None) => {
+            let addr = line
                 .rsplit(' ')
                 .next()
                 .and_then(|a| a.parse().ok())
-                .with_context(|| format!("bot printed {:?}", own.line))?;
-            (addr, vec![("bot", pid(&own.child)?)])
+                .with_context(|| format!("bot printed {line:?}"))?;
+            (addr, vec![("bot", pid(own)?)])
         }
         (None, None) => bail!("no bot"),
     };
@@ -228,8 +185,8 @@ pub async fn run(exe: &Path, settings: CompareSettings) -> anyhow::Result<Compar
     let relay = measure(&settings, public, &relay_procs).await;
 
     relay_run.stop().await;
-    if let Some(own) = bot.as_mut() {
-        let _ = own.child.kill().await;
+    if let Some((own, _)) = bot.as_mut() {
+        own.kill().await;
     }
     let diff = |a: f64, b: f64| a - b;
     let relay_cpu_cores = relay.media_cpu_cores.get("edge").copied().unwrap_or(0.0)
@@ -275,8 +232,8 @@ pub struct RelayOptions {
 pub struct Relay {
     /// The edge's public listener.
     pub public: SocketAddr,
-    edge: Spawned,
-    agent: Spawned,
+    edge: Proc,
+    agent: Proc,
     _dir: tempfile::TempDir,
 }
 
@@ -312,10 +269,10 @@ impl Relay {
         .map(str::to_owned)
         .to_vec();
         edge_args.extend(options.edge_args.iter().cloned());
-        let edge = spawn(exe, &edge_args, "edge listening").await?;
-        let (public, tunnel) = match (field(&edge.line, "public_addr"), field(&edge.line, "tunnel_addr")) {
+        let (edge, listening) = spawn(exe, &edge_args, "edge listening").await?;
+        let (public, tunnel) = match (field(&listening, "public_addr"), field(&listening, "tunnel_addr")) {
             (Some(p), Some(t)) => (p, t),
-            _ => bail!("cannot read the edge's addresses from {:?}", edge.line),
+            _ => bail!("cannot read the edge's addresses from {listening:?}"),
         };
         let token = edge_state.create_token(
             "bench-agent",
@@ -345,25 +302,25 @@ impl Relay {
         .map(str::to_owned)
         .to_vec();
         agent_args.extend(options.agent_args.iter().cloned());
-        let agent = spawn(exe, &agent_args, "agent starting").await?;
+        let (agent, _) = spawn(exe, &agent_args, "agent starting").await?;
         wait_ready(public).await?;
         Ok(Self { public, edge, agent, _dir: dir })
     }
 
     /// The edge's process id.
     pub fn edge_pid(&self) -> anyhow::Result<u32> {
-        pid(&self.edge.child)
+        pid(&self.edge)
     }
 
     /// The agent's process id.
     pub fn agent_pid(&self) -> anyhow::Result<u32> {
-        pid(&self.agent.child)
+        pid(&self.agent)
     }
 
     /// Kills both processes and waits for them.
     pub async fn stop(mut self) {
-        let _ = self.agent.child.kill().await;
-        let _ = self.edge.child.kill().await;
+        self.agent.kill().await;
+        self.edge.kill().await;
     }
 }
 
@@ -372,7 +329,11 @@ async fn wait_ready(public: SocketAddr) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + START_DEADLINE;
     let mut client = HttpClient::new(public);
     while tokio::time::Instant::now() < deadline {
-        if client.post("/api/callbacks/ready", webhooks::callback_body(0, 0)).await.is_ok_and(|s| s.is_success()) {
+        if client
+            .post("/api/callbacks/ready", relay_testkit::acs::callback_body(0, 0))
+            .await
+            .is_ok_and(|s| s.is_success())
+        {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -164,7 +164,8 @@ async fn stalled_bodies(public: SocketAddr, edge: u32, settings: &HostileSetting
 
 /// Runs the three attacks against a fresh bot, edge and agent; `exe` is this binary.
 pub async fn run(exe: &Path, settings: HostileSettings) -> anyhow::Result<HostileReport> {
-    let bot = crate::bot::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let echo = relay_testkit::bot::EchoBot::start_quiet_on(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let bot = echo.addr();
     let timeout = humantime::format_duration(settings.body_read_timeout).to_string();
     let options = RelayOptions {
         bot,

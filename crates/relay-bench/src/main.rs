@@ -142,8 +142,10 @@ fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> anyhow::
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Bot { listen } => {
-            let addr = relay_bench::bot::start(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
-            println!("listening on {addr}");
+            let bot = relay_testkit::bot::EchoBot::start_quiet_on(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            println!("listening on {}", bot.addr());
             tokio::signal::ctrl_c().await?;
         }
         Command::Load(args) => {

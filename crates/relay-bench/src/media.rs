@@ -8,8 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use tokio::net::TcpStream;
@@ -17,13 +15,10 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::webhooks::{HttpClient, callback_body};
+use relay_testkit::acs::{FRAME_INTERVAL, audio_frame, callback_body, decode_frame};
+pub use relay_testkit::stats::Percentiles;
 
-/// ACS sends one audio frame every 20 ms.
-pub const FRAME_INTERVAL: Duration = Duration::from_millis(20);
-
-/// 20 ms of 16 kHz, 16-bit mono PCM.
-pub const PCM_BYTES: usize = 640;
+use crate::webhooks::HttpClient;
 
 /// How long, after the last frame is sent, echoes may still arrive before the rest count as lost.
 pub const ECHO_GRACE: Duration = Duration::from_secs(3);
@@ -70,61 +65,6 @@ pub struct MediaReport {
     pub callbacks_failed: u64,
     /// Seconds the media phase took.
     pub wall_seconds: f64,
-}
-
-/// Latency percentiles in milliseconds.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Percentiles {
-    /// Median.
-    pub p50: f64,
-    /// 90th.
-    pub p90: f64,
-    /// 99th.
-    pub p99: f64,
-    /// Largest.
-    pub max: f64,
-}
-
-impl Percentiles {
-    /// From samples in microseconds (sorted here).
-    pub fn of_micros(samples: &mut [u32]) -> Self {
-        samples.sort_unstable();
-        let at = |p: f64| -> f64 {
-            let last = samples.len().saturating_sub(1);
-            let index = ((last as f64) * p).round() as usize;
-            samples.get(index).map_or(0.0, |&us| f64::from(us) / 1000.0)
-        };
-        Self { p50: at(0.5), p90: at(0.9), p99: at(0.99), max: at(1.0) }
-    }
-}
-
-/// One ACS `AudioData` message whose audio bytes start with `seq` and `sent_nanos`.
-pub fn audio_frame(seq: u64, sent_nanos: u64) -> String {
-    let mut pcm = [0u8; PCM_BYTES];
-    let (head, rest) = pcm.split_at_mut(16);
-    head.copy_from_slice(&[seq.to_le_bytes(), sent_nanos.to_le_bytes()].concat());
-    // A repeating ramp, like a quiet tone, rather than all zeros.
-    for (i, b) in rest.iter_mut().enumerate() {
-        *b = (i % 64) as u8;
-    }
-    format!(
-        "{{\"kind\":\"AudioData\",\"audioData\":{{\"timestamp\":\"2026-01-01T00:00:00.000Z\",\
-         \"participantRawID\":\"8:acs:bench\",\"data\":\"{}\",\"silent\":false}}}}",
-        BASE64.encode(pcm)
-    )
-}
-
-/// The sequence number and send time carried by an echoed frame of the expected length.
-pub fn decode_frame(text: &str, expected_len: usize) -> Option<(u64, u64)> {
-    if text.len() != expected_len {
-        return None;
-    }
-    let data = text.split_once("\"data\":\"")?.1;
-    // 24 base64 characters carry the first 18 bytes; the first 16 are the header.
-    let bytes = BASE64.decode(data.get(..24)?).ok()?;
-    let seq = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
-    let sent = u64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
-    Some((seq, sent))
 }
 
 #[derive(Debug, Default)]
@@ -286,27 +226,4 @@ pub async fn run(load: MediaLoad, connected: impl FnOnce()) -> MediaReport {
     report.rtt_ms = Percentiles::of_micros(&mut rtts);
     report.wall_seconds = start.elapsed().as_secs_f64();
     report
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_frame_carries_its_sequence_and_send_time_and_is_acs_shaped() {
-        let frame = audio_frame(42, 123_456_789);
-        let json: serde_json::Value = serde_json::from_str(&frame).unwrap();
-        assert_eq!(json["kind"], "AudioData");
-        let pcm = BASE64.decode(json["audioData"]["data"].as_str().unwrap()).unwrap();
-        assert_eq!(pcm.len(), PCM_BYTES);
-        assert_eq!(decode_frame(&frame, frame.len()), Some((42, 123_456_789)));
-        assert_eq!(decode_frame(&frame, frame.len() + 1), None, "a frame of another length is corrupt");
-    }
-
-    #[test]
-    fn percentiles_come_from_the_sorted_samples() {
-        let mut samples: Vec<u32> = (1..=100).rev().map(|ms| ms * 1000).collect();
-        let p = Percentiles::of_micros(&mut samples);
-        assert_eq!((p.p50, p.p99, p.max), (51.0, 99.0, 100.0));
-    }
 }

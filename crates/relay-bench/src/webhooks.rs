@@ -12,23 +12,8 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpStream;
 
-use crate::media::Percentiles;
-
-/// Size the callback bodies are padded to: the issue's "1 KB JSON POST", about what ACS's
-/// callback events weigh.
-pub const CALLBACK_BYTES: usize = 1024;
-
-/// A 1 KB CloudEvents-style callback body.
-pub fn callback_body(call: usize, seq: usize) -> Bytes {
-    let head = format!(
-        "[{{\"id\":\"{call}-{seq}\",\"source\":\"calling/callConnections/bench-conn-{call}\",\
-         \"type\":\"Microsoft.Communication.PlayCompleted\",\"data\":{{\"callConnectionId\":\"bench-conn-{call}\",\
-         \"correlationId\":\"bench-call-{call}\",\"padding\":\""
-    );
-    let tail = "\"}}]";
-    let pad = CALLBACK_BYTES.saturating_sub(head.len() + tail.len());
-    Bytes::from(format!("{head}{}{tail}", "x".repeat(pad)))
-}
+use relay_testkit::acs::callback_body;
+use relay_testkit::stats::Percentiles;
 
 /// One keep-alive HTTP/1.1 connection, reconnected when it fails.
 #[derive(Debug)]
@@ -137,17 +122,4 @@ pub async fn run(load: WebhookLoad) -> WebhookReport {
     report.requests_per_second = report.ok as f64 / started.elapsed().as_secs_f64();
     report.latency_ms = Percentiles::of_micros(&mut latencies);
     report
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn callback_bodies_are_one_kilobyte_of_json() {
-        let body = callback_body(7, 3);
-        assert_eq!(body.len(), CALLBACK_BYTES);
-        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(json[0]["data"]["correlationId"], "bench-call-7");
-    }
 }

@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -55,20 +56,52 @@ pub fn callback_event(kind: &str, call_connection_id: &str, correlation_id: &str
     .to_string()
 }
 
-/// One ACS `AudioData` media message carrying 640 bytes of PCM; `seq` makes each unique.
-pub fn audio_frame(seq: u64) -> String {
-    let pcm: Vec<u8> = (0..PCM_FRAME_BYTES).map(|i| (seq as usize).wrapping_mul(7).wrapping_add(i) as u8).collect();
-    let millis = seq * 20;
-    serde_json::json!({
-        "kind": "AudioData",
-        "audioData": {
-            "timestamp": format!("2026-11-26T09:00:{:02}.{:03}Z", (millis / 1000) % 60, millis % 1000),
-            "participantRawID": format!("8:acs:caller-{seq}"),
-            "data": base64::engine::general_purpose::STANDARD.encode(pcm),
-            "silent": false
-        }
-    })
-    .to_string()
+/// One ACS `AudioData` message (640 bytes of PCM16 mono at 16 kHz, base64 in ACS's JSON) whose
+/// audio bytes start with `seq` and `sent_nanos`, so a receiver can tell which frame an echo is
+/// and when it was sent without parsing the JSON ([`decode_frame`]).
+pub fn audio_frame(seq: u64, sent_nanos: u64) -> String {
+    let mut pcm = [0u8; PCM_FRAME_BYTES];
+    let (head, rest) = pcm.split_at_mut(16);
+    head.copy_from_slice(&[seq.to_le_bytes(), sent_nanos.to_le_bytes()].concat());
+    // A repeating ramp, like a quiet tone, rather than all zeros.
+    for (i, b) in rest.iter_mut().enumerate() {
+        *b = (i % 64) as u8;
+    }
+    format!(
+        "{{\"kind\":\"AudioData\",\"audioData\":{{\"timestamp\":\"2026-01-01T00:00:00.000Z\",\
+         \"participantRawID\":\"8:acs:caller\",\"data\":\"{}\",\"silent\":false}}}}",
+        BASE64.encode(pcm)
+    )
+}
+
+/// The sequence number and send time an [`audio_frame`] of `expected_len` bytes carries; `None`
+/// for anything else (another length, not a frame).
+pub fn decode_frame(text: &str, expected_len: usize) -> Option<(u64, u64)> {
+    if text.len() != expected_len {
+        return None;
+    }
+    let data = text.split_once("\"data\":\"")?.1;
+    // 24 base64 characters carry the first 18 bytes; the first 16 are the header.
+    let bytes = BASE64.decode(data.get(..24)?).ok()?;
+    let seq = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let sent = u64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
+    Some((seq, sent))
+}
+
+/// Size callback bodies are padded to by [`callback_body`]: about what ACS's callback events
+/// weigh.
+pub const CALLBACK_BYTES: usize = 1024;
+
+/// A 1 KiB CloudEvents-style callback body for call number `call`, event `seq`.
+pub fn callback_body(call: usize, seq: usize) -> bytes::Bytes {
+    let head = format!(
+        "[{{\"id\":\"{call}-{seq}\",\"source\":\"calling/callConnections/bench-conn-{call}\",\
+         \"type\":\"Microsoft.Communication.PlayCompleted\",\"data\":{{\"callConnectionId\":\"bench-conn-{call}\",\
+         \"correlationId\":\"bench-call-{call}\",\"padding\":\""
+    );
+    let tail = "\"}}]";
+    let pad = CALLBACK_BYTES.saturating_sub(head.len() + tail.len());
+    bytes::Bytes::from(format!("{head}{}{tail}", "x".repeat(pad)))
 }
 
 /// What one media call measured.
@@ -97,11 +130,7 @@ impl MediaStats {
 
     /// The `p`-th percentile round trip (0.0-1.0), if any echo arrived.
     pub fn percentile(&self, p: f64) -> Option<Duration> {
-        let mut sorted = self.rtts.clone();
-        sorted.sort_unstable();
-        let last = sorted.len().checked_sub(1)?;
-        let index = ((last as f64) * p.clamp(0.0, 1.0)).round() as usize;
-        sorted.get(index).copied()
+        crate::stats::percentile(&mut self.rtts.clone(), p)
     }
 
     /// Whether every frame came back intact and in order.
@@ -146,6 +175,7 @@ impl MediaCall {
         let queue = in_flight.clone();
         let closed = tokio_util::sync::CancellationToken::new();
         let sender_stop = closed.clone();
+        let started = Instant::now();
         let sender = async move {
             let mut ticker = tokio::time::interval(FRAME_INTERVAL);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -155,7 +185,8 @@ impl MediaCall {
                     _ = ticker.tick() => {}
                     () = sender_stop.cancelled() => break,
                 }
-                let text = audio_frame(seq);
+                let sent_nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                let text = audio_frame(seq, sent_nanos);
                 if let Ok(mut q) = queue.lock() {
                     q.push_back((text.clone(), Instant::now()));
                 }
@@ -210,5 +241,29 @@ impl MediaCall {
         self.ws.close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.to_owned().into() })).await?;
         while let Some(Ok(_)) = self.ws.next().await {}
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_carries_its_sequence_and_send_time_and_is_acs_shaped() {
+        let frame = audio_frame(42, 123_456_789);
+        let json: serde_json::Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(json["kind"], "AudioData");
+        let pcm = BASE64.decode(json["audioData"]["data"].as_str().unwrap()).unwrap();
+        assert_eq!(pcm.len(), PCM_FRAME_BYTES);
+        assert_eq!(decode_frame(&frame, frame.len()), Some((42, 123_456_789)));
+        assert_eq!(decode_frame(&frame, frame.len() + 1), None, "a frame of another length is corrupt");
+    }
+
+    #[test]
+    fn callback_bodies_are_one_kilobyte_of_json() {
+        let body = callback_body(7, 3);
+        assert_eq!(body.len(), CALLBACK_BYTES);
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json[0]["data"]["correlationId"], "bench-call-7");
     }
 }

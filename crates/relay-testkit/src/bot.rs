@@ -75,6 +75,9 @@ pub struct WsSession {
 
 #[derive(Debug, Default)]
 struct Log {
+    /// Whether requests and sessions are kept; a benchmark's bot keeps nothing, so its memory
+    /// stays flat however long a run lasts.
+    record: bool,
     hits: AtomicU64,
     requests: Mutex<Vec<Recorded>>,
     sessions: Mutex<Vec<Arc<WsSession>>>,
@@ -102,9 +105,19 @@ impl EchoBot {
 
     /// Starts the bot on `addr`.
     pub async fn start_on(addr: SocketAddr) -> anyhow::Result<Self> {
+        Self::start_with(addr, true).await
+    }
+
+    /// Starts a bot on `addr` that records nothing but [`EchoBot::hits`], for load that runs
+    /// for minutes (the benchmark).
+    pub async fn start_quiet_on(addr: SocketAddr) -> anyhow::Result<Self> {
+        Self::start_with(addr, false).await
+    }
+
+    async fn start_with(addr: SocketAddr, record: bool) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let log = Arc::new(Log::default());
+        let log = Arc::new(Log { record, ..Log::default() });
         let shutdown = CancellationToken::new();
         let (accept_log, accept_shutdown) = (log.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -196,7 +209,7 @@ async fn handle(req: Request<Incoming>, log: Arc<Log>) -> Response<BotBody> {
     };
     let content_type = req.headers().get(header::CONTENT_TYPE).cloned();
     let content_length = req.headers().get(header::CONTENT_LENGTH).cloned();
-    let body = RecordingBody { inner: req.into_body(), record: Some(record), log };
+    let body = RecordingBody { inner: req.into_body(), record: log.record.then_some(record), log };
     let mut response = Response::new(body.boxed_unsync());
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -236,6 +249,7 @@ impl Body for RecordingBody {
         // A length-delimited body may never be polled to `None`: record once it is complete.
         if (matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream())
             && let Some(record) = self.record.take()
+            && self.log.record
             && let Ok(mut requests) = self.log.requests.lock()
         {
             requests.push(record);
@@ -272,7 +286,9 @@ fn upgrade(mut req: Request<Incoming>, log: Arc<Log>, query: Option<&str>) -> Re
         headers: req.headers().clone(),
         ..Default::default()
     });
-    if let Ok(mut sessions) = log.sessions.lock() {
+    if log.record
+        && let Ok(mut sessions) = log.sessions.lock()
+    {
         sessions.push(session.clone());
     }
     let on_upgrade = hyper::upgrade::on(&mut req);

@@ -1,7 +1,8 @@
-//! acs-relay test kit: the pieces end-to-end tests and the demo are built from.
+//! acs-relay test kit: the pieces end-to-end tests, the demo and the benchmark are built from.
 //!
 //! * [`balancer`]: a flow-hashing UDP + TCP load balancer, one address in front of edge replicas;
-//! * [`bot`]: a real HTTP + WebSocket echo bot on loopback that records what reaches it;
+//! * [`bot`]: a real HTTP + WebSocket echo bot on loopback that records what reaches it (or,
+//!   for benchmarks, nothing);
 //! * [`acs`]: ACS-shaped traffic: Event Grid IncomingCall, callbacks, and a media call that sends
 //!   `AudioData` frames at 50 per second and measures each echo's round trip;
 //! * [`client`]: small HTTP helpers, including bodies generated and hashed on the fly;
@@ -10,6 +11,7 @@
 //! * [`procs`]: the real edge and agent as separate processes, for fault tests that kill them;
 //! * [`raw`]: raw HTTP/1.1 for requests no client library would send;
 //! * [`stack`]: a real edge + paired agent + bot, in process, on ports from the OS;
+//! * [`stats`]: latency percentiles;
 //! * [`transport`]: tests defined once and run over both tunnel transports;
 //! * [`wait`]: `eventually`, so tests wait on conditions with deadlines instead of sleeping.
 
@@ -23,6 +25,7 @@ pub mod netns;
 pub mod procs;
 pub mod raw;
 pub mod stack;
+pub mod stats;
 pub mod transport;
 pub mod wait;
 

@@ -19,6 +19,10 @@ use crate::wait::eventually;
 /// How long a test waits for a process to start listening or to exit.
 pub const PROC_DEADLINE: Duration = Duration::from_secs(20);
 
+/// Bytes of output kept per process: the start-up lines tests wait for come first, and a
+/// benchmark's processes log a line per exchange for minutes. Past this, the oldest half goes.
+const LOG_LIMIT: usize = 4 * 1024 * 1024;
+
 /// A running child process with its output captured.
 #[derive(Debug)]
 pub struct Proc {
@@ -30,6 +34,17 @@ pub struct Proc {
 impl Proc {
     /// Starts `program` with `args`, prefixed by `wrapper` (for example `ip netns exec NS`).
     pub fn spawn(name: &str, wrapper: &[&str], program: &Path, args: &[OsString]) -> anyhow::Result<Self> {
+        Self::spawn_logging(name, wrapper, program, args, "info")
+    }
+
+    /// [`Proc::spawn`] with `RUST_LOG` set to `log_filter`.
+    pub fn spawn_logging(
+        name: &str,
+        wrapper: &[&str],
+        program: &Path,
+        args: &[OsString],
+        log_filter: &str,
+    ) -> anyhow::Result<Self> {
         let mut command = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut command = Command::new(first);
@@ -40,7 +55,7 @@ impl Proc {
         };
         command
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -59,6 +74,13 @@ impl Proc {
                 let mut lines = BufReader::new(pipe).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     if let Ok(mut log) = log.lock() {
+                        if log.len() + line.len() > LOG_LIMIT {
+                            let mut cut = log.len() / 2;
+                            while !log.is_char_boundary(cut) {
+                                cut += 1;
+                            }
+                            log.drain(..cut);
+                        }
                         log.push_str(&line);
                         log.push('\n');
                     }
@@ -98,6 +120,11 @@ impl Proc {
         let found = |log: &str| log.lines().find(|l| l.contains(needle)).map(str::to_owned);
         let seen = eventually(deadline, || async { found(&self.log()).is_some() }).await;
         if seen { found(&self.log()) } else { None }
+    }
+
+    /// Kills the process and waits for it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
     }
 
     /// Waits up to `deadline` for the process to exit.
