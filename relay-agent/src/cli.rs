@@ -1,6 +1,6 @@
 //! The `relay-agent` command line: parses arguments and configuration, then runs one subcommand.
-//! The binary's `main` is [`main`]; the end-to-end tests build the same entry point into their own
-//! process so that fault tests run exactly what ships.
+//! The binary's `main` calls [`main_from`]; the end-to-end tests build the same entry point into
+//! their own process so that fault tests run exactly what ships.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -64,7 +64,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Pair { state_dir, token, transport, quic_fallback_after } => {
             let transport = PairTransport {
-                choice: TransportChoice::parse(&transport)?,
+                choice: TransportChoice::parse(&transport).map_err(|e| anyhow::anyhow!("invalid --transport {e}"))?,
                 quic_fallback_after: relay_runtime::config::parse_duration(
                     "quic_fallback_after",
                     &quic_fallback_after,
@@ -95,11 +95,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Runs the command line and returns the exit status.
-pub fn main() -> ExitCode {
-    main_from(std::env::args_os())
 }
 
 /// Runs the command line on `args` (the first names the program) and returns the exit status.

@@ -6,7 +6,8 @@ use std::time::Duration;
 use http::Uri;
 pub use relay_runtime::config::ConfigError;
 use relay_runtime::config::{duration_arg, load_toml, parse_toml, tunnel_liveness, ws_message_limit, ws_write_limits};
-use relay_transport::{Transport, TunnelSettings};
+pub use relay_transport::TransportChoice;
+use relay_transport::TunnelSettings;
 use serde::{Deserialize, Serialize};
 
 /// How long the bot has to answer a webhook (response head) or a WebSocket upgrade before the
@@ -62,32 +63,6 @@ pub const DEFAULT_QUIC_FALLBACK_AFTER: Duration = Duration::from_secs(3);
 /// firewall change is picked up within a coffee break; tests set a few seconds.
 pub const DEFAULT_QUIC_PROBE_INTERVAL: Duration = Duration::from_secs(300);
 
-/// Which transport the agent dials.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TransportChoice {
-    /// QUIC first; TLS/TCP when no QUIC handshake completes within the fallback deadline, with
-    /// QUIC probed again in the background.
-    #[default]
-    Auto,
-    /// Only this transport.
-    Only(Transport),
-}
-
-impl TransportChoice {
-    /// Parses `auto`, `quic` or `tcp`.
-    pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        match text.trim().to_ascii_lowercase().as_str() {
-            "auto" => Ok(Self::Auto),
-            "quic" => Ok(Self::Only(Transport::Quic)),
-            "tcp" => Ok(Self::Only(Transport::Tcp)),
-            other => Err(ConfigError::Invalid {
-                key: "transport",
-                message: format!("{other:?}: expected \"auto\", \"quic\" or \"tcp\""),
-            }),
-        }
-    }
-}
-
 /// Agent settings as they appear in a file, the environment (`RELAY_AGENT_*`) or on `run`'s
 /// command line; every field optional. Each setting is declared here once: its doc comment is
 /// its help.
@@ -134,6 +109,18 @@ pub struct AgentConfig {
     #[arg(long, env = "RELAY_AGENT_BOT_TIMEOUT", value_parser = duration_arg)]
     #[serde(default, with = "relay_runtime::config::duration")]
     pub bot_timeout: Option<Duration>,
+    /// How long the edge has, after opening an exchange stream, to send its head (e.g. `10s`).
+    #[arg(long, env = "RELAY_AGENT_HEAD_TIMEOUT", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub head_timeout: Option<Duration>,
+    /// First delay before reconnecting after the tunnel drops (e.g. `100ms`).
+    #[arg(long, env = "RELAY_AGENT_RECONNECT_INITIAL", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub reconnect_initial: Option<Duration>,
+    /// Longest delay between reconnection attempts (e.g. `1500ms`).
+    #[arg(long, env = "RELAY_AGENT_RECONNECT_MAX", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub reconnect_max: Option<Duration>,
     /// Largest WebSocket message relayed, in bytes.
     #[arg(long, env = "RELAY_AGENT_MAX_WS_MESSAGE_BYTES")]
     pub max_ws_message_bytes: Option<usize>,
@@ -270,32 +257,12 @@ pub fn check_edge_addr(text: &str) -> Result<(), ConfigError> {
 }
 
 impl AgentSettings {
-    /// Settings with every default.
+    /// Settings with every default, with the admin listener on a loopback port from the OS (the
+    /// binary's default is [`DEFAULT_ADMIN_LISTEN`]).
     pub fn new(state_dir: PathBuf, upstream: Uri) -> Self {
-        Self {
-            identity: IdentitySource::StateDir(state_dir),
-            upstream,
-            edges: Vec::new(),
-            edge_resolve_interval: DEFAULT_EDGE_RESOLVE_INTERVAL,
-            redial_interval: DEFAULT_REDIAL_INTERVAL,
-            max_edge_replicas: DEFAULT_MAX_EDGE_REPLICAS,
-            // A port from the OS; the binary's configuration defaults to DEFAULT_ADMIN_LISTEN.
-            admin_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
-            bot_timeout: DEFAULT_BOT_TIMEOUT,
-            head_timeout: DEFAULT_HEAD_TIMEOUT,
-            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
-            max_ws_message_bytes: relay_tunnel::DEFAULT_MAX_WS_MESSAGE,
-            max_ws_write_buffer_bytes: relay_tunnel::websocket::default_write_buffer(
-                relay_tunnel::DEFAULT_MAX_WS_MESSAGE,
-            ),
-            ws_write_timeout: relay_tunnel::websocket::DEFAULT_WS_WRITE_TIMEOUT,
-            reconnect_initial: DEFAULT_RECONNECT_INITIAL,
-            reconnect_max: DEFAULT_RECONNECT_MAX,
-            tunnel: TunnelSettings::default(),
-            transport: TransportChoice::default(),
-            quic_fallback_after: DEFAULT_QUIC_FALLBACK_AFTER,
-            quic_probe_interval: DEFAULT_QUIC_PROBE_INTERVAL,
-        }
+        let mut settings = AgentConfig::default().with_defaults(IdentitySource::StateDir(state_dir), upstream);
+        settings.admin_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+        settings
     }
 }
 
@@ -316,10 +283,10 @@ impl AgentConfig {
     }
 
     /// Validates and applies defaults.
-    pub fn resolve(self) -> Result<AgentSettings, ConfigError> {
+    pub fn resolve(mut self) -> Result<AgentSettings, ConfigError> {
         // A bundle's text (environment) beats a bundle path from the file; a path given as a
         // flag never reaches here with text set (see the binary). Either beats a state dir.
-        let identity = if let Some(pem) = self.bundle_pem {
+        let identity = if let Some(pem) = self.bundle_pem.take() {
             IdentitySource::Bundle(pem)
         } else if let Some(path) = &self.bundle {
             let bytes = relay_pki::read_private_key_file(path)
@@ -330,54 +297,74 @@ impl AgentConfig {
             })?;
             IdentitySource::Bundle(text)
         } else {
-            IdentitySource::StateDir(self.state_dir.ok_or(ConfigError::Missing("state_dir (or bundle)"))?)
+            IdentitySource::StateDir(self.state_dir.clone().ok_or(ConfigError::Missing("state_dir (or bundle)"))?)
         };
         let upstream = parse_upstream(self.upstream.as_deref().ok_or(ConfigError::Missing("upstream"))?)?;
-        let mut settings = AgentSettings::new(PathBuf::new(), upstream);
-        settings.identity = identity;
-        settings.edges = match (self.edge, self.edges) {
+        let mut settings = self.with_defaults(identity, upstream);
+        settings.edges = match (&self.edge, &self.edges) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Invalid {
                     key: "edges",
                     message: "give either `edge` or `edges`, not both".into(),
                 });
             }
-            (Some(one), None) => vec![one],
-            (None, Some(many)) => many,
+            (Some(one), None) => vec![one.clone()],
+            (None, Some(many)) => many.clone(),
             (None, None) => Vec::new(),
         };
         for edge in &settings.edges {
             check_edge_addr(edge)?;
         }
-        if let Some(max) = self.max_edge_replicas {
-            if max == 0 {
-                return Err(ConfigError::Invalid { key: "max_edge_replicas", message: "must be at least 1".into() });
-            }
-            settings.max_edge_replicas = max;
+        if settings.max_edge_replicas == 0 {
+            return Err(ConfigError::Invalid { key: "max_edge_replicas", message: "must be at least 1".into() });
         }
-        settings.edge_resolve_interval = self.edge_resolve_interval.unwrap_or(settings.edge_resolve_interval);
-        settings.admin_listen = Some(match self.admin_listen {
-            Some(addr) => addr,
-            None => DEFAULT_ADMIN_LISTEN.parse().map_err(|e: std::net::AddrParseError| ConfigError::Invalid {
-                key: "admin_listen",
-                message: e.to_string(),
-            })?,
-        });
-        settings.redial_interval = self.redial_interval.unwrap_or(settings.redial_interval);
-        settings.drain_timeout = self.drain_timeout.unwrap_or(settings.drain_timeout);
-        settings.bot_timeout = self.bot_timeout.unwrap_or(settings.bot_timeout);
-        if let Some(max) = self.max_ws_message_bytes {
-            settings.max_ws_message_bytes = ws_message_limit(max)?;
-        }
+        let admin = self.admin_listen.map_or_else(|| DEFAULT_ADMIN_LISTEN.parse(), Ok);
+        settings.admin_listen = Some(admin.map_err(|e: std::net::AddrParseError| ConfigError::Invalid {
+            key: "admin_listen",
+            message: e.to_string(),
+        })?);
+        ws_message_limit(settings.max_ws_message_bytes)?;
         (settings.max_ws_write_buffer_bytes, settings.ws_write_timeout) =
             ws_write_limits(settings.max_ws_message_bytes, self.max_ws_write_buffer_bytes, self.ws_write_timeout)?;
         tunnel_liveness(&mut settings.tunnel, self.idle_timeout, self.keep_alive, self.handshake_timeout)?;
         if let Some(text) = &self.transport {
-            settings.transport = TransportChoice::parse(text)?;
+            settings.transport =
+                TransportChoice::parse(text).map_err(|message| ConfigError::Invalid { key: "transport", message })?;
         }
-        settings.quic_fallback_after = self.quic_fallback_after.unwrap_or(settings.quic_fallback_after);
-        settings.quic_probe_interval = self.quic_probe_interval.unwrap_or(settings.quic_probe_interval);
+        if settings.reconnect_initial > settings.reconnect_max {
+            return Err(ConfigError::Invalid {
+                key: "reconnect_initial",
+                message: "must not be longer than reconnect_max".into(),
+            });
+        }
         Ok(settings)
+    }
+
+    /// The settings this configuration gives, each default filled in where it gives none; the
+    /// values are checked by [`AgentConfig::resolve`].
+    fn with_defaults(&self, identity: IdentitySource, upstream: Uri) -> AgentSettings {
+        let max_ws_message_bytes = self.max_ws_message_bytes.unwrap_or(relay_tunnel::DEFAULT_MAX_WS_MESSAGE);
+        AgentSettings {
+            identity,
+            upstream,
+            edges: Vec::new(),
+            edge_resolve_interval: self.edge_resolve_interval.unwrap_or(DEFAULT_EDGE_RESOLVE_INTERVAL),
+            redial_interval: self.redial_interval.unwrap_or(DEFAULT_REDIAL_INTERVAL),
+            max_edge_replicas: self.max_edge_replicas.unwrap_or(DEFAULT_MAX_EDGE_REPLICAS),
+            admin_listen: self.admin_listen,
+            bot_timeout: self.bot_timeout.unwrap_or(DEFAULT_BOT_TIMEOUT),
+            head_timeout: self.head_timeout.unwrap_or(DEFAULT_HEAD_TIMEOUT),
+            drain_timeout: self.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            max_ws_message_bytes,
+            max_ws_write_buffer_bytes: relay_tunnel::websocket::default_write_buffer(max_ws_message_bytes),
+            ws_write_timeout: relay_tunnel::websocket::DEFAULT_WS_WRITE_TIMEOUT,
+            reconnect_initial: self.reconnect_initial.unwrap_or(DEFAULT_RECONNECT_INITIAL),
+            reconnect_max: self.reconnect_max.unwrap_or(DEFAULT_RECONNECT_MAX),
+            tunnel: TunnelSettings::default(),
+            transport: TransportChoice::default(),
+            quic_fallback_after: self.quic_fallback_after.unwrap_or(DEFAULT_QUIC_FALLBACK_AFTER),
+            quic_probe_interval: self.quic_probe_interval.unwrap_or(DEFAULT_QUIC_PROBE_INTERVAL),
+        }
     }
 }
 
@@ -394,7 +381,7 @@ mod tests {
         assert_eq!(settings.quic_probe_interval, DEFAULT_QUIC_PROBE_INTERVAL);
         let text = format!("{base}transport = \"TCP\"\nquic_probe_interval = \"4s\"\nquic_fallback_after = \"1s\"\n");
         let settings = AgentConfig::parse(&text, Path::new("f")).unwrap().resolve().unwrap();
-        assert_eq!(settings.transport, TransportChoice::Only(Transport::Tcp));
+        assert_eq!(settings.transport, TransportChoice::Only(relay_transport::Transport::Tcp));
         assert_eq!(
             (settings.quic_probe_interval, settings.quic_fallback_after),
             (Duration::from_secs(4), Duration::from_secs(1))

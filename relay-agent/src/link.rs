@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::backoff::{Attempt, Backoff};
 use crate::config::TransportChoice;
-use crate::tunnel::TunnelClient;
+use crate::tunnel::{Greeted, TunnelClient};
 
 /// What a link tells its follower.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,7 +115,7 @@ impl Link {
         let mut welcomed_once = false;
         let mut duplicate = false;
         // The edge instance this link's last connection went to, once that connection is gone.
-        let mut lost: Option<String> = None;
+        let mut lost: Option<Greeted> = None;
         while !client.shutdown.is_cancelled() {
             let outcome = match self.connect().await {
                 Ok(conn) => self.session(conn, &mut welcomed_once, &mut lost).await,
@@ -161,13 +161,14 @@ impl Link {
         &self,
         conn: Arc<dyn TunnelConnection>,
         welcomed_once: &mut bool,
-        lost: &mut Option<String>,
+        lost: &mut Option<Greeted>,
     ) -> Session {
         let client = &self.client;
-        let (control, Welcome { agent_name, edge_instance, .. }) = match greet(client, &conn, lost.as_deref()).await {
-            Ok(welcomed) => welcomed,
-            Err(session) => return session,
-        };
+        let (control, Welcome { agent_name, edge_instance, .. }, connection) =
+            match greet(client, &conn, lost.as_ref()).await {
+                Ok(welcomed) => welcomed,
+                Err(session) => return session,
+            };
         if !client.held.claim(&edge_instance) {
             debug!(edge = %self.target, addr = %self.addr, %edge_instance, "reached an edge instance already held; closing this connection");
             conn.close_and_flush(code::OK, "already connected to this edge instance").await;
@@ -183,19 +184,21 @@ impl Link {
             %edge_instance,
             "connected to the edge"
         );
-        let session = self.serve_instance(conn, control, &edge_instance).await;
-        client.held.release(&edge_instance);
-        *lost = Some(edge_instance);
+        let mut current = Greeted { instance: edge_instance, connection };
+        let session = self.serve_instance(conn, control, &mut current).await;
+        client.held.release(&current.instance);
+        *lost = Some(current);
         let _ = self.events.send(LinkEvent::Lost { addr: self.addr });
         session
     }
 
-    /// Serves a welcomed connection to `edge_instance`, moving to QUIC when it passes again.
+    /// Serves a welcomed connection (`current` says which), moving to QUIC when it passes again;
+    /// `current` then names the QUIC connection.
     async fn serve_instance(
         &self,
         conn: Arc<dyn TunnelConnection>,
         control: AgentControl,
-        edge_instance: &str,
+        current: &mut Greeted,
     ) -> Session {
         let client = &self.client;
         let auto = client.settings.transport == TransportChoice::Auto;
@@ -211,8 +214,10 @@ impl Link {
                 quic = self.probe_quic() => quic,
             };
             // The QUIC connection replaces this one: the edge must not take it for a probe.
-            let (quic_control, _) = match greet(client, &quic, Some(edge_instance)).await {
-                Ok(welcomed) if welcomed.1.edge_instance == edge_instance => welcomed,
+            let (quic_control, quic_connection) = match greet(client, &quic, Some(current)).await {
+                Ok((control, welcome, connection)) if welcome.edge_instance == current.instance => {
+                    (control, connection)
+                }
                 Ok(_) => {
                     // Behind a balancer QUIC may land on another replica: stay on TCP here.
                     quic.close(code::OK, "QUIC reached another edge instance");
@@ -225,6 +230,7 @@ impl Link {
                 Err(Session::Duplicate) => continue,
             };
             info!(edge = %self.target, addr = %self.addr, "QUIC passes again: new exchanges move to it; those on TCP finish there");
+            current.connection = quic_connection;
             retire.cancel();
             let old = std::mem::replace(&mut serving, {
                 retire = client.draining.child_token();
@@ -253,30 +259,15 @@ impl Link {
         }
     }
 
-    /// Dials this address over the configured transport. In `auto` mode QUIC goes first; if no
-    /// QUIC handshake completes within the fallback deadline, TCP is dialled instead. A QUIC
-    /// refusal is not a reason to fall back: the edge answered.
+    /// Dials this address over the configured transport: in `auto` mode QUIC first, and TCP if
+    /// no QUIC handshake completes within the fallback deadline (a QUIC refusal is final: the
+    /// edge answered).
     async fn connect(&self) -> Result<Arc<dyn TunnelConnection>, DialFailure> {
         let settings = &self.client.settings;
-        let transport = match settings.transport {
-            TransportChoice::Only(transport) => transport,
-            TransportChoice::Auto => {
-                match tokio::time::timeout(settings.quic_fallback_after, self.connect_over(Transport::Quic)).await {
-                    Ok(Ok(conn)) => return Ok(conn),
-                    Ok(Err(DialFailure::Refused(e))) => return Err(DialFailure::Refused(e)),
-                    Ok(Err(DialFailure::Unanswered(_))) | Err(_) => {
-                        info!(
-                            edge = %self.target,
-                            addr = %self.addr,
-                            "no QUIC answer within {:?} (is UDP blocked on the way?); connecting over TLS/TCP",
-                            settings.quic_fallback_after
-                        );
-                        Transport::Tcp
-                    }
-                }
-            }
-        };
-        self.connect_over(transport).await
+        let unanswered = |e: &DialFailure| matches!(e, DialFailure::Unanswered(_));
+        let span = tracing::info_span!("dial", edge = %self.target, addr = %self.addr);
+        let dial = settings.transport.dial(settings.quic_fallback_after, unanswered, |over| self.connect_over(over));
+        tracing::Instrument::instrument(dial, span).await
     }
 
     /// Dials this address over `transport`. While no answer comes, a fresh attempt starts every
@@ -313,15 +304,20 @@ impl Link {
 }
 
 /// Says hello on a new connection and waits for the edge's welcome.
+/// Says hello on a new connection (naming the connection it replaces, if any) and waits for the
+/// edge's welcome; also returns the id the hello gave this connection.
 async fn greet(
     client: &TunnelClient,
     conn: &Arc<dyn TunnelConnection>,
-    replaces: Option<&str>,
-) -> Result<(AgentControl, Welcome), Session> {
-    control::greet(conn, client.hello(replaces), client.settings.tunnel.handshake_timeout).await.map_err(|e| match e {
-        GreetError::Lost(reason) => Session::Failed(format!("the edge refused us: {reason}")),
-        other => Session::Failed(other.to_string()),
-    })
+    replaces: Option<&Greeted>,
+) -> Result<(AgentControl, Welcome, String), Session> {
+    let connection = format!("{:016x}", fastrand::u64(..));
+    let hello = client.hello(replaces, &connection);
+    match control::greet(conn, hello, client.settings.tunnel.handshake_timeout).await {
+        Ok((control, welcome)) => Ok((control, welcome, connection)),
+        Err(GreetError::Lost(reason)) => Err(Session::Failed(format!("the edge refused us: {reason}"))),
+        Err(other) => Err(Session::Failed(other.to_string())),
+    }
 }
 
 /// Serves a welcomed connection: accepts one stream per exchange until the connection ends.

@@ -5,5 +5,5 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    relay_agent::cli::main()
+    relay_agent::cli::main_from(std::env::args_os())
 }

@@ -7,7 +7,7 @@ use relay_pki::{
     AgentState, AgentStateError, CaError, CaPin, PairingToken, TokenError, agent_name_from_cert, generate_agent_csr,
 };
 use relay_proto::{PairRefusal, PairRequest, PairResponse};
-use relay_transport::{DialError, Transport, TunnelSettings, dial_pairing, host_of};
+use relay_transport::{DialError, TunnelSettings, dial_pairing, host_of};
 
 use crate::config::{DEFAULT_QUIC_FALLBACK_AFTER, TransportChoice};
 
@@ -90,30 +90,6 @@ impl Default for PairTransport {
     }
 }
 
-/// Dials the pairing ALPN over the chosen transport; with `auto`, over TCP when QUIC gets no
-/// answer in time.
-async fn dial(
-    transport: PairTransport,
-    addr: std::net::SocketAddr,
-    server_name: &str,
-    pin: CaPin,
-    settings: &TunnelSettings,
-) -> Result<std::sync::Arc<dyn relay_transport::TunnelConnection>, DialError> {
-    match transport.choice {
-        TransportChoice::Only(only) => dial_pairing(only, addr, server_name, pin, settings).await,
-        TransportChoice::Auto => {
-            let quic = dial_pairing(Transport::Quic, addr, server_name, pin, settings);
-            match tokio::time::timeout(transport.quic_fallback_after, quic).await {
-                Ok(Err(DialError::Timeout(_))) | Err(_) => {
-                    tracing::info!(%addr, "no QUIC answer (is UDP blocked on the way?); pairing over TLS/TCP");
-                    dial_pairing(Transport::Tcp, addr, server_name, pin, settings).await
-                }
-                Ok(outcome) => outcome,
-            }
-        }
-    }
-}
-
 /// Pairs with the edge named in `token_text` and stores the result in `state_dir`. The private
 /// key is generated here and written only to `state_dir` (mode 0600).
 pub async fn pair(
@@ -131,7 +107,12 @@ pub async fn pair(
     let server_name = host_of(&token.edge_addr);
     let mut last = String::from("no addresses");
     for addr in addrs {
-        let conn = match dial(transport, addr, server_name, token.ca_pin, settings).await {
+        let dialled = transport.choice.dial(
+            transport.quic_fallback_after,
+            |e| matches!(e, DialError::Timeout(_)),
+            |over| dial_pairing(over, addr, server_name, token.ca_pin, settings),
+        );
+        let conn = match dialled.await {
             Ok(conn) => conn,
             Err(DialError::PinMismatch(_)) => return Err(PairError::PinMismatch(token.edge_addr.clone())),
             Err(e) => {

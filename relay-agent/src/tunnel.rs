@@ -8,7 +8,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use relay_pki::{AgentIdentity, cert_validity};
-use relay_proto::{Hello, LABEL_AGENT_INSTANCE, LABEL_HOLDS, LABEL_REPLACES, PROTOCOL_VERSION};
+use relay_proto::{
+    Hello, LABEL_AGENT_INSTANCE, LABEL_CONNECTION, LABEL_HOLDS, LABEL_REPLACES, LABEL_REPLACES_CONNECTION,
+    PROTOCOL_VERSION,
+};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -82,9 +85,10 @@ impl TunnelClient {
         self.identity.read().ok().and_then(|id| id.cert_chain.first().and_then(|c| cert_validity(c).ok()))
     }
 
-    /// The hello for a new connection: it names this process's instance and the edge instances
-    /// it holds already (see [`crate::replicas`]), and the one it replaces, if any.
-    pub(crate) fn hello(&self, replaces: Option<&str>) -> Hello {
+    /// The hello for new connection `connection`: it names this process's instance, the edge
+    /// instances it holds already (see [`crate::replicas`]), and the connection it replaces, if
+    /// any (which edge instance, and which of this process's connections to it).
+    pub(crate) fn hello(&self, replaces: Option<&Greeted>, connection: &str) -> Hello {
         Hello {
             agent_name: self.identity.read().map(|id| id.name.clone()).unwrap_or_default(),
             software_version: env!("CARGO_PKG_VERSION").into(),
@@ -92,8 +96,10 @@ impl TunnelClient {
             capabilities: Vec::new(),
             labels: [
                 Some((LABEL_AGENT_INSTANCE.to_owned(), self.instance.clone())),
+                Some((LABEL_CONNECTION.to_owned(), connection.to_owned())),
                 Some((LABEL_HOLDS.to_owned(), self.held.label())),
-                replaces.map(|instance| (LABEL_REPLACES.to_owned(), instance.to_owned())),
+                replaces.map(|old| (LABEL_REPLACES.to_owned(), old.instance.clone())),
+                replaces.map(|old| (LABEL_REPLACES_CONNECTION.to_owned(), old.connection.clone())),
             ]
             .into_iter()
             .flatten()
@@ -130,4 +136,13 @@ impl HeldInstances {
     pub fn label(&self) -> String {
         self.held.lock().map(|held| held.iter().cloned().collect::<Vec<_>>().join(",")).unwrap_or_default()
     }
+}
+
+/// A connection the edge welcomed: the edge instance it reached and the id this agent gave it.
+#[derive(Debug, Clone)]
+pub(crate) struct Greeted {
+    /// The edge process's instance id.
+    pub instance: String,
+    /// The connection's id, sent in its hello.
+    pub connection: String,
 }

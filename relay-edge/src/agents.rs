@@ -14,6 +14,8 @@ pub struct ConnectedAgent {
     pub name: String,
     /// The agent process's instance id from its hello (empty if it sent none).
     pub instance: String,
+    /// This connection's id from its hello (empty if it sent none).
+    pub connection: String,
     /// Where it connected from.
     pub remote: SocketAddr,
     /// The tunnel connection.
@@ -101,6 +103,17 @@ impl Drop for InFlight {
     }
 }
 
+/// Which of its own process's connections a new connection replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replaces<'a> {
+    /// None: a first connection, or one to another replica.
+    Nothing,
+    /// Every one (an agent that names no connection).
+    All,
+    /// The one with this id.
+    Connection(&'a str),
+}
+
 /// Why no agent can take an exchange.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoAgent {
@@ -146,7 +159,7 @@ impl AgentSet {
     pub fn insert(
         &self,
         name: String,
-        instance: String,
+        (instance, connection): (String, String),
         serial: String,
         remote: SocketAddr,
         conn: Arc<dyn TunnelConnection>,
@@ -157,6 +170,7 @@ impl AgentSet {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             name,
             instance,
+            connection,
             remote,
             conn,
             connected_at_unix,
@@ -171,17 +185,21 @@ impl AgentSet {
     }
 
     /// Retires the connections of agent `name` that connection `keep` replaces: those of other
-    /// agent processes (a killed and restarted agent), and, when `same_process`, those of the
-    /// same one too (its earlier connection was lost, or moves from TCP to QUIC). They take no
-    /// new exchanges, and calls pinned to them move to the agent's newest connection. One still
+    /// agent processes (a killed and restarted agent), and those of the same one that `replaces`
+    /// names (its earlier connection was lost, or moves from TCP to QUIC). They take no new
+    /// exchanges, and calls pinned to them move to the agent's newest connection. One still
     /// alive finishes what it carries; a dead one receives nothing more while it waits for its
     /// idle timeout. Returns how many were retired.
-    pub fn supersede(&self, name: &str, keep: u64, same_process: bool) -> usize {
+    pub fn supersede(&self, name: &str, keep: u64, replaces: Replaces<'_>) -> usize {
         let agents = self.lock();
         let Some(instance) = agents.iter().find(|a| a.id == keep).map(|a| a.instance.clone()) else { return 0 };
+        let replaced = |a: &ConnectedAgent| match replaces {
+            Replaces::Nothing => false,
+            Replaces::All => true,
+            Replaces::Connection(id) => a.connection == id,
+        };
         let mut retired = 0;
-        for agent in
-            agents.iter().filter(|a| a.name == name && a.id != keep && (same_process || a.instance != instance))
+        for agent in agents.iter().filter(|a| a.name == name && a.id != keep && (a.instance != instance || replaced(a)))
         {
             if !agent.superseded.swap(true, Ordering::SeqCst) {
                 agent.draining.store(true, Ordering::SeqCst);
@@ -315,12 +333,34 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_connection_that_names_what_it_replaces_retires_only_that_one_of_its_processs() {
+        let set = AgentSet::default();
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        let ids = |instance: &str, connection: &str| (instance.to_owned(), connection.to_owned());
+        let lost = set.insert("a".into(), ids("p1", "c1"), "01".into(), addr, Arc::new(Idle));
+        let sibling = set.insert("a".into(), ids("p1", "c2"), "01".into(), addr, Arc::new(Idle));
+        let restarted_from = set.insert("a".into(), ids("p0", "c0"), "01".into(), addr, Arc::new(Idle));
+        let new = set.insert("a".into(), ids("p1", "c3"), "01".into(), addr, Arc::new(Idle));
+        assert_eq!(set.supersede("a", new.id, Replaces::Connection("c1")), 2);
+        assert!(lost.is_superseded() && restarted_from.is_superseded());
+        assert!(!sibling.is_superseded(), "a connection made meanwhile by the same process stays");
+        assert!(!new.is_superseded());
+        // An agent that names no connection retires every other one of its process's.
+        let newest = set.insert("a".into(), ids("p1", "c4"), "01".into(), addr, Arc::new(Idle));
+        assert_eq!(set.supersede("a", newest.id, Replaces::All), 2);
+        assert!(sibling.is_superseded() && new.is_superseded());
+        // A probe-like newcomer that replaces nothing retires only other processes' connections.
+        let other = set.insert("a".into(), ids("p2", "c5"), "01".into(), addr, Arc::new(Idle));
+        assert_eq!(set.supersede("a", other.id, Replaces::Nothing), 1, "only p1's live one, c4");
+    }
+
     #[tokio::test]
     async fn the_drain_wakes_when_the_last_exchange_ends_even_one_on_a_removed_agent() {
         let set = AgentSet::default();
         let addr = SocketAddr::from(([127, 0, 0, 1], 1));
-        let a = set.insert("a".into(), String::new(), "01".into(), addr, Arc::new(Idle));
-        let b = set.insert("b".into(), String::new(), "02".into(), addr, Arc::new(Idle));
+        let a = set.insert("a".into(), Default::default(), "01".into(), addr, Arc::new(Idle));
+        let b = set.insert("b".into(), Default::default(), "02".into(), addr, Arc::new(Idle));
         let (first, second) = (a.begin_exchange(), b.begin_exchange());
         set.remove(b.id);
         let done = set.exchanges_done();
@@ -340,7 +380,7 @@ mod tests {
             .map(|i| {
                 set.insert(
                     format!("agent-{i}"),
-                    String::new(),
+                    Default::default(),
                     String::new(),
                     SocketAddr::from(([127, 0, 0, 1], 1)),
                     Arc::new(Idle),

@@ -1,6 +1,6 @@
 //! The `relay-edge` command line: parses arguments and configuration, then runs one subcommand.
-//! The binary's `main` is [`main`]; the end-to-end tests build the same entry point into their own
-//! process so that fault tests run exactly what ships.
+//! The binary's `main` calls [`main_from`]; the end-to-end tests build the same entry point into
+//! their own process so that fault tests run exactly what ships.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -180,11 +180,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Runs the command line and returns the exit status.
-pub fn main() -> ExitCode {
-    main_from(std::env::args_os())
 }
 
 /// Runs the command line on `args` (the first names the program) and returns the exit status.

@@ -137,6 +137,18 @@ pub struct EdgeConfig {
     #[arg(long, env = "RELAY_EDGE_RESPONSE_TIMEOUT", value_parser = duration_arg)]
     #[serde(default, with = "relay_runtime::config::duration")]
     pub response_timeout: Option<Duration>,
+    /// How long an exchange may wait for a stream to the agent before 503 (e.g. `5s`).
+    #[arg(long, env = "RELAY_EDGE_OPEN_STREAM_TIMEOUT", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub open_stream_timeout: Option<Duration>,
+    /// `Retry-After` on the edge's own 503s (e.g. `5s`).
+    #[arg(long, env = "RELAY_EDGE_RETRY_AFTER", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub retry_after: Option<Duration>,
+    /// How long an agent has, after its handshake, to say hello (e.g. `10s`).
+    #[arg(long, env = "RELAY_EDGE_HELLO_TIMEOUT", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub hello_timeout: Option<Duration>,
     /// How long a media WebSocket may carry no message before both ends get 1001 (e.g. `60s`).
     #[arg(long, env = "RELAY_EDGE_WS_IDLE_TIMEOUT", value_parser = duration_arg)]
     #[serde(default, with = "relay_runtime::config::duration")]
@@ -284,43 +296,13 @@ pub struct EdgeSettings {
 }
 
 impl EdgeSettings {
-    /// Settings with every default, for `state_dir`, listening on the given addresses.
+    /// Settings with every default, for `state_dir`, listening on the given addresses, with the
+    /// admin listener on a loopback port from the OS (the binary's default is
+    /// [`DEFAULT_ADMIN_LISTEN`]).
     pub fn new(state_dir: PathBuf, listen: SocketAddr, tunnel_listen: SocketAddr) -> Self {
-        Self {
-            state_dir,
-            listen,
-            tunnel_listen,
-            tunnel_tcp_listen: TcpListen::SamePort,
-            // A port from the OS; the binary's configuration defaults to DEFAULT_ADMIN_LISTEN.
-            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-            max_ws_message_bytes: relay_tunnel::DEFAULT_MAX_WS_MESSAGE,
-            max_ws_write_buffer_bytes: relay_tunnel::websocket::default_write_buffer(
-                relay_tunnel::DEFAULT_MAX_WS_MESSAGE,
-            ),
-            ws_write_timeout: relay_tunnel::websocket::DEFAULT_WS_WRITE_TIMEOUT,
-            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
-            max_exchanges_per_agent: DEFAULT_MAX_EXCHANGES_PER_AGENT,
-            rate_limit_per_source: Some(crate::rate_limit::DEFAULT_RATE_PER_SOURCE),
-            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
-            ws_idle_timeout: DEFAULT_WS_IDLE_TIMEOUT,
-            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
-            affinity_ttl: crate::affinity::DEFAULT_AFFINITY_TTL,
-            affinity_prefix_bytes: crate::affinity::DEFAULT_AFFINITY_PREFIX_BYTES,
-            open_stream_timeout: DEFAULT_OPEN_STREAM_TIMEOUT,
-            retry_after: DEFAULT_RETRY_AFTER,
-            hello_timeout: DEFAULT_HELLO_TIMEOUT,
-            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
-            body_read_timeout: crate::request_body::DEFAULT_BODY_READ_TIMEOUT,
-            linger_timeout: crate::linger::DEFAULT_LINGER_TIMEOUT,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
-            agent_cert_validity: relay_pki::DEFAULT_AGENT_CERT_VALIDITY,
-            tunnel: TunnelSettings::default(),
-            routes: default_routes(),
-            admission: AdmissionSettings::default(),
-            allow_unauthenticated: false,
-        }
+        let mut settings = EdgeConfig::default().with_defaults(state_dir, listen, tunnel_listen);
+        settings.admin_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        settings
     }
 }
 
@@ -346,7 +328,7 @@ impl EdgeConfig {
         let listen = self.listen.map_or_else(|| default_addr("listen", DEFAULT_LISTEN), Ok)?;
         let tunnel_listen =
             self.tunnel_listen.map_or_else(|| default_addr("tunnel_listen", DEFAULT_TUNNEL_LISTEN), Ok)?;
-        let mut settings = EdgeSettings::new(state_dir, listen, tunnel_listen);
+        let mut settings = self.with_defaults(state_dir, listen, tunnel_listen);
         settings.tunnel_tcp_listen = match self.tunnel_tcp_listen.as_deref().map(str::trim) {
             None | Some("") => TcpListen::SamePort,
             Some("off") => TcpListen::Off,
@@ -357,7 +339,9 @@ impl EdgeConfig {
         };
         settings.admin_listen =
             Some(self.admin_listen.map_or_else(|| default_addr("admin_listen", DEFAULT_ADMIN_LISTEN), Ok)?);
-        self.apply_limits(&mut settings)?;
+        check_limits(&settings)?;
+        (settings.max_ws_write_buffer_bytes, settings.ws_write_timeout) =
+            ws_write_limits(settings.max_ws_message_bytes, self.max_ws_write_buffer_bytes, self.ws_write_timeout)?;
         tunnel_liveness(&mut settings.tunnel, self.idle_timeout, self.keep_alive, self.handshake_timeout)?;
         if let Some(routes) = &self.routes {
             settings.routes = routes
@@ -372,58 +356,75 @@ impl EdgeConfig {
             self.event_grid.as_ref(),
             self.acs.as_ref(),
         )?;
-        settings.allow_unauthenticated = self.allow_unauthenticated.unwrap_or(false);
         check_sections(&settings.routes, &settings.admission)?;
         Ok(settings)
     }
 
-    /// Applies the sizes, counts and timeouts, checking each against its bounds.
-    fn apply_limits(&self, settings: &mut EdgeSettings) -> Result<(), ConfigError> {
-        let out_of = |key, message: String| ConfigError::Invalid { key, message };
-        settings.max_body_bytes = self.max_body_bytes.unwrap_or(settings.max_body_bytes);
-        if let Some(max) = self.max_ws_message_bytes {
-            settings.max_ws_message_bytes = ws_message_limit(max)?;
+    /// The settings this configuration gives, each default filled in where it gives none; the
+    /// values are checked by [`EdgeConfig::resolve`].
+    fn with_defaults(&self, state_dir: PathBuf, listen: SocketAddr, tunnel_listen: SocketAddr) -> EdgeSettings {
+        let max_ws_message_bytes = self.max_ws_message_bytes.unwrap_or(relay_tunnel::DEFAULT_MAX_WS_MESSAGE);
+        EdgeSettings {
+            state_dir,
+            listen,
+            tunnel_listen,
+            tunnel_tcp_listen: TcpListen::SamePort,
+            admin_listen: self.admin_listen,
+            max_body_bytes: self.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
+            max_ws_message_bytes,
+            max_ws_write_buffer_bytes: relay_tunnel::websocket::default_write_buffer(max_ws_message_bytes),
+            ws_write_timeout: relay_tunnel::websocket::DEFAULT_WS_WRITE_TIMEOUT,
+            max_header_bytes: self.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES),
+            max_exchanges_per_agent: self.max_exchanges_per_agent.unwrap_or(DEFAULT_MAX_EXCHANGES_PER_AGENT),
+            // 0 disables the limit.
+            rate_limit_per_source: match self.rate_limit_per_source {
+                Some(0) => None,
+                rate => Some(rate.unwrap_or(crate::rate_limit::DEFAULT_RATE_PER_SOURCE)),
+            },
+            response_timeout: self.response_timeout.unwrap_or(DEFAULT_RESPONSE_TIMEOUT),
+            ws_idle_timeout: self.ws_idle_timeout.unwrap_or(DEFAULT_WS_IDLE_TIMEOUT),
+            drain_timeout: self.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            affinity_ttl: self.affinity_ttl.unwrap_or(crate::affinity::DEFAULT_AFFINITY_TTL),
+            affinity_prefix_bytes: self.affinity_prefix_bytes.unwrap_or(crate::affinity::DEFAULT_AFFINITY_PREFIX_BYTES),
+            open_stream_timeout: self.open_stream_timeout.unwrap_or(DEFAULT_OPEN_STREAM_TIMEOUT),
+            retry_after: self.retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
+            hello_timeout: self.hello_timeout.unwrap_or(DEFAULT_HELLO_TIMEOUT),
+            header_read_timeout: self.header_read_timeout.unwrap_or(DEFAULT_HEADER_READ_TIMEOUT),
+            body_read_timeout: self.body_read_timeout.unwrap_or(crate::request_body::DEFAULT_BODY_READ_TIMEOUT),
+            linger_timeout: self.linger_timeout.unwrap_or(crate::linger::DEFAULT_LINGER_TIMEOUT),
+            max_connections: self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            max_connections_per_source: self.max_connections_per_source.unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_SOURCE),
+            agent_cert_validity: self.agent_cert_validity.unwrap_or(relay_pki::DEFAULT_AGENT_CERT_VALIDITY),
+            tunnel: TunnelSettings::default(),
+            routes: default_routes(),
+            admission: AdmissionSettings::default(),
+            allow_unauthenticated: self.allow_unauthenticated.unwrap_or(false),
         }
-        (settings.max_ws_write_buffer_bytes, settings.ws_write_timeout) =
-            ws_write_limits(settings.max_ws_message_bytes, self.max_ws_write_buffer_bytes, self.ws_write_timeout)?;
-        // hyper needs room for at least one read buffer; the tunnel's head frame bounds the top.
-        settings.max_header_bytes = match self.max_header_bytes {
-            Some(max) if !(8192..=MAX_HEADER_BYTES_LIMIT).contains(&max) => {
-                return Err(out_of("max_header_bytes", format!("must be between 8192 and {MAX_HEADER_BYTES_LIMIT}")));
-            }
-            max => max.unwrap_or(settings.max_header_bytes),
-        };
-        let streams = settings.tunnel.max_exchange_streams as usize;
-        settings.max_exchanges_per_agent = match self.max_exchanges_per_agent {
-            Some(max) if max == 0 || max > streams => {
-                return Err(out_of("max_exchanges_per_agent", format!("must be between 1 and {streams}")));
-            }
-            max => max.unwrap_or(settings.max_exchanges_per_agent),
-        };
-        if let Some(rate) = self.rate_limit_per_source {
-            settings.rate_limit_per_source = (rate > 0).then_some(rate);
-        }
-        settings.affinity_ttl = self.affinity_ttl.unwrap_or(settings.affinity_ttl);
-        settings.affinity_prefix_bytes = self.affinity_prefix_bytes.unwrap_or(settings.affinity_prefix_bytes);
-        settings.drain_timeout = self.drain_timeout.unwrap_or(settings.drain_timeout);
-        settings.ws_idle_timeout = self.ws_idle_timeout.unwrap_or(settings.ws_idle_timeout);
-        settings.response_timeout = self.response_timeout.unwrap_or(settings.response_timeout);
-        settings.agent_cert_validity = self.agent_cert_validity.unwrap_or(settings.agent_cert_validity);
-        settings.header_read_timeout = self.header_read_timeout.unwrap_or(settings.header_read_timeout);
-        settings.body_read_timeout = self.body_read_timeout.unwrap_or(settings.body_read_timeout);
-        settings.linger_timeout = self.linger_timeout.unwrap_or(settings.linger_timeout);
-        for (key, value, target) in [
-            ("max_connections", self.max_connections, &mut settings.max_connections),
-            ("max_connections_per_source", self.max_connections_per_source, &mut settings.max_connections_per_source),
-        ] {
-            match value {
-                Some(0) => return Err(out_of(key, "must be at least 1".into())),
-                Some(max) => *target = max,
-                None => {}
-            }
-        }
-        Ok(())
     }
+}
+
+/// Checks the sizes and counts against their bounds.
+fn check_limits(settings: &EdgeSettings) -> Result<(), ConfigError> {
+    ws_message_limit(settings.max_ws_message_bytes)?;
+    // hyper needs room for at least one read buffer; the tunnel's head frame bounds the top.
+    within("max_header_bytes", settings.max_header_bytes, 8192, MAX_HEADER_BYTES_LIMIT)?;
+    let streams = settings.tunnel.max_exchange_streams as usize;
+    within("max_exchanges_per_agent", settings.max_exchanges_per_agent, 1, streams)?;
+    within("max_connections", settings.max_connections, 1, usize::MAX)?;
+    within("max_connections_per_source", settings.max_connections_per_source, 1, usize::MAX)
+}
+
+/// `value` must lie in `low..=high`.
+fn within(key: &'static str, value: usize, low: usize, high: usize) -> Result<(), ConfigError> {
+    if (low..=high).contains(&value) {
+        return Ok(());
+    }
+    let message = if high == usize::MAX {
+        format!("must be at least {low}")
+    } else {
+        format!("must be between {low} and {high}")
+    };
+    Err(ConfigError::Invalid { key, message })
 }
 
 /// A default listener address (a constant, so a failure here is a programming error that the

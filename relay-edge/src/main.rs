@@ -5,5 +5,5 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    relay_edge::cli::main()
+    relay_edge::cli::main_from(std::env::args_os())
 }

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use relay_pki::{AgentRefusal, EdgeState, RedeemError, RenewError, cert_serial_hex};
-use relay_proto::{LABEL_AGENT_INSTANCE, LABEL_HOLDS, LABEL_REPLACES, PairRefusal, PairResponse, RenewOutcome, code};
+use relay_proto::{
+    LABEL_AGENT_INSTANCE, LABEL_CONNECTION, LABEL_HOLDS, LABEL_REPLACES, LABEL_REPLACES_CONNECTION, PairRefusal,
+    PairResponse, RenewOutcome, code,
+};
 use relay_transport::{
     HandshakeError, IncomingTunnel, LogThrottle, PeerKind, TunnelConnection, TunnelListener, Verdict,
 };
@@ -16,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::agents::{AgentSet, ConnectedAgent};
+use crate::agents::{AgentSet, ConnectedAgent, Replaces};
 use crate::config::EdgeSettings;
 use crate::pairing_limit::FailureLimiter;
 
@@ -119,9 +122,17 @@ impl TunnelService {
             conn.close(code::OK, "already connected to this edge instance");
             return;
         }
-        let instance = label(LABEL_AGENT_INSTANCE).unwrap_or_default().to_owned();
-        let agent = self.agents.insert(name.clone(), instance, serial, remote, conn.clone());
-        let retired = self.agents.supersede(&name, agent.id, replaces_me);
+        let ids = (
+            label(LABEL_AGENT_INSTANCE).unwrap_or_default().to_owned(),
+            label(LABEL_CONNECTION).unwrap_or_default().to_owned(),
+        );
+        let agent = self.agents.insert(name.clone(), ids, serial, remote, conn.clone());
+        let replaces = match (replaces_me, label(LABEL_REPLACES_CONNECTION)) {
+            (false, _) => Replaces::Nothing,
+            (true, Some(connection)) => Replaces::Connection(connection),
+            (true, None) => Replaces::All,
+        };
+        let retired = self.agents.supersede(&name, agent.id, replaces);
         if retired > 0 {
             info!(agent = %name, %remote, retired, instance = label(LABEL_AGENT_INSTANCE).unwrap_or("-"), "agent reconnected: its older connections take nothing new");
         }

@@ -293,7 +293,12 @@ async fn udp_silently_dropped_by_the_kernel_is_survived_and_the_agent_returns_wh
     let back = passing.elapsed();
     eprintln!("UDP dropped by the kernel: agent back {back:?} after the rule was removed");
     assert!(back < Duration::from_secs(3), "back only {back:?} after UDP passed again");
-    assert!(eventually(PROC_DEADLINE, || async { webhook().await == StatusCode::OK }).await);
+    assert!(
+        eventually(PROC_DEADLINE, || async { webhook().await == StatusCode::OK }).await,
+        "webhooks never got through again; edge:\n{}\nagent:\n{}",
+        edge.proc.log(),
+        agent.proc.log()
+    );
     drop(ns);
 }
 

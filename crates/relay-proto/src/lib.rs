@@ -57,6 +57,16 @@ pub const LABEL_HOLDS: &str = "holds";
 /// connection for a probe although the instance is listed in `holds`.
 pub const LABEL_REPLACES: &str = "replaces";
 
+/// Hello label: this connection's id, random per connection, so that a later connection can
+/// name exactly the one it replaces.
+pub const LABEL_CONNECTION: &str = "connection";
+
+/// Hello label, with [`LABEL_REPLACES`]: the id ([`LABEL_CONNECTION`]) of the connection being
+/// replaced. The edge then retires that one of the agent process's connections and no other: a
+/// connection the same process made meanwhile (another of its links reached the same edge
+/// first) stays. Without it (agents before this label), every connection of the process goes.
+pub const LABEL_REPLACES_CONNECTION: &str = "replaces_connection";
+
 /// Application error codes used to reset a stream or close a connection.
 pub mod code {
     /// Normal end; nothing went wrong.

@@ -20,7 +20,7 @@ pub mod throttle;
 pub mod tls;
 
 pub use frames::{FrameReadError, FrameReader, FrameWriteError, read_frame, write_frame};
-pub use listener::{IncomingTunnel, TcpListen, Transport, TunnelListener, dial_pairing, dial_tunnel};
+pub use listener::{IncomingTunnel, TcpListen, Transport, TransportChoice, TunnelListener, dial_pairing, dial_tunnel};
 pub use peer::{DialError, HandshakeError, PeerKind};
 pub use quic::{QuicListener, host_of};
 pub use seam::{BiStream, BoxFuture, ConnectionLost, RecvHalf, SendHalf, TunnelConnection};

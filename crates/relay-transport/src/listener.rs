@@ -39,6 +39,56 @@ impl std::fmt::Display for Transport {
     }
 }
 
+/// Which transport the agent dials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportChoice {
+    /// QUIC first; TLS/TCP when no QUIC handshake completes within the fallback deadline.
+    #[default]
+    Auto,
+    /// Only this transport.
+    Only(Transport),
+}
+
+impl TransportChoice {
+    /// Parses `auto`, `quic` or `tcp` (any case).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "quic" => Ok(Self::Only(Transport::Quic)),
+            "tcp" => Ok(Self::Only(Transport::Tcp)),
+            other => Err(format!("{other:?}: expected \"auto\", \"quic\" or \"tcp\"")),
+        }
+    }
+
+    /// Dials with `dial` over the chosen transport. With `Auto`, QUIC goes first, and TCP is
+    /// dialled when QUIC gets no answer within `fallback_after` (`unanswered` says which errors
+    /// mean no answer); a QUIC refusal is final, since the edge answered.
+    pub async fn dial<T, E, Fut>(
+        self,
+        fallback_after: std::time::Duration,
+        unanswered: impl Fn(&E) -> bool,
+        dial: impl Fn(Transport) -> Fut,
+    ) -> Result<T, E>
+    where
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let only = match self {
+            TransportChoice::Only(only) => only,
+            TransportChoice::Auto => match tokio::time::timeout(fallback_after, dial(Transport::Quic)).await {
+                Ok(Err(e)) if !unanswered(&e) => return Err(e),
+                Ok(Ok(conn)) => return Ok(conn),
+                Ok(Err(_)) | Err(_) => {
+                    tracing::info!(
+                        "no QUIC answer within {fallback_after:?} (is UDP blocked on the way?); connecting over TLS/TCP"
+                    );
+                    Transport::Tcp
+                }
+            },
+        };
+        dial(only).await
+    }
+}
+
 /// Dials the edge's tunnel over `transport` with the agent's certificate.
 pub async fn dial_tunnel(
     transport: Transport,

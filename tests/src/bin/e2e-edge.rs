@@ -2,5 +2,5 @@
 //! (Cargo gives integration tests the paths of their own package's binaries only).
 
 fn main() -> std::process::ExitCode {
-    relay_edge::cli::main()
+    relay_edge::cli::main_from(std::env::args_os())
 }
