@@ -292,14 +292,12 @@ impl Link {
     }
 
     async fn dial_once(&self, transport: Transport) -> Result<Arc<dyn TunnelConnection>, DialFailure> {
-        let (cert_chain, key, ca_cert) = self.client.credentials().map_err(DialFailure::Refused)?;
+        let identity = self.client.credentials().map_err(DialFailure::Refused)?;
         let host = host_of(&self.target);
-        dial_tunnel(transport, self.addr, host, cert_chain, key, &ca_cert, &self.client.settings.tunnel).await.map_err(
-            |e| match e {
-                DialError::Timeout(_) => DialFailure::Unanswered(e.to_string()),
-                other => DialFailure::Refused(other.to_string()),
-            },
-        )
+        dial_tunnel(transport, self.addr, host, &identity, &self.client.settings.tunnel).await.map_err(|e| match e {
+            DialError::Timeout(_) => DialFailure::Unanswered(e.to_string()),
+            other => DialFailure::Refused(other.to_string()),
+        })
     }
 }
 

@@ -7,12 +7,11 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
-use relay_pki::{AgentIdentity, cert_validity};
+use relay_pki::{AgentIdentity, TlsIdentity, cert_validity};
 use relay_proto::{
     Hello, LABEL_AGENT_INSTANCE, LABEL_CONNECTION, LABEL_HOLDS, LABEL_REPLACES, LABEL_REPLACES_CONNECTION,
     PROTOCOL_VERSION,
 };
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -65,9 +64,7 @@ impl TunnelClient {
     }
 
     /// The certificate chain, key and CA to dial with, refusing a certificate that has expired.
-    pub(crate) fn credentials(
-        &self,
-    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, CertificateDer<'static>), String> {
+    pub(crate) fn credentials(&self) -> Result<TlsIdentity, String> {
         let identity = self.identity.read().map_err(|_| "identity lock poisoned".to_owned())?;
         if let Some((_, not_after)) = identity.cert_chain.first().and_then(|c| cert_validity(c).ok())
             && SystemTime::now() >= not_after
@@ -77,7 +74,7 @@ impl TunnelClient {
                 humantime::format_rfc3339_seconds(not_after)
             ));
         }
-        Ok((identity.cert_chain.clone(), identity.key.clone_key(), identity.ca_cert.clone()))
+        Ok(identity.tls())
     }
 
     /// The current certificate's validity, `(not_before, not_after)`.

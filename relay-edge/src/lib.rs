@@ -142,15 +142,8 @@ impl Edge {
         let state = Arc::new(EdgeState::open(&settings.state_dir)?);
         let tls = state.tls_material()?;
         let listener = Arc::new(
-            TunnelListener::bind(
-                settings.tunnel_listen,
-                settings.tunnel_tcp_listen,
-                tls.cert_chain,
-                tls.key,
-                &tls.ca_cert,
-                &settings.tunnel,
-            )
-            .map_err(|source| StartError::Tunnel { addr: settings.tunnel_listen, source })?,
+            TunnelListener::bind(settings.tunnel_listen, settings.tunnel_tcp_listen, &tls, &settings.tunnel)
+                .map_err(|source| StartError::Tunnel { addr: settings.tunnel_listen, source })?,
         );
         let tunnel_addr =
             listener.quic_addr().map_err(|e| StartError::Listen { addr: settings.tunnel_listen, source: e })?;

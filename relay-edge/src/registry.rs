@@ -66,12 +66,10 @@ impl Registry {
             })
             .await;
             match outcome {
-                Ok(Some(Ok(Some(material)))) => {
-                    match self.listener.set_certificate(material.cert_chain, material.key, &material.ca_cert) {
-                        Ok(()) => info!("edge tunnel certificate renewed; new connections use it"),
-                        Err(e) => warn!("renewed edge certificate could not be loaded: {e}"),
-                    }
-                }
+                Ok(Some(Ok(Some(material)))) => match self.listener.set_certificate(&material) {
+                    Ok(()) => info!("edge tunnel certificate renewed; new connections use it"),
+                    Err(e) => warn!("renewed edge certificate could not be loaded: {e}"),
+                },
                 Ok(Some(Err(e))) => warn!("edge certificate renewal failed: {e}"),
                 Ok(_) => {}
                 Err(e) => warn!("registry check failed: {e}"),

@@ -609,9 +609,7 @@ async fn unauthenticated_peers_and_refused_agents_cannot_flood_the_edge_log() {
             relay_transport::Transport::Quic,
             edge.tunnel,
             "localhost",
-            id.cert_chain.clone(),
-            id.key.clone_key(),
-            &id.ca_cert,
+            &id.tls(),
             &settings,
         )
         .await;

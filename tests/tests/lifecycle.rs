@@ -88,9 +88,7 @@ over_both_transports! {
         let listener = relay_transport::TunnelListener::bind(
             "127.0.0.1:0".parse().unwrap(),
             relay_transport::TcpListen::SamePort,
-            material.cert_chain,
-            material.key,
-            &material.ca_cert,
+            &material,
             &settings,
         )
         .unwrap();
@@ -101,8 +99,8 @@ over_both_transports! {
         let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
         let ca = material.ca_cert.clone();
         let dial = tokio::spawn(async move {
-            relay_transport::dial_tunnel(transport, addr, "localhost", vec![issued.cert_der.into()], key, &ca, &settings)
-                .await
+            let identity = relay_pki::TlsIdentity { cert_chain: vec![issued.cert_der.into()], key, ca_cert: ca };
+            relay_transport::dial_tunnel(transport, addr, "localhost", &identity, &settings).await
         });
         let incoming = tokio::time::timeout(DEADLINE, listener.accept()).await.unwrap().unwrap();
         let refused = incoming.handshake().await.err().expect("an expired certificate must be refused");

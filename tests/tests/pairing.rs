@@ -126,9 +126,7 @@ over_both_transports! {
             relay_testkit::transport::current(),
             stack.edge.tunnel_addr(),
             "localhost",
-            vec![forged.cert_der.clone().into()],
-            key,
-            &ca,
+            &relay_pki::TlsIdentity { cert_chain: vec![forged.cert_der.clone().into()], key, ca_cert: ca },
             &Default::default(),
         )
         .await;

@@ -71,6 +71,17 @@ pub struct AgentIdentity {
     pub ca_cert: CertificateDer<'static>,
 }
 
+impl AgentIdentity {
+    /// The certificate, key and CA to dial the tunnel with.
+    pub fn tls(&self) -> crate::TlsIdentity {
+        crate::TlsIdentity {
+            cert_chain: self.cert_chain.clone(),
+            key: self.key.clone_key(),
+            ca_cert: self.ca_cert.clone(),
+        }
+    }
+}
+
 /// Reads and writes the agent state directory.
 #[derive(Debug)]
 pub struct AgentState;

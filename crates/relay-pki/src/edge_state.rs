@@ -106,15 +106,23 @@ pub enum RedeemError {
     Internal(String),
 }
 
-/// The edge's tunnel credentials, ready for rustls.
+/// One side's tunnel credentials, ready for rustls: its certificate chain and key, and the
+/// pairing CA, the only root it trusts for the other side.
 #[derive(Debug)]
-pub struct EdgeTlsMaterial {
-    /// `[edge certificate, CA certificate]`.
+pub struct TlsIdentity {
+    /// The certificate chain (the edge's: `[edge certificate, CA certificate]`; the agent's: its
+    /// certificate).
     pub cert_chain: Vec<CertificateDer<'static>>,
-    /// The edge certificate's private key.
+    /// The leaf certificate's private key.
     pub key: PrivateKeyDer<'static>,
-    /// The pairing CA certificate, the only root for agent certificates.
+    /// The pairing CA certificate.
     pub ca_cert: CertificateDer<'static>,
+}
+
+impl Clone for TlsIdentity {
+    fn clone(&self) -> Self {
+        Self { cert_chain: self.cert_chain.clone(), key: self.key.clone_key(), ca_cert: self.ca_cert.clone() }
+    }
 }
 
 /// A certificate issued by redeeming a token.
@@ -215,13 +223,13 @@ impl EdgeState {
     }
 
     /// Loads the edge's tunnel certificate chain and key.
-    pub fn tls_material(&self) -> Result<EdgeTlsMaterial, EdgeStateError> {
+    pub fn tls_material(&self) -> Result<TlsIdentity, EdgeStateError> {
         let path = self.dir.join(EDGE_IDENTITY);
         let pem = read_private_key_file(&path).map_err(|source| EdgeStateError::Io { path: path.clone(), source })?;
         let leaf = CertificateDer::from_pem_slice(&pem).map_err(|_| EdgeStateError::Corrupt(path.clone()))?;
         let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| EdgeStateError::Corrupt(path))?;
         let ca_cert = CertificateDer::from(self.ca.cert_der().to_vec());
-        Ok(EdgeTlsMaterial { cert_chain: vec![leaf, ca_cert.clone()], key, ca_cert })
+        Ok(TlsIdentity { cert_chain: vec![leaf, ca_cert.clone()], key, ca_cert })
     }
 
     /// Re-issues the edge's tunnel certificate from the CA, for the same names, once two thirds

@@ -20,7 +20,7 @@ pub use ca::{
     CaError, IssuedAgentCert, PairingCa, agent_name_from_cert, cert_serial_hex, cert_subject_alt_names, cert_validity,
     generate_agent_csr, renewal_due, validate_agent_name,
 };
-pub use edge_state::{EdgeState, EdgeStateError, EdgeTlsMaterial, IssuedCert, PendingToken, RedeemError};
+pub use edge_state::{EdgeState, EdgeStateError, IssuedCert, PendingToken, RedeemError, TlsIdentity};
 pub use fsutil::{read_private_key_file, read_secret_file, write_atomic};
 pub use pin::CaPin;
 pub use token::{PairingToken, TokenError};

@@ -93,9 +93,7 @@ impl Stack {
             crate::transport::current(),
             self.edge.tunnel_addr(),
             "localhost",
-            id.cert_chain,
-            id.key,
-            &id.ca_cert,
+            &id.tls(),
             &settings,
         )
         .await)

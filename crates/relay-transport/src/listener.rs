@@ -5,13 +5,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use relay_pki::CaPin;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use relay_pki::TlsIdentity;
 
 use crate::peer::{DialError, HandshakeError, PeerKind};
 use crate::quic::{IncomingQuic, QuicListener};
 use crate::seam::TunnelConnection;
 use crate::settings::TunnelSettings;
 use crate::tcp::{IncomingTcp, TcpTunnelListener};
+use crate::tls::{self, PinCheck};
 use crate::{quic, tcp};
 
 /// A transport the agent can dial.
@@ -89,20 +90,16 @@ impl TransportChoice {
     }
 }
 
-/// Dials the edge's tunnel over `transport` with the agent's certificate.
+/// Dials the edge's tunnel over `transport` with the agent's certificate; the edge must prove
+/// itself with a certificate from the pairing CA for `server_name`.
 pub async fn dial_tunnel(
     transport: Transport,
     addr: SocketAddr,
     server_name: &str,
-    cert_chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-    ca: &CertificateDer<'static>,
+    identity: &TlsIdentity,
     settings: &TunnelSettings,
 ) -> Result<Arc<dyn TunnelConnection>, DialError> {
-    match transport {
-        Transport::Quic => quic::dial_tunnel(addr, server_name, cert_chain, key, ca, settings).await,
-        Transport::Tcp => tcp::dial_tunnel(addr, server_name, cert_chain, key, ca, settings).await,
-    }
+    connect(transport, addr, server_name, tls::agent_client_config(identity)?, settings).await
 }
 
 /// Dials the edge's pairing ALPN over `transport`, trusting only a CA that matches `pin`.
@@ -113,9 +110,24 @@ pub async fn dial_pairing(
     pin: CaPin,
     settings: &TunnelSettings,
 ) -> Result<Arc<dyn TunnelConnection>, DialError> {
+    let check = PinCheck::default();
+    let client = tls::pairing_client_config(pin, check.clone())?;
+    match connect(transport, addr, server_name, client, settings).await {
+        Err(_) if check.mismatched() => Err(DialError::PinMismatch(addr)),
+        dialled => dialled,
+    }
+}
+
+async fn connect(
+    transport: Transport,
+    addr: SocketAddr,
+    server_name: &str,
+    client: rustls::ClientConfig,
+    settings: &TunnelSettings,
+) -> Result<Arc<dyn TunnelConnection>, DialError> {
     match transport {
-        Transport::Quic => quic::dial_pairing(addr, server_name, pin, settings).await,
-        Transport::Tcp => tcp::dial_pairing(addr, server_name, pin, settings).await,
+        Transport::Quic => quic::connect(addr, server_name, client, settings).await,
+        Transport::Tcp => tcp::connect(addr, server_name, client, settings).await,
     }
 }
 
@@ -148,13 +160,11 @@ impl TunnelListener {
     pub fn bind(
         quic_addr: SocketAddr,
         tcp: TcpListen,
-        cert_chain: Vec<CertificateDer<'static>>,
-        key: PrivateKeyDer<'static>,
-        ca: &CertificateDer<'static>,
+        identity: &TlsIdentity,
         settings: &TunnelSettings,
     ) -> Result<Self, DialError> {
-        let bind_quic = || QuicListener::bind(quic_addr, cert_chain.clone(), key.clone_key(), ca, settings);
-        let bind_tcp = |addr| TcpTunnelListener::bind(addr, cert_chain.clone(), key.clone_key(), ca, settings);
+        let bind_quic = || QuicListener::bind(quic_addr, identity, settings);
+        let bind_tcp = |addr| TcpTunnelListener::bind(addr, identity, settings);
         match tcp {
             TcpListen::Off => Ok(Self { quic: bind_quic()?, tcp: None }),
             TcpListen::At(addr) => Ok(Self { quic: bind_quic()?, tcp: Some(bind_tcp(addr)?) }),
@@ -176,16 +186,11 @@ impl TunnelListener {
     }
 
     /// Replaces the edge's certificate for new connections on both transports.
-    pub fn set_certificate(
-        &self,
-        cert_chain: Vec<CertificateDer<'static>>,
-        key: PrivateKeyDer<'static>,
-        ca: &CertificateDer<'static>,
-    ) -> Result<(), DialError> {
+    pub fn set_certificate(&self, identity: &TlsIdentity) -> Result<(), DialError> {
         if let Some(tcp) = &self.tcp {
-            tcp.set_certificate(cert_chain.clone(), key.clone_key(), ca)?;
+            tcp.set_certificate(identity)?;
         }
-        self.quic.set_certificate(cert_chain, key, ca)
+        self.quic.set_certificate(identity)
     }
 
     /// The QUIC (UDP) address.

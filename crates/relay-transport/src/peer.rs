@@ -138,3 +138,6 @@ pub(crate) fn tls_failure(text: String) -> HandshakeError {
         HandshakeError::Tls(text)
     }
 }
+
+/// A dialled tunnel connection, or why there is none.
+pub(crate) type Dialled = Result<std::sync::Arc<dyn crate::seam::TunnelConnection>, DialError>;

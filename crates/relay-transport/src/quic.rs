@@ -7,15 +7,16 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
-use relay_pki::CaPin;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use relay_pki::TlsIdentity;
+use rustls::ClientConfig;
+use rustls::pki_types::{CertificateDer, ServerName};
 
-use crate::peer::{DialError, HandshakeError, PeerKind, classify, tls_failure};
+use crate::peer::{DialError, Dialled, HandshakeError, PeerKind, classify, tls_failure};
 use crate::seam::{BiStream, BoxFuture, ConnectionLost, RecvHalf, SendHalf, TunnelConnection};
 use crate::settings::{
     CONNECTION_RECEIVE_WINDOW, Congestion, MAX_AGENT_INITIATED_STREAMS, STREAM_RECEIVE_WINDOW, TunnelSettings,
 };
-use crate::tls::{self, PinCheck, TlsError};
+use crate::tls::{self, TlsError};
 
 impl TunnelSettings {
     fn transport(&self, incoming_bidi: u32) -> TransportConfig {
@@ -134,13 +135,8 @@ pub struct QuicListener {
     settings: TunnelSettings,
 }
 
-fn server_config(
-    cert_chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-    ca: &CertificateDer<'static>,
-    settings: &TunnelSettings,
-) -> Result<quinn::ServerConfig, DialError> {
-    let tls = tls::edge_server_config(cert_chain, key, ca)?;
+fn server_config(identity: &TlsIdentity, settings: &TunnelSettings) -> Result<quinn::ServerConfig, DialError> {
+    let tls = tls::edge_server_config(identity)?;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| DialError::Tls(TlsError::Quic(e.to_string())))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(settings.transport(MAX_AGENT_INITIATED_STREAMS)));
@@ -149,27 +145,16 @@ fn server_config(
 
 impl QuicListener {
     /// Binds `addr` with the edge's certificate chain, key and the pairing CA.
-    pub fn bind(
-        addr: SocketAddr,
-        cert_chain: Vec<CertificateDer<'static>>,
-        key: PrivateKeyDer<'static>,
-        ca: &CertificateDer<'static>,
-        settings: &TunnelSettings,
-    ) -> Result<Self, DialError> {
-        let server = server_config(cert_chain, key, ca, settings)?;
+    pub fn bind(addr: SocketAddr, identity: &TlsIdentity, settings: &TunnelSettings) -> Result<Self, DialError> {
+        let server = server_config(identity, settings)?;
         let endpoint = quinn::Endpoint::server(server, addr).map_err(DialError::Bind)?;
         Ok(Self { endpoint, handshake_timeout: settings.handshake_timeout, settings: settings.clone() })
     }
 
     /// Replaces the edge's certificate for new connections (after it was renewed); established
     /// connections keep theirs.
-    pub fn set_certificate(
-        &self,
-        cert_chain: Vec<CertificateDer<'static>>,
-        key: PrivateKeyDer<'static>,
-        ca: &CertificateDer<'static>,
-    ) -> Result<(), DialError> {
-        self.endpoint.set_server_config(Some(server_config(cert_chain, key, ca, &self.settings)?));
+    pub fn set_certificate(&self, identity: &TlsIdentity) -> Result<(), DialError> {
+        self.endpoint.set_server_config(Some(server_config(identity, &self.settings)?));
         Ok(())
     }
 
@@ -266,33 +251,8 @@ async fn dial(
     }
 }
 
-/// Dials the edge's tunnel with the agent's certificate; the edge must prove itself with a
-/// certificate from the pairing CA for `server_name`.
-pub async fn dial_tunnel(
-    addr: SocketAddr,
-    server_name: &str,
-    cert_chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-    ca: &CertificateDer<'static>,
-    settings: &TunnelSettings,
-) -> Result<Arc<dyn TunnelConnection>, DialError> {
-    let client = tls::agent_client_config(cert_chain, key, ca)?;
-    let (conn, endpoint) = dial(addr, server_name, client, settings).await?;
+/// Dials `addr` with the client TLS configuration `client` (the tunnel's or pairing's).
+pub(crate) async fn connect(addr: SocketAddr, name: &str, client: ClientConfig, settings: &TunnelSettings) -> Dialled {
+    let (conn, endpoint) = dial(addr, name, client, settings).await?;
     Ok(Arc::new(QuicConnection { conn, endpoint: Some(endpoint) }))
-}
-
-/// Dials the edge's pairing ALPN, trusting only a CA that matches `pin`.
-pub async fn dial_pairing(
-    addr: SocketAddr,
-    server_name: &str,
-    pin: CaPin,
-    settings: &TunnelSettings,
-) -> Result<Arc<dyn TunnelConnection>, DialError> {
-    let check = PinCheck::default();
-    let client = tls::pairing_client_config(pin, check.clone())?;
-    match dial(addr, server_name, client, settings).await {
-        Ok((conn, endpoint)) => Ok(Arc::new(QuicConnection { conn, endpoint: Some(endpoint) })),
-        Err(_) if check.mismatched() => Err(DialError::PinMismatch(addr)),
-        Err(err) => Err(err),
-    }
 }

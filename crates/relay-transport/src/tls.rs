@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use relay_pki::CaPin;
+use relay_pki::TlsIdentity;
 use relay_proto::{PAIRING_ALPN, TUNNEL_ALPN};
 use rustls::DistinguishedName;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 
@@ -49,11 +50,8 @@ fn roots(ca: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, TlsError> {
 }
 
 /// The edge's server configuration.
-pub fn edge_server_config(
-    cert_chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-    ca: &CertificateDer<'static>,
-) -> Result<ServerConfig, TlsError> {
+pub fn edge_server_config(identity: &TlsIdentity) -> Result<ServerConfig, TlsError> {
+    let (cert_chain, key, ca) = (identity.cert_chain.clone(), identity.key.clone_key(), &identity.ca_cert);
     let provider = provider();
     let inner = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider.clone())
         .allow_unauthenticated()
@@ -160,15 +158,11 @@ impl ClientCertVerifier for AgentCertVerifier {
 }
 
 /// The agent's tunnel client configuration: trusts only the pairing CA, presents its certificate.
-pub fn agent_client_config(
-    cert_chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-    ca: &CertificateDer<'static>,
-) -> Result<ClientConfig, TlsError> {
+pub fn agent_client_config(identity: &TlsIdentity) -> Result<ClientConfig, TlsError> {
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots(ca)?)
-        .with_client_auth_cert(cert_chain, key)?;
+        .with_root_certificates(roots(&identity.ca_cert)?)
+        .with_client_auth_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
     config.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
     Ok(config)
 }

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use relay_pki::{PairingCa, generate_agent_csr};
+use relay_pki::{PairingCa, TlsIdentity, generate_agent_csr};
 use relay_proto::code;
 use relay_transport::{
     BiStream, PeerKind, TcpListen, Transport, TunnelConnection, TunnelListener, TunnelSettings, dial_pairing,
@@ -66,9 +66,7 @@ async fn connect(transport: Transport) -> (Arc<dyn TunnelConnection>, Arc<dyn Tu
     let listener = TunnelListener::bind(
         "127.0.0.1:0".parse().unwrap(),
         TcpListen::SamePort,
-        pki.edge_chain,
-        pki.edge_key,
-        &ca,
+        &TlsIdentity { cert_chain: pki.edge_chain, key: pki.edge_key, ca_cert: ca.clone() },
         &settings(),
     )
     .unwrap();
@@ -77,7 +75,8 @@ async fn connect(transport: Transport) -> (Arc<dyn TunnelConnection>, Arc<dyn Tu
         Transport::Tcp => listener.tcp_addr().unwrap(),
     };
     let settings = settings();
-    let dial = dial_tunnel(transport, addr, "localhost", pki.agent_chain, pki.agent_key, &ca, &settings);
+    let agent = TlsIdentity { cert_chain: pki.agent_chain, key: pki.agent_key, ca_cert: ca };
+    let dial = dial_tunnel(transport, addr, "localhost", &agent, &settings);
     let accept = async {
         let incoming = listener.accept().await.unwrap();
         assert_eq!(incoming.transport(), transport);
@@ -261,9 +260,7 @@ async fn pairing_needs_no_client_certificate_and_tcp_shares_the_quic_port() {
         let listener = TunnelListener::bind(
             "127.0.0.1:0".parse().unwrap(),
             TcpListen::SamePort,
-            pki.edge_chain,
-            pki.edge_key,
-            &ca,
+            &TlsIdentity { cert_chain: pki.edge_chain, key: pki.edge_key, ca_cert: ca.clone() },
             &settings(),
         )
         .unwrap();

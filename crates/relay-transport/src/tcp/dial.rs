@@ -1,17 +1,16 @@
-//! The agent's TLS/TCP dialers: the tunnel with its certificate, pairing with the token's pin.
+//! The agent's TLS/TCP dialer: TCP, TLS with the configuration it is given (the tunnel's or
+//! pairing's), then HTTP/2 as the agent's side.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use relay_pki::CaPin;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
 
 use super::connection::TcpConnection;
 use super::establish::establish_agent;
-use crate::peer::DialError;
-use crate::seam::TunnelConnection;
+use crate::peer::{DialError, Dialled};
 use crate::settings::TunnelSettings;
-use crate::tls::{self, PinCheck};
 
 async fn dial(
     addr: SocketAddr,
@@ -34,32 +33,8 @@ async fn dial(
     tokio::time::timeout(settings.handshake_timeout, attempt).await.map_err(|_| DialError::Timeout(addr))?
 }
 
-/// Dials the edge's tunnel over TLS/TCP with the agent's certificate; the edge must prove itself
-/// with a certificate from the pairing CA for `server_name`.
-pub async fn dial_tunnel(
-    addr: SocketAddr,
-    server_name: &str,
-    cert_chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-    ca: &CertificateDer<'static>,
-    settings: &TunnelSettings,
-) -> Result<Arc<dyn TunnelConnection>, DialError> {
-    let client = tls::agent_client_config(cert_chain, key, ca)?;
-    Ok(Arc::new(dial(addr, server_name, client, settings).await?))
-}
-
-/// Dials the edge's pairing ALPN over TLS/TCP, trusting only a CA that matches `pin`.
-pub async fn dial_pairing(
-    addr: SocketAddr,
-    server_name: &str,
-    pin: CaPin,
-    settings: &TunnelSettings,
-) -> Result<Arc<dyn TunnelConnection>, DialError> {
-    let check = PinCheck::default();
-    let client = tls::pairing_client_config(pin, check.clone())?;
-    match dial(addr, server_name, client, settings).await {
-        Ok(conn) => Ok(Arc::new(conn)),
-        Err(_) if check.mismatched() => Err(DialError::PinMismatch(addr)),
-        Err(err) => Err(err),
-    }
+/// Dials `addr` over TLS/TCP with the client TLS configuration `client` (the tunnel's or
+/// pairing's).
+pub(crate) async fn connect(addr: SocketAddr, name: &str, client: ClientConfig, settings: &TunnelSettings) -> Dialled {
+    Ok(Arc::new(dial(addr, name, client, settings).await?))
 }

@@ -18,22 +18,23 @@ use crate::h2stream::{H2Recv, H2Send, io_error};
 use crate::seam::BiStream;
 use crate::settings::{MAX_AGENT_INITIATED_STREAMS, TunnelSettings};
 
+/// What the connection runs over: a TLS stream.
+pub(super) trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// A connection with HTTP/2 running, or why it could not start.
+type Established = Result<TcpConnection, String>;
+
 /// The edge's side of a new TLS connection: HTTP/2 client, opens the session stream.
-pub(super) async fn establish_edge<T>(
-    io: T,
-    remote: SocketAddr,
-    settings: &TunnelSettings,
-) -> Result<TcpConnection, String>
-where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+pub(super) async fn establish_edge(io: impl Io, remote: SocketAddr, settings: &TunnelSettings) -> Established {
     let (stream_window, connection_window) = h2_windows();
     let (requests, mut connection) = h2::client::Builder::new()
         .initial_window_size(stream_window)
         .initial_connection_window_size(connection_window)
         .max_concurrent_streams(MAX_AGENT_INITIATED_STREAMS)
         .enable_push(false)
-        .handshake::<T, Bytes>(io)
+        .handshake(io)
         .await
         .map_err(|e| e.to_string())?;
     let ending = Ending::new();
@@ -78,20 +79,13 @@ where
 
 /// The agent's side of a new TLS connection: HTTP/2 server; the first stream must be the
 /// session stream.
-pub(super) async fn establish_agent<T>(
-    io: T,
-    remote: SocketAddr,
-    settings: &TunnelSettings,
-) -> Result<TcpConnection, String>
-where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+pub(super) async fn establish_agent(io: impl Io, remote: SocketAddr, settings: &TunnelSettings) -> Established {
     let (stream_window, connection_window) = h2_windows();
     let mut connection = h2::server::Builder::new()
         .initial_window_size(stream_window)
         .initial_connection_window_size(connection_window)
         .max_concurrent_streams(settings.max_exchange_streams)
-        .handshake::<T, Bytes>(io)
+        .handshake(io)
         .await
         .map_err(|e| format!("the edge closed the connection: {}", io_error(e)))?;
     let (request, mut respond) = match connection.accept().await {

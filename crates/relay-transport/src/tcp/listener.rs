@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use relay_pki::TlsIdentity;
+
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -37,14 +38,8 @@ pub struct TcpTunnelListener {
 impl TcpTunnelListener {
     /// Listens on `addr` with the edge's certificate chain, key and the pairing CA. Call from
     /// within the Tokio runtime.
-    pub fn bind(
-        addr: SocketAddr,
-        cert_chain: Vec<CertificateDer<'static>>,
-        key: PrivateKeyDer<'static>,
-        ca: &CertificateDer<'static>,
-        settings: &TunnelSettings,
-    ) -> Result<Self, DialError> {
-        let tls = tls::edge_server_config(cert_chain, key, ca)?;
+    pub fn bind(addr: SocketAddr, identity: &TlsIdentity, settings: &TunnelSettings) -> Result<Self, DialError> {
+        let tls = tls::edge_server_config(identity)?;
         let std_listener = std::net::TcpListener::bind(addr).map_err(DialError::TcpBind)?;
         std_listener.set_nonblocking(true).map_err(DialError::TcpBind)?;
         let listener = tokio::net::TcpListener::from_std(std_listener).map_err(DialError::TcpBind)?;
@@ -58,13 +53,8 @@ impl TcpTunnelListener {
     }
 
     /// Replaces the edge's certificate for new connections; established ones keep theirs.
-    pub fn set_certificate(
-        &self,
-        cert_chain: Vec<CertificateDer<'static>>,
-        key: PrivateKeyDer<'static>,
-        ca: &CertificateDer<'static>,
-    ) -> Result<(), DialError> {
-        let tls = Arc::new(tls::edge_server_config(cert_chain, key, ca)?);
+    pub fn set_certificate(&self, identity: &TlsIdentity) -> Result<(), DialError> {
+        let tls = Arc::new(tls::edge_server_config(identity)?);
         if let Ok(mut current) = self.tls.write() {
             *current = tls;
         }

@@ -33,8 +33,8 @@
 //!
 //! [`session`] is what the session stream carries; `connection` is the connection both sides
 //! run (its end, its streams, its keep-alives); `establish` starts HTTP/2 on a new TLS
-//! connection, each side its own way; [`TcpTunnelListener`] accepts on the edge, and
-//! [`dial_tunnel`] and [`dial_pairing`] dial from the agent.
+//! connection, each side its own way; [`TcpTunnelListener`] accepts on the edge, and `dial`
+//! dials from the agent (through [`crate::dial_tunnel`] and [`crate::dial_pairing`]).
 
 use std::time::Duration;
 
@@ -46,7 +46,7 @@ mod establish;
 mod listener;
 pub mod session;
 
-pub use dial::{dial_pairing, dial_tunnel};
+pub(crate) use dial::connect;
 pub use listener::{IncomingTcp, TcpTunnelListener};
 
 /// Path of the session stream.
