@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame};
 
 use crate::agents::{AgentSet, ConnectedAgent, NoAgent};
-use crate::request_body::{BodyReadError, TimedBody};
+use relay_guard::request_body::{BodyReadError, TimedBody};
 
 /// How long a call's pin outlives its last exchange when no media session is open. ACS sends
 /// callbacks throughout a call; ten minutes of silence means the call is over.

@@ -17,7 +17,7 @@ pub(crate) fn plain(status: StatusCode, text: &str) -> Response<RelayBody> {
 }
 
 /// [`plain`] for a request the edge stopped reading: `Connection: close` tells the client the
-/// connection ends with this answer (and [`crate::linger`] makes sure it is read).
+/// connection ends with this answer (and [`relay_guard::linger`] makes sure it is read).
 pub(crate) fn closing(status: StatusCode, text: &str) -> Response<RelayBody> {
     let mut response = plain(status, text);
     response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -254,7 +254,7 @@ pub struct EdgeSettings {
     pub max_header_bytes: usize,
     /// See [`DEFAULT_MAX_EXCHANGES_PER_AGENT`].
     pub max_exchanges_per_agent: usize,
-    /// See [`crate::rate_limit::DEFAULT_RATE_PER_SOURCE`]; `None` disables the limit.
+    /// See [`relay_guard::rate_limit::DEFAULT_RATE_PER_SOURCE`]; `None` disables the limit.
     pub rate_limit_per_source: Option<u32>,
     /// See [`DEFAULT_RESPONSE_TIMEOUT`].
     pub response_timeout: Duration,
@@ -274,9 +274,9 @@ pub struct EdgeSettings {
     pub hello_timeout: Duration,
     /// See [`DEFAULT_HEADER_READ_TIMEOUT`].
     pub header_read_timeout: Duration,
-    /// See [`crate::request_body::DEFAULT_BODY_READ_TIMEOUT`].
+    /// See [`relay_guard::request_body::DEFAULT_BODY_READ_TIMEOUT`].
     pub body_read_timeout: Duration,
-    /// See [`crate::linger::DEFAULT_LINGER_TIMEOUT`].
+    /// See [`relay_guard::linger::DEFAULT_LINGER_TIMEOUT`].
     pub linger_timeout: Duration,
     /// See [`DEFAULT_MAX_CONNECTIONS`].
     pub max_connections: usize,
@@ -379,7 +379,7 @@ impl EdgeConfig {
             // 0 disables the limit.
             rate_limit_per_source: match self.rate_limit_per_source {
                 Some(0) => None,
-                rate => Some(rate.unwrap_or(crate::rate_limit::DEFAULT_RATE_PER_SOURCE)),
+                rate => Some(rate.unwrap_or(relay_guard::rate_limit::DEFAULT_RATE_PER_SOURCE)),
             },
             response_timeout: self.response_timeout.unwrap_or(DEFAULT_RESPONSE_TIMEOUT),
             ws_idle_timeout: self.ws_idle_timeout.unwrap_or(DEFAULT_WS_IDLE_TIMEOUT),
@@ -390,8 +390,8 @@ impl EdgeConfig {
             retry_after: self.retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
             hello_timeout: self.hello_timeout.unwrap_or(DEFAULT_HELLO_TIMEOUT),
             header_read_timeout: self.header_read_timeout.unwrap_or(DEFAULT_HEADER_READ_TIMEOUT),
-            body_read_timeout: self.body_read_timeout.unwrap_or(crate::request_body::DEFAULT_BODY_READ_TIMEOUT),
-            linger_timeout: self.linger_timeout.unwrap_or(crate::linger::DEFAULT_LINGER_TIMEOUT),
+            body_read_timeout: self.body_read_timeout.unwrap_or(relay_guard::request_body::DEFAULT_BODY_READ_TIMEOUT),
+            linger_timeout: self.linger_timeout.unwrap_or(relay_guard::linger::DEFAULT_LINGER_TIMEOUT),
             max_connections: self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
             max_connections_per_source: self.max_connections_per_source.unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_SOURCE),
             agent_cert_validity: self.agent_cert_validity.unwrap_or(relay_pki::DEFAULT_AGENT_CERT_VALIDITY),

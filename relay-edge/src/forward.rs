@@ -18,8 +18,8 @@ use crate::affinity::{AffinitySource, PrefixedBody};
 use crate::answer;
 use crate::metrics::{DirectionLabels, EdgeMetrics, RouteLabels};
 use crate::relay::Relay;
-use crate::request_body::TimedBody;
 use crate::routes::Route;
+use relay_guard::request_body::TimedBody;
 
 /// When the agent's answer fails while the request body is still being copied, how long to wait
 /// for the copy's own outcome. A copy that reset the stream has already finished; one still
@@ -271,7 +271,7 @@ fn body_failure(
     request_id: u64,
     error: &(dyn std::error::Error + 'static),
 ) -> (StatusCode, &'static str) {
-    if crate::request_body::stalled(error) {
+    if relay_guard::request_body::stalled(error) {
         relay.metrics.rejection(route, "limit", "body-timeout");
         info!(request_id, route, status = 408, "{error}");
         (StatusCode::REQUEST_TIMEOUT, "request body not received in time")

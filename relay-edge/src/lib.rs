@@ -12,20 +12,15 @@ pub mod agents;
 mod answer;
 pub mod cli;
 pub mod config;
-pub mod conn_limit;
 mod forward;
-pub mod linger;
 pub mod listing;
 pub mod metrics;
 mod pairing_limit;
 mod public;
-pub mod rate_limit;
 mod registry;
 mod relay;
-pub mod request_body;
 pub mod routes;
 pub mod status;
-pub mod target;
 mod tunnel;
 mod websocket;
 
@@ -189,9 +184,9 @@ impl Edge {
             refusal_log: relay_transport::LogThrottle::default(),
             metrics: metrics.clone(),
         });
-        let rate_limit = settings.rate_limit_per_source.map(rate_limit::SourceRateLimiter::new);
+        let rate_limit = settings.rate_limit_per_source.map(relay_guard::rate_limit::SourceRateLimiter::new);
         let draining = CancellationToken::new();
-        let connections = Arc::new(conn_limit::ConnectionLimits::new(
+        let connections = Arc::new(relay_guard::conn_limit::ConnectionLimits::new(
             settings.max_connections,
             settings.max_connections_per_source,
             settings.admission.trusted_proxies.clone(),

@@ -18,13 +18,13 @@ use tracing::{debug, info, warn};
 
 use crate::admission::{self, AuthCheck, Rejection, event_grid};
 use crate::answer;
-use crate::conn_limit::ConnectionLimits;
-use crate::linger::LingeringStream;
-use crate::rate_limit::SourceRateLimiter;
 use crate::relay::Relay;
-use crate::request_body::TimedBody;
 use crate::routes::{self, Route};
-use crate::target;
+use relay_guard::conn_limit::ConnectionLimits;
+use relay_guard::linger::LingeringStream;
+use relay_guard::rate_limit::SourceRateLimiter;
+use relay_guard::request_body::TimedBody;
+use relay_guard::target;
 
 /// After a failed accept (out of file descriptors, most often), how long the listener waits
 /// before the next: long enough not to spin on an error that persists, short enough that
@@ -281,7 +281,7 @@ async fn answer_validation(req: Request<Incoming>, route: &Route, body_timeout: 
     let body = TimedBody::new(req.into_body(), body_timeout);
     let body = match http_body_util::Limited::new(body, event_grid::MAX_VALIDATION_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
-        Err(e) if crate::request_body::stalled(e.as_ref()) => {
+        Err(e) if relay_guard::request_body::stalled(e.as_ref()) => {
             return answer::closing(StatusCode::REQUEST_TIMEOUT, "request body not received in time");
         }
         Err(_) => return answer::closing(StatusCode::PAYLOAD_TOO_LARGE, "validation request too large"),

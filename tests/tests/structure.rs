@@ -1,6 +1,6 @@
 //! The code's shape, as the README's layout table states it: crates depend only on crates below
-//! them (proto and pki at the bottom, then transport, the tunnel protocol, the runtime, the two
-//! binaries, and the tools on top), and inside a crate no module uses a module that uses it back.
+//! them (proto, pki and the listener guards at the bottom, then transport, the tunnel protocol,
+//! the runtime, the two binaries, and the tools on top), and inside a crate no module uses a module that uses it back.
 //! Read from the sources and manifests, so a change that breaks the picture fails here.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, &[&str])] = &[
     ("crates/relay-proto", &[]),
     ("crates/relay-pki", &[]),
+    ("crates/relay-guard", &[]),
     ("crates/relay-transport", &["relay-proto", "relay-pki"]),
     ("crates/relay-tunnel", &["relay-proto", "relay-transport"]),
     ("crates/relay-runtime", &["relay-proto", "relay-transport", "relay-tunnel"]),
-    ("relay-edge", &["relay-proto", "relay-pki", "relay-transport", "relay-tunnel", "relay-runtime"]),
+    ("relay-edge", &["relay-proto", "relay-pki", "relay-guard", "relay-transport", "relay-tunnel", "relay-runtime"]),
     ("relay-agent", &["relay-proto", "relay-pki", "relay-transport", "relay-tunnel", "relay-runtime"]),
 ];
 
@@ -21,6 +22,7 @@ const LAYERS: &[(&str, &[&str])] = &[
 const CRATES: &[&str] = &[
     "crates/relay-proto",
     "crates/relay-pki",
+    "crates/relay-guard",
     "crates/relay-transport",
     "crates/relay-tunnel",
     "crates/relay-runtime",
