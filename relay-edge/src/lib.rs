@@ -128,6 +128,37 @@ pub struct Edge {
     draining: CancellationToken,
 }
 
+/// Every listener the edge serves, bound before anything starts, so a taken port is a start-up
+/// error naming it.
+struct Listeners {
+    tunnel: Arc<TunnelListener>,
+    tunnel_addr: SocketAddr,
+    tunnel_tcp_addr: Option<SocketAddr>,
+    public: TcpListener,
+    public_addr: SocketAddr,
+    admin: Option<AdminListener>,
+}
+
+impl Listeners {
+    async fn bind(settings: &EdgeSettings, tls: &relay_pki::TlsIdentity) -> Result<Self, StartError> {
+        let tunnel = TunnelListener::bind(settings.tunnel_listen, settings.tunnel_tcp_listen, tls, &settings.tunnel)
+            .map_err(|source| StartError::Tunnel { addr: settings.tunnel_listen, source })?;
+        let tunnel_addr =
+            tunnel.quic_addr().map_err(|source| StartError::Listen { addr: settings.tunnel_listen, source })?;
+        let listen_error = |source| StartError::Listen { addr: settings.listen, source };
+        let public = TcpListener::bind(settings.listen).await.map_err(listen_error)?;
+        let public_addr = public.local_addr().map_err(listen_error)?;
+        let admin = match settings.admin_listen {
+            Some(addr) => {
+                Some(AdminListener::bind(addr).await.map_err(|e| StartError::Listen { addr, source: e.source })?)
+            }
+            None => None,
+        };
+        let tunnel_tcp_addr = tunnel.tcp_addr();
+        Ok(Self { tunnel: Arc::new(tunnel), tunnel_addr, tunnel_tcp_addr, public, public_addr, admin })
+    }
+}
+
 impl Edge {
     /// Opens the state directory, binds both listeners and starts serving. Refuses to start an
     /// edge that would relay anything from anyone to a non-loopback listener unless the settings
@@ -135,24 +166,8 @@ impl Edge {
     pub async fn start(settings: EdgeSettings) -> Result<Self, StartError> {
         protected_mode(&settings)?;
         let state = Arc::new(EdgeState::open(&settings.state_dir)?);
-        let tls = state.tls_material()?;
-        let listener = Arc::new(
-            TunnelListener::bind(settings.tunnel_listen, settings.tunnel_tcp_listen, &tls, &settings.tunnel)
-                .map_err(|source| StartError::Tunnel { addr: settings.tunnel_listen, source })?,
-        );
-        let tunnel_addr =
-            listener.quic_addr().map_err(|e| StartError::Listen { addr: settings.tunnel_listen, source: e })?;
-        let tunnel_tcp_addr = listener.tcp_addr();
-        let public = TcpListener::bind(settings.listen)
-            .await
-            .map_err(|source| StartError::Listen { addr: settings.listen, source })?;
-        let public_addr = public.local_addr().map_err(|source| StartError::Listen { addr: settings.listen, source })?;
-        let admin = match settings.admin_listen {
-            Some(addr) => {
-                Some(AdminListener::bind(addr).await.map_err(|e| StartError::Listen { addr, source: e.source })?)
-            }
-            None => None,
-        };
+        let Listeners { tunnel: listener, tunnel_addr, tunnel_tcp_addr, public, public_addr, admin } =
+            Listeners::bind(&settings, &state.tls_material()?).await?;
         let admin_addr = admin.as_ref().map(AdminListener::addr);
         let metrics = Arc::new(metrics::EdgeMetrics::default());
         let verifiers = admission::Verifiers::load(&settings.admission).await.map_err(StartError::Keys)?;

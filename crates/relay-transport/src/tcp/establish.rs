@@ -115,6 +115,23 @@ pub(super) async fn establish_agent(io: impl Io, remote: SocketAddr, settings: &
     })
 }
 
+/// Gives a stream the edge opened at the agent's request to the oldest `open_bi` still waiting;
+/// one nobody waits for any more is refused.
+fn hand_to_waiter(waiters: &Mutex<VecDeque<oneshot::Sender<BiStream>>>, stream: BiStream) {
+    let mut stream = Some(stream);
+    if let Ok(mut waiters) = waiters.lock() {
+        while let (Some(waiter), Some(s)) = (waiters.pop_front(), stream.take()) {
+            // A waiter whose `open_bi` was cancelled hands the stream back.
+            if let Err(back) = waiter.send(s) {
+                stream = Some(back);
+            }
+        }
+    }
+    if let Some(mut unwanted) = stream {
+        unwanted.send.reset(code::REFUSED);
+    }
+}
+
 /// Drives the agent's HTTP/2 server connection: every stream the edge opens becomes an exchange
 /// for `accept_bi`, or the answer to a pending `open_bi`.
 async fn serve_agent<T>(
@@ -158,31 +175,21 @@ async fn serve_agent<T>(
             send: Box::new(H2Send::new(send)),
             recv: Box::new(H2Recv::body(request.into_body(), STREAM_LINGER)),
         };
-        match path.as_str() {
-            EDGE_STREAM_PATH => {
-                if incoming.send(stream).is_err() {
-                    // Nobody accepts any more: the connection is being dropped.
-                    break;
-                }
-            }
+        let handed = match path.as_str() {
+            EDGE_STREAM_PATH => incoming.send(stream).is_ok(),
             AGENT_STREAM_PATH => {
-                let mut stream = Some(stream);
-                if let Ok(mut waiters) = waiters.lock() {
-                    while let (Some(waiter), Some(s)) = (waiters.pop_front(), stream.take()) {
-                        // A waiter whose `open_bi` was cancelled hands the stream back.
-                        if let Err(back) = waiter.send(s) {
-                            stream = Some(back);
-                        }
-                    }
-                }
-                if let Some(mut unwanted) = stream {
-                    unwanted.send.reset(code::REFUSED);
-                }
+                hand_to_waiter(&waiters, stream);
+                true
             }
             other => {
                 ending.end(format!("protocol violation: the edge opened {other}"));
-                break;
+                false
             }
+        };
+        // Not handed: nobody accepts any more (the connection is being dropped), or the edge
+        // broke the protocol.
+        if !handed {
+            break;
         }
     }
     ending.finished.cancel();
