@@ -66,7 +66,7 @@ impl TunnelClient {
     /// The certificate chain, key and CA to dial with, refusing a certificate that has expired.
     pub(crate) fn credentials(&self) -> Result<TlsIdentity, String> {
         let identity = self.identity.read().map_err(|_| "identity lock poisoned".to_owned())?;
-        if let Some((_, not_after)) = identity.cert_chain.first().and_then(|c| cert_validity(c).ok())
+        if let Some((_, not_after)) = leaf_validity(&identity)
             && SystemTime::now() >= not_after
         {
             return Err(format!(
@@ -79,7 +79,7 @@ impl TunnelClient {
 
     /// The current certificate's validity, `(not_before, not_after)`.
     pub(crate) fn validity(&self) -> Option<(SystemTime, SystemTime)> {
-        self.identity.read().ok().and_then(|id| id.cert_chain.first().and_then(|c| cert_validity(c).ok()))
+        self.identity.read().ok().and_then(|id| leaf_validity(&id))
     }
 
     /// The hello for new connection `connection`: it names this process's instance, the edge
@@ -142,4 +142,9 @@ pub(crate) struct Greeted {
     pub instance: String,
     /// The connection's id, sent in its hello.
     pub connection: String,
+}
+
+/// The validity of the identity's own certificate, `(not_before, not_after)`.
+fn leaf_validity(identity: &AgentIdentity) -> Option<(SystemTime, SystemTime)> {
+    identity.cert_chain.first().and_then(|c| cert_validity(c).ok())
 }

@@ -95,11 +95,14 @@ async fn spawn(exe: &Path, args: &[String], wanted: &str) -> anyhow::Result<(Pro
         .map_or_else(|_| "info".to_owned(), |level| format!("{level},relay_edge=info,relay_agent=info"));
     let proc = Proc::spawn_logging(&name, &[], exe, &os_args, &filter)
         .with_context(|| format!("cannot start {}", exe.display()))?;
-    let line = proc
-        .wait_line(wanted, START_DEADLINE)
-        .await
-        .with_context(|| format!("{} {} did not start: {}", exe.display(), args.join(" "), proc.log()))?;
-    Ok((proc, line))
+    // A start-up error is logged and the process exits: stop waiting at the first error line.
+    let settled = |log: &str| log.contains(wanted) || log.contains("ERROR");
+    relay_testkit::eventually(START_DEADLINE, || async { settled(&proc.log()) }).await;
+    let log = proc.log();
+    match log.lines().find(|l| l.contains(wanted)) {
+        Some(line) => Ok((proc, line.to_owned())),
+        None => bail!("{} {} did not start: {log}", exe.display(), args.join(" ")),
+    }
 }
 
 /// The address in `key=address` of a log line.

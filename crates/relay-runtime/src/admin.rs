@@ -16,10 +16,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Produces the current metrics text.
-pub type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
+type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// Says whether the process can do its job now (`/readyz`).
-pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
+type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// How long a health probe waits for its answer. Orchestrators give a probe a few seconds; the
 /// answer is local and takes a millisecond.
@@ -127,7 +127,7 @@ pub struct BindError {
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` from `listener` until `shutdown`.
-pub async fn serve_metrics(listener: TcpListener, metrics: MetricsText, ready: Readiness, shutdown: CancellationToken) {
+async fn serve_metrics(listener: TcpListener, metrics: MetricsText, ready: Readiness, shutdown: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,

@@ -139,7 +139,7 @@ fn lost_or(conn: &Arc<dyn TunnelConnection>, e: FrameWriteError) -> GreetError {
 }
 
 /// Why the connection ended, if it has; the edge usually closes with a reason when it refuses.
-pub fn closed_reason_now(conn: &Arc<dyn TunnelConnection>) -> String {
+fn closed_reason_now(conn: &Arc<dyn TunnelConnection>) -> String {
     futures_util::FutureExt::now_or_never(conn.closed())
         .map_or_else(|| "the stream ended, the connection is still open".to_owned(), |lost| lost.0)
 }

@@ -1,7 +1,7 @@
 //! The exchange stream, both ends: the edge opens one per webhook or WebSocket session and
 //! sends its [`ExchangeHead`]; the agent accepts it, reads the head, and answers with an
-//! [`HttpReply`] or a [`WsReply`]. What follows the answer (body bytes, WebSocket frames) is
-//! [`crate::body`]'s and [`crate::websocket`]'s.
+//! [`relay_proto::HttpReply`] or a [`relay_proto::WsReply`]. What follows the answer (body
+//! bytes, WebSocket frames) is [`crate::body`]'s and [`crate::websocket`]'s.
 //!
 //! A malformed frame resets this stream only, with [`code::MALFORMED_FRAME`]; the connection
 //! and every other exchange on it carry on.

@@ -1,6 +1,6 @@
 //! The pairing stream, both ends: on a connection with the pairing ALPN the agent opens one
 //! stream, sends one [`PairRequest`] and finishes; the edge answers with one [`PairResponse`].
-//! Whether to issue is the edge's business ([`relay_pki`]'s, through the edge); this module only
+//! Whether to issue is the edge's business (relay-pki's, through the edge); this module only
 //! carries the two messages and ends the connection cleanly either way.
 
 use std::sync::Arc;
