@@ -1,8 +1,8 @@
 //! The `relay-edge` binary: the command line lives in [`relay_edge::cli`].
 
-/// mimalloc rather than the system allocator: see the workspace manifest for the measurement.
+/// jemalloc rather than the system allocator: see the workspace manifest for the measurement.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> std::process::ExitCode {
     relay_edge::cli::main_from(std::env::args_os())

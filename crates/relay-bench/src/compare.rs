@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
 use relay_agent::TransportChoice;
+use relay_testkit::bodies::{self, BodyReport};
 use relay_testkit::procs::{Proc, log_field};
 use relay_transport::Transport;
 use serde::Serialize;
@@ -17,6 +18,9 @@ use serde::Serialize;
 use crate::media::{self, MediaLoad, MediaReport, Percentiles};
 use crate::procstat::{self, ProcSample};
 use crate::webhooks::{self, HttpClient, WebhookLoad, WebhookReport};
+
+/// The edge's body limit when no body phase asks for more: the edge's own default.
+const DEFAULT_BODY_LIMIT: u64 = 4 * 1024 * 1024;
 
 /// How long a child process has to come up.
 const START_DEADLINE: Duration = Duration::from_secs(30);
@@ -43,6 +47,8 @@ pub struct CompareSettings {
     pub bot: Option<SocketAddr>,
     /// The tunnel transport the agent uses.
     pub transport: Transport,
+    /// Bytes of the large request body and of the large response body (zero skips them).
+    pub body_bytes: u64,
 }
 
 /// One target's figures.
@@ -58,6 +64,8 @@ pub struct Side {
     pub idle_kib_per_call: BTreeMap<String, f64>,
     /// Peak resident memory at the end, in KiB, per process.
     pub peak_rss_kib: BTreeMap<String, u64>,
+    /// The large-body phase, if it ran.
+    pub bodies: Option<BodyReport>,
 }
 
 /// The whole comparison.
@@ -114,8 +122,8 @@ fn pid(proc: &Proc) -> anyhow::Result<u32> {
     proc.pid().context("child already exited")
 }
 
-/// Runs the media and webhook phases against `target`, sampling `procs` around them.
-async fn measure(settings: &CompareSettings, target: SocketAddr, procs: &[(&str, u32)]) -> Side {
+/// Runs the media, webhook and body phases against `target`, sampling `procs` around them.
+async fn measure(settings: &CompareSettings, target: SocketAddr, procs: &[(&str, u32)]) -> anyhow::Result<Side> {
     let sample_all = || -> BTreeMap<String, ProcSample> {
         procs.iter().filter_map(|(name, pid)| Some(((*name).to_owned(), procstat::sample(*pid)?))).collect()
     };
@@ -149,7 +157,10 @@ async fn measure(settings: &CompareSettings, target: SocketAddr, procs: &[(&str,
     for (name, sample) in sample_all() {
         side.peak_rss_kib.insert(name, sample.peak_rss_kib);
     }
-    side
+    if settings.body_bytes > 0 {
+        side.bodies = Some(bodies::run(target, settings.body_bytes, procs).await?);
+    }
+    Ok(side)
 }
 
 /// Runs the whole comparison; `exe` is this binary.
@@ -171,12 +182,17 @@ pub async fn run(exe: &Path, settings: CompareSettings) -> anyhow::Result<Compar
         (None, None) => bail!("no bot"),
     };
     eprintln!("direct: {} calls for {:?} against the bot at {bot_addr}", settings.calls, settings.duration);
-    let direct = measure(&settings, bot_addr, &bot_procs).await;
+    let direct = measure(&settings, bot_addr, &bot_procs).await?;
 
     let options = RelayOptions {
         bot: bot_addr,
         transport: settings.transport,
-        edge_args: settings.edge_args.clone(),
+        edge_args: [
+            // The body phase sends one body of this size; the default limit is for webhooks.
+            vec!["--max-body-bytes".to_owned(), settings.body_bytes.max(DEFAULT_BODY_LIMIT).to_string()],
+            settings.edge_args.clone(),
+        ]
+        .concat(),
         agent_args: settings.agent_args.clone(),
     };
     let relay_run = Relay::start(exe, options).await?;
@@ -185,7 +201,7 @@ pub async fn run(exe: &Path, settings: CompareSettings) -> anyhow::Result<Compar
     eprintln!("relay: the same load through the edge at {public} (agent pid {agent_pid}, edge pid {edge_pid})");
     let mut relay_procs = vec![("edge", edge_pid), ("agent", agent_pid)];
     relay_procs.extend(bot_procs.iter().copied());
-    let relay = measure(&settings, public, &relay_procs).await;
+    let relay = measure(&settings, public, &relay_procs).await?;
 
     relay_run.stop().await;
     if let Some((own, _)) = bot.as_mut() {
@@ -443,6 +459,28 @@ pub fn render(c: &Comparison) -> String {
             String::new(),
         );
         row(&mut out, "webhooks failed", d.webhooks.failed.to_string(), r.webhooks.failed.to_string(), String::new());
+    }
+    if let (Some(db), Some(rb)) = (&d.bodies, &r.bodies) {
+        for (what, dt, rt) in [("request", &db.request, &rb.request), ("response", &db.response, &rb.response)] {
+            let mb = rt.bytes as f64 / 1e6;
+            row(
+                &mut out,
+                &format!("{mb:.0} MB {what} body, MB/s"),
+                format!("{:.0}", dt.mb_per_second),
+                format!("{:.0}", rt.mb_per_second),
+                format!("{:.2}x direct", rt.mb_per_second / dt.mb_per_second.max(f64::EPSILON)),
+            );
+            let grew = |t: &bodies::Transfer, p: &str| {
+                t.growth_kib.get(p).map_or_else(|| "-".to_owned(), |k| format!("{:.1}", *k as f64 / 1024.0))
+            };
+            row(
+                &mut out,
+                "  peak growth, MiB (edge / agent / bot)",
+                format!("- / - / {}", grew(dt, "bot")),
+                format!("{} / {} / {}", grew(rt, "edge"), grew(rt, "agent"), grew(rt, "bot")),
+                String::new(),
+            );
+        }
     }
     out
 }

@@ -112,6 +112,11 @@ struct CompareArgs {
     /// The tunnel transport to measure: `quic` or `tcp`.
     #[arg(long, default_value = "quic", value_parser = parse_transport)]
     transport: Transport,
+    /// Size of the large request body and of the large response body, each sent once after the
+    /// webhooks with each process's memory growth measured (0 skips them; so does `--bot`, whose
+    /// bot may not generate or discard bodies).
+    #[arg(long, default_value_t = 50 * 1024 * 1024)]
+    body_bytes: u64,
     #[command(flatten)]
     common: Common,
 }
@@ -250,6 +255,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 agent_args: args.agent_args,
                 bot: args.bot,
                 transport: args.transport,
+                body_bytes: if args.bot.is_some() { 0 } else { args.body_bytes },
             };
             let comparison = compare::run(&exe, settings).await?;
             print!("{}", compare::render(&comparison));
@@ -263,7 +269,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
 
 /// The same allocator as the shipped edge and agent, which this binary embeds.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);

@@ -54,6 +54,12 @@ pub fn pattern_body(len: u64, chunk: usize) -> (TestBody, Fnv) {
         hash.update(&piece);
         offset += n;
     }
+    (pattern_stream(len, chunk), hash)
+}
+
+/// A body of `len` pattern bytes generated in `chunk`-sized pieces as it is read: the same bytes
+/// as [`pattern_body`], without computing their hash first.
+pub fn pattern_stream(len: u64, chunk: usize) -> TestBody {
     let chunks = stream::unfold(0u64, move |offset| async move {
         if offset >= len {
             return None;
@@ -62,7 +68,7 @@ pub fn pattern_body(len: u64, chunk: usize) -> (TestBody, Fnv) {
         let piece: Vec<u8> = (offset..offset + n).map(pattern_byte).collect();
         Some((Ok::<_, Infallible>(Frame::data(Bytes::from(piece))), offset + n))
     });
-    (StreamBody::new(chunks).boxed_unsync(), hash)
+    StreamBody::new(chunks).boxed_unsync()
 }
 
 /// Reads a body to the end without keeping it: returns its length and hash.

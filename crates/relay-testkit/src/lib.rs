@@ -5,6 +5,7 @@
 //!   for benchmarks, nothing);
 //! * [`acs`]: ACS-shaped traffic: Event Grid IncomingCall, callbacks, and a media call that sends
 //!   `AudioData` frames at 50 per second and measures each echo's round trip;
+//! * [`bodies`]: a large request and a large response body, with each process's memory growth;
 //! * [`client`]: small HTTP helpers, including bodies generated and hashed on the fly;
 //! * [`impair`]: a seeded UDP link-impairment proxy (loss, delay, jitter, black hole);
 //! * [`netns`]: test hosts in network namespaces, for faults only the kernel can make;
@@ -18,6 +19,7 @@
 pub mod acs;
 pub mod acs_signer;
 pub mod balancer;
+pub mod bodies;
 pub mod bot;
 pub mod client;
 pub mod impair;
