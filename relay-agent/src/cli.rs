@@ -60,7 +60,41 @@ struct RunArgs {
     settings: AgentConfig,
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+/// A command ready to run: `run` with its configuration read (which sizes the runtime).
+enum Prepared {
+    /// `run`, configured.
+    Serve(Box<crate::config::AgentSettings>),
+    /// Any other command.
+    Command(Command),
+}
+
+/// Reads `run`'s configuration before the runtime starts, so that it can size the runtime.
+fn prepare(command: Command) -> anyhow::Result<(relay_runtime::Workers, Prepared)> {
+    match command {
+        Command::Run(args) => {
+            relay_runtime::init_logging();
+            let mut config = AgentConfig::layered(args.config.as_deref(), &args.settings)?;
+            // A bundle path given as a flag wins over bundle text in the environment.
+            if args.settings.bundle.is_none() {
+                config.bundle_pem = std::env::var("RELAY_AGENT_BUNDLE").ok();
+            }
+            let settings = config.resolve()?;
+            Ok((relay_runtime::Workers::from_setting(settings.worker_threads), Prepared::Serve(Box::new(settings))))
+        }
+        // One-shot commands do one thing at a time.
+        command => Ok((relay_runtime::Workers::Exactly(1), Prepared::Command(command))),
+    }
+}
+
+async fn run(prepared: Prepared) -> anyhow::Result<()> {
+    let command = match prepared {
+        Prepared::Serve(settings) => {
+            let grace = settings.drain_timeout;
+            relay_runtime::serve_until_signalled(Agent::start(*settings), grace, Agent::drain).await?;
+            return Ok(());
+        }
+        Prepared::Command(command) => command,
+    };
     match command {
         Command::Pair { state_dir, token, transport, quic_fallback_after } => {
             let transport = PairTransport {
@@ -82,17 +116,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let path = if ready { "/readyz" } else { "/healthz" };
             relay_runtime::admin::probe(relay_runtime::admin::local(admin_listen), path).await?;
         }
-        Command::Run(args) => {
-            relay_runtime::init_logging();
-            let mut config = AgentConfig::layered(args.config.as_deref(), &args.settings)?;
-            // A bundle path given as a flag wins over bundle text in the environment.
-            if args.settings.bundle.is_none() {
-                config.bundle_pem = std::env::var("RELAY_AGENT_BUNDLE").ok();
-            }
-            let settings = config.resolve()?;
-            let grace = settings.drain_timeout;
-            relay_runtime::serve_until_signalled(Agent::start(settings), grace, Agent::drain).await?;
-        }
+        Command::Run(_) => anyhow::bail!("run is prepared before the runtime starts"),
     }
     Ok(())
 }
@@ -103,5 +127,5 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    relay_runtime::main_from("relay-agent", args, |cli: Cli| run(cli.command))
+    relay_runtime::main_from("relay-agent", args, |cli: Cli| prepare(cli.command), run)
 }

@@ -116,7 +116,36 @@ fn parse_edge_addr(text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+/// A command ready to run: `run` with its configuration read (which sizes the runtime).
+enum Prepared {
+    /// `run`, configured.
+    Serve(Box<crate::config::EdgeSettings>),
+    /// Any other command.
+    Command(Command),
+}
+
+/// Reads `run`'s configuration before the runtime starts, so that it can size the runtime.
+fn prepare(command: Command) -> anyhow::Result<(relay_runtime::Workers, Prepared)> {
+    match command {
+        Command::Run(args) => {
+            relay_runtime::init_logging();
+            let settings = EdgeConfig::layered(args.config.as_deref(), &args.settings)?.resolve()?;
+            Ok((relay_runtime::Workers::from_setting(settings.worker_threads), Prepared::Serve(Box::new(settings))))
+        }
+        // One-shot commands do one thing at a time.
+        command => Ok((relay_runtime::Workers::Exactly(1), Prepared::Command(command))),
+    }
+}
+
+async fn run(prepared: Prepared) -> anyhow::Result<()> {
+    let command = match prepared {
+        Prepared::Serve(settings) => {
+            let grace = settings.drain_timeout;
+            relay_runtime::serve_until_signalled(Edge::start(*settings), grace, Edge::drain).await?;
+            return Ok(());
+        }
+        Prepared::Command(command) => command,
+    };
     match command {
         Command::Init { state_dir, if_missing: true, .. } if EdgeState::open(&state_dir).is_ok() => {
             eprintln!("{} is initialised already; nothing changed", state_dir.display());
@@ -172,12 +201,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Agents { state_dir, json } => {
             print!("{}", crate::listing::list(&state_dir, json, SystemTime::now())?);
         }
-        Command::Run(args) => {
-            relay_runtime::init_logging();
-            let settings = EdgeConfig::layered(args.config.as_deref(), &args.settings)?.resolve()?;
-            let grace = settings.drain_timeout;
-            relay_runtime::serve_until_signalled(Edge::start(settings), grace, Edge::drain).await?;
-        }
+        Command::Run(_) => bail!("run is prepared before the runtime starts"),
     }
     Ok(())
 }
@@ -188,5 +212,5 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    relay_runtime::main_from("relay-edge", args, |cli: Cli| run(cli.command))
+    relay_runtime::main_from("relay-edge", args, |cli: Cli| prepare(cli.command), run)
 }

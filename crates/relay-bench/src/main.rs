@@ -277,6 +277,6 @@ fn main() -> ExitCode {
         // The embedded command lines: `relay-bench edge run ...` is `relay-edge run ...`.
         Some(sub) if sub == "edge" => relay_edge::cli::main_from(std::iter::once("relay-edge".into()).chain(args)),
         Some(sub) if sub == "agent" => relay_agent::cli::main_from(std::iter::once("relay-agent".into()).chain(args)),
-        _ => relay_runtime::main("relay-bench", |cli: Cli| run(cli.command)),
+        _ => relay_runtime::main("relay-bench", |cli: Cli| Ok((relay_runtime::Workers::PerCpu, cli.command)), run),
     }
 }

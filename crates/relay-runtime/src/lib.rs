@@ -25,24 +25,51 @@ fn one_line(error: &clap::Error) -> String {
         .join(" ")
 }
 
-/// Parses `C` from the process's arguments, runs `run` on a multi-threaded runtime, and turns the
-/// outcome into an exit code. `--help` and `--version` print as usual and exit 0; usage errors
-/// exit 2; failures exit 1.
-pub fn main<C, F, Fut>(program: &str, run: F) -> ExitCode
+/// Parses `C` from the process's arguments, prepares the command with `prepare` (for `run`:
+/// reads the configuration, which sizes the runtime), runs it with `run` on a runtime of as many
+/// worker threads as `prepare` asked for, and turns the outcome into an exit code. `--help` and
+/// `--version` print as usual and exit 0; usage errors exit 2; failures exit 1.
+pub fn main<C, W, P, F, Fut>(program: &str, prepare: P, run: F) -> ExitCode
 where
     C: Parser,
-    F: FnOnce(C) -> Fut,
+    P: FnOnce(C) -> anyhow::Result<(Workers, W)>,
+    F: FnOnce(W) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    main_from(program, std::env::args_os(), run)
+    main_from(program, std::env::args_os(), prepare, run)
+}
+
+/// How many threads run a process's tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    /// One per CPU the process may use (its CPU set and cgroup quota, as tokio reads them).
+    PerCpu,
+    /// This many (at least one).
+    Exactly(usize),
+}
+
+impl Workers {
+    /// The setting's value as written: `0` is one per CPU.
+    pub fn from_setting(threads: usize) -> Self {
+        if threads == 0 { Self::PerCpu } else { Self::Exactly(threads) }
+    }
+
+    fn runtime(self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Self::Exactly(threads) = self {
+            builder.worker_threads(threads.max(1));
+        }
+        builder.enable_all().build()
+    }
 }
 
 /// [`main`] with the arguments given (the first one names the program), for a binary that
 /// embeds another's command line, as `relay-bench` embeds the edge's and the agent's.
-pub fn main_from<C, F, Fut, I, T>(program: &str, args: I, run: F) -> ExitCode
+pub fn main_from<C, W, P, F, Fut, I, T>(program: &str, args: I, prepare: P, run: F) -> ExitCode
 where
     C: Parser,
-    F: FnOnce(C) -> Fut,
+    P: FnOnce(C) -> anyhow::Result<(Workers, W)>,
+    F: FnOnce(W) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
@@ -58,14 +85,11 @@ where
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("{program}: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
+    let outcome = prepare(cli).and_then(|(workers, prepared)| {
+        let runtime = workers.runtime().map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
+        runtime.block_on(run(prepared))
+    });
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         // The project's errors carry their cause in their own message, so print only the top
         // one: `{:#}` would repeat each cause once more.
@@ -175,4 +199,19 @@ impl OpenFileLimit {
 /// The process's open-file soft limit now (`None`: unlimited).
 pub fn open_file_limit() -> Option<u64> {
     rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_count_builds_that_many_workers_and_zero_one_per_cpu() {
+        assert_eq!(Workers::from_setting(0), Workers::PerCpu);
+        let runtime = Workers::from_setting(3).runtime().unwrap();
+        assert_eq!(runtime.metrics().num_workers(), 3);
+        let per_cpu = Workers::PerCpu.runtime().unwrap();
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        assert_eq!(per_cpu.metrics().num_workers(), cpus);
+    }
 }
