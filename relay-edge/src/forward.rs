@@ -79,6 +79,7 @@ impl Drop for ExchangeLog {
             .get_or_create(&RouteLabels { route: self.route.clone() })
             .observe(self.started.elapsed().as_secs_f64());
         info!(
+            target: crate::ACCESS_LOG,
             request_id = self.request_id,
             route = %self.route,
             method = %self.method,

@@ -202,6 +202,7 @@ impl Session {
         count_session_end(metrics, &self.route, &report, self.started);
         drop(self.in_flight);
         info!(
+            target: crate::ACCESS_LOG,
             request_id = self.request_id,
             route = %self.route,
             status = 101,

@@ -15,6 +15,7 @@ use relay_testkit::procs::{Proc, log_field};
 use relay_transport::Transport;
 use serde::Serialize;
 
+use crate::cost::{self, Cost};
 use crate::media::{self, MediaLoad, MediaReport, Percentiles};
 use crate::procstat::{self, ProcSample};
 use crate::webhooks::{self, HttpClient, WebhookLoad, WebhookReport};
@@ -62,6 +63,10 @@ pub struct Side {
     pub media_cpu_cores: BTreeMap<String, f64>,
     /// Resident memory added per open, idle call, in KiB, per process.
     pub idle_kib_per_call: BTreeMap<String, f64>,
+    /// CPU cores used during the webhook phase, per process.
+    pub webhook_cpu_cores: BTreeMap<String, f64>,
+    /// What a frame, a webhook and an open call cost each process.
+    pub costs: BTreeMap<String, Cost>,
     /// Peak resident memory at the end, in KiB, per process.
     pub peak_rss_kib: BTreeMap<String, u64>,
     /// The large-body phase, if it ran.
@@ -147,13 +152,28 @@ async fn measure(settings: &CompareSettings, target: SocketAddr, procs: &[(&str,
         }
     }
     if !settings.webhook_duration.is_zero() {
+        let before = sample_all();
+        let started = std::time::Instant::now();
         side.webhooks = webhooks::run(WebhookLoad {
             target,
             concurrency: settings.webhook_concurrency,
             duration: settings.webhook_duration,
         })
         .await;
+        let wall = started.elapsed().as_secs_f64().max(f64::EPSILON);
+        for (name, end) in sample_all() {
+            if let Some(start) = before.get(&name) {
+                side.webhook_cpu_cores.insert(name, (end.cpu_seconds - start.cpu_seconds) / wall);
+            }
+        }
     }
+    side.costs = cost::costs(
+        &side.media_cpu_cores,
+        &side.webhook_cpu_cores,
+        &side.idle_kib_per_call,
+        &side.media,
+        &side.webhooks,
+    );
     for (name, sample) in sample_all() {
         side.peak_rss_kib.insert(name, sample.peak_rss_kib);
     }
@@ -460,6 +480,7 @@ pub fn render(c: &Comparison) -> String {
         );
         row(&mut out, "webhooks failed", d.webhooks.failed.to_string(), r.webhooks.failed.to_string(), String::new());
     }
+    render_costs(&mut out, r, c.calls);
     if let (Some(db), Some(rb)) = (&d.bodies, &r.bodies) {
         for (what, dt, rt) in [("request", &db.request, &rb.request), ("response", &db.response, &rb.response)] {
             let mb = rt.bytes as f64 / 1e6;
@@ -483,4 +504,25 @@ pub fn render(c: &Comparison) -> String {
         }
     }
     out
+}
+
+/// The cost model block: each relay process's cost per frame, per webhook and per open call, and
+/// what this run's call count and 1,000 calls come to at those rates.
+fn render_costs(out: &mut String, relay: &Side, calls: usize) {
+    use std::fmt::Write as _;
+    let _ = writeln!(out, "cost model (CPU per relayed media frame and per webhook; memory per open call):");
+    for name in ["edge", "agent"] {
+        let Some(cost) = relay.costs.get(name) else { continue };
+        let _ = writeln!(
+            out,
+            "  {name:<6} {:>7.1} us/frame {:>8.1} us/webhook {:>7.1} KiB/call   {} calls: {:.2} cores, 1,000 calls: {:.2} cores, {:.0} MiB",
+            cost.cpu_us_per_frame,
+            cost.cpu_us_per_webhook,
+            cost.kib_per_call,
+            calls,
+            cost.cores_for_calls(calls as f64),
+            cost.cores_for_calls(1000.0),
+            cost.mib_for_calls(1000.0),
+        );
+    }
 }

@@ -9,9 +9,11 @@
 //! * [`webhooks`]: the webhook load;
 //! * [`procstat`]: CPU and memory of other processes;
 //! * [`compare`]: the side-by-side run and its table;
+//! * [`cost`]: the cost model (per frame, per webhook, per open call) drawn from a run;
 //! * [`hostile`]: what the attacks the edge must survive cost the real binaries.
 
 pub mod compare;
+pub mod cost;
 pub mod hostile;
 pub mod media;
 pub mod procstat;

@@ -168,6 +168,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 MediaLoad { target, calls: c.calls, duration: c.duration, callbacks_per_call: c.callbacks_per_call };
             let media = media::run(load, || {}).await;
             let after = sample();
+            let hooks_started = std::time::Instant::now();
             let hooks = if c.webhook_duration.is_zero() {
                 webhooks::WebhookReport::default()
             } else {
@@ -200,13 +201,25 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 media.callbacks_failed
             );
             for (name, cores) in &cpu {
-                println!("{name}: {:.1}% of a core during the calls", cores * 100.0);
+                println!(
+                    "{name}: {:.1}% of a core during the calls, {:.1} us per frame relayed",
+                    cores * 100.0,
+                    relay_bench::cost::per_frame_us(*cores, &media)
+                );
             }
             if hooks.ok + hooks.failed > 0 {
                 println!(
                     "webhooks: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, {} failed",
                     hooks.requests_per_second, hooks.latency_ms.p50, hooks.latency_ms.p99, hooks.failed
                 );
+                let wall = hooks_started.elapsed().as_secs_f64().max(f64::EPSILON);
+                for (name, end) in sample() {
+                    if let Some(start) = after.get(&name) {
+                        let cores = (end.cpu_seconds - start.cpu_seconds) / wall;
+                        let us = relay_bench::cost::per_webhook_us(cores, &hooks);
+                        println!("{name}: {:.1}% of a core during the webhooks, {us:.1} us per webhook", cores * 100.0);
+                    }
+                }
             }
             if let Some(path) = &c.json {
                 let report = serde_json::json!({ "media": media, "webhooks": hooks, "media_cpu_cores": cpu });

@@ -491,3 +491,31 @@ async fn the_agent_gives_up_on_an_edge_that_never_answers() {
     let (_stream, redeemed) = tokio::join!(edge_side, pairing::redeem(&agent, &request, TIMEOUT));
     assert!(matches!(redeemed, Err(RedeemError::Timeout)));
 }
+
+#[tokio::test]
+async fn a_large_body_arrives_whole_in_chunks_that_grow_from_small_to_at_most_64_kib() {
+    let (edge, agent) = memory::pair();
+    let mut outbound = edge.open_bi().await.unwrap();
+    let mut inbound = agent.accept_bi().await.unwrap();
+    let sent: Vec<u8> = (0..300 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let writer = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            outbound.send.write_all(&sent).await.unwrap();
+            outbound.send.shutdown().await.unwrap();
+        })
+    };
+    let mut body = body::body_from_stream(inbound.recv);
+    let (mut got, mut sizes) = (Vec::new(), Vec::new());
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+        let data = frame.unwrap().into_data().unwrap();
+        sizes.push(data.len());
+        got.extend_from_slice(&data);
+    }
+    writer.await.unwrap();
+    assert_eq!(got, sent);
+    assert!(sizes[0] <= 4 * 1024, "the first read reserves a small buffer: {sizes:?}");
+    assert!(sizes.iter().all(|n| *n <= 64 * 1024), "{sizes:?}");
+    assert!(sizes.len() < 300 / 4, "reads grow past the first size: {} reads", sizes.len());
+    drop(inbound.send);
+}
