@@ -496,7 +496,7 @@ async fn the_agent_gives_up_on_an_edge_that_never_answers() {
 async fn a_large_body_arrives_whole_in_chunks_that_grow_from_small_to_at_most_64_kib() {
     let (edge, agent) = memory::pair();
     let mut outbound = edge.open_bi().await.unwrap();
-    let mut inbound = agent.accept_bi().await.unwrap();
+    let inbound = agent.accept_bi().await.unwrap();
     let sent: Vec<u8> = (0..300 * 1024u32).map(|i| (i % 251) as u8).collect();
     let writer = {
         let sent = sent.clone();
