@@ -48,7 +48,8 @@ pub fn is_pinnable(key: &str) -> bool {
 pub enum AffinitySource {
     /// A request header (the media upgrade's `x-ms-call-correlation-id`).
     Header(HeaderName),
-    /// A JSON pointer into the body (`/0/data/correlationId` for Event Grid and CloudEvents).
+    /// A JSON pointer into the body (`/0/data/correlationId` for Event Grid and CloudEvents); a
+    /// pointer into an array's first element also reads a body that is one object.
     JsonPointer(String),
     /// A path segment, counted from 0 after the leading `/`.
     PathSegment(usize),
@@ -66,11 +67,19 @@ impl AffinitySource {
         }
     }
 
-    /// The key from a complete JSON body.
+    /// The key from a complete JSON body. A pointer into the first event of an array (`/0/...`)
+    /// also finds the key in a body that is one event object: Event Grid delivers an array in its
+    /// own schema but a single object with the CloudEvents schema, and ACS's default pointer
+    /// must find the call in both, or the call's IncomingCall and callbacks split across agents.
     pub fn from_body(&self, body: &[u8]) -> Option<String> {
         let Self::JsonPointer(pointer) = self else { return None };
         let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-        match value.pointer(pointer)? {
+        let in_single_event = || {
+            let rest = pointer.strip_prefix("/0").filter(|rest| rest.starts_with('/'))?;
+            value.as_object()?;
+            value.pointer(rest)
+        };
+        match value.pointer(pointer).or_else(in_single_event)? {
             serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
             serde_json::Value::Number(n) => Some(n.to_string()),
             _ => None,
@@ -271,5 +280,11 @@ mod tests {
         assert_eq!(pointer.from_body(br#"[{"data":{"correlationId":"abc"}}]"#).as_deref(), Some("abc"));
         assert_eq!(pointer.from_body(b"[]"), None);
         assert_eq!(pointer.from_body(b"not json"), None);
+        // CloudEvents schema: one event object instead of an array of events.
+        assert_eq!(pointer.from_body(br#"{"data":{"correlationId":"obj"}}"#).as_deref(), Some("obj"));
+        // Only an object stands for the first event: a pointer past an array's end finds nothing.
+        assert_eq!(pointer.from_body(br#"[[{"data":{"correlationId":"x"}}]]"#), None);
+        let custom = AffinitySource::JsonPointer("/data/id".into());
+        assert_eq!(custom.from_body(br#"{"data":{"id":"plain"}}"#).as_deref(), Some("plain"));
     }
 }

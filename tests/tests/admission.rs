@@ -175,6 +175,24 @@ async fn event_grid_handshakes_are_answered_at_the_edge_and_subscriptions_checke
     right.headers_mut().insert("aeg-subscription-name", HeaderValue::from_static("INCOMING-CALLS"));
     assert_eq!(send_collect(stack.public(), right).await.unwrap().status(), StatusCode::OK);
     assert_eq!(stack.bot.requests()[0].body, event.as_bytes());
+
+    // The CloudEvents schema: one event object with the same delivery headers, checked the same.
+    let cloud = acs::incoming_call_cloud_event("corr-ce");
+    let cloud_post = |name: &'static str| {
+        let mut req = post_json(stack.public(), "/api/incomingCall", &cloud);
+        req.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/cloudevents+json"));
+        req.headers_mut().insert("aeg-event-type", HeaderValue::from_static("Notification"));
+        req.headers_mut().insert("aeg-metadata-version", HeaderValue::from_static("1.0"));
+        req.headers_mut().insert("aeg-subscription-name", HeaderValue::from_static(name));
+        req
+    };
+    assert_eq!(
+        send_collect(stack.public(), cloud_post("SOMEONE-ELSES")).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(send_collect(stack.public(), cloud_post("INCOMING-CALLS")).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(stack.bot.requests()[1].body, cloud.as_bytes());
+    assert_eq!(stack.bot.hits(), 2);
     stack.shutdown().await;
 }
 

@@ -12,9 +12,12 @@ use relay_testkit::client::{post_json, send_collect};
 use relay_testkit::{Stack, eventually};
 use tokio_tungstenite::tungstenite::Message;
 
+/// The correlation id of an event array (Event Grid schema, ACS callbacks) or of one event
+/// object (CloudEvents schema).
 fn correlation_of(body: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    v.pointer("/0/data/correlationId")?.as_str().map(str::to_owned)
+    let id = v.pointer("/0/data/correlationId").or_else(|| v.pointer("/data/correlationId"))?;
+    id.as_str().map(str::to_owned)
 }
 
 /// Correlation ids each bot saw, from webhook bodies and media upgrade headers.
@@ -111,6 +114,55 @@ async fn every_exchange_of_a_call_lands_on_one_agent_and_a_call_moves_when_its_a
     })
     .await;
     assert!(counted, "the move is counted");
+    for agent in agents {
+        agent.shutdown().await;
+    }
+    stack.shutdown().await;
+}
+
+/// An Event Grid subscription with the CloudEvents delivery schema posts IncomingCall as one
+/// object, not an array; the call's callbacks (arrays) and media must still follow it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_incoming_call_is_a_cloud_event_object_stays_on_one_agent() {
+    let stack = Stack::start_without_agent(|_| {}).await.unwrap();
+    let mut bots = Vec::new();
+    let mut agents = Vec::new();
+    for i in 0..3 {
+        let bot = EchoBot::start().await.unwrap();
+        let mut settings = stack.agent_settings(&stack.pair_agent(&format!("replica-{i}")).await.unwrap()).unwrap();
+        settings.upstream = relay_agent::config::parse_upstream(&bot.url()).unwrap();
+        agents.push(Agent::start(settings).await.unwrap());
+        bots.push(bot);
+    }
+    stack.wait_connected(3).await.unwrap();
+    let public = stack.public();
+
+    for call in 0..30 {
+        let corr = format!("cloud-{call}");
+        let conn_id = format!("conn-{call}");
+        let mut incoming = post_json(public, "/api/incomingCall", &acs::incoming_call_cloud_event(&corr));
+        incoming.headers_mut().insert(http::header::CONTENT_TYPE, "application/cloudevents+json".parse().unwrap());
+        assert_eq!(send_collect(public, incoming).await.unwrap().status(), StatusCode::OK);
+        for kind in ["CallConnected", "PlayCompleted"] {
+            let event = acs::callback_event(kind, &conn_id, &corr);
+            let answer = send_collect(public, post_json(public, &format!("/api/callbacks/{conn_id}"), &event));
+            assert_eq!(answer.await.unwrap().status(), StatusCode::OK);
+        }
+        let mut media = MediaCall::connect(public, "/ws", &corr).await.unwrap();
+        media.socket().send(Message::Text("frame".into())).await.unwrap();
+        assert_eq!(media.socket().next().await.unwrap().unwrap(), Message::Text("frame".into()));
+        media.close(1000, "done").await.unwrap();
+    }
+
+    let mut home: HashMap<String, usize> = HashMap::new();
+    for (i, bot) in bots.iter().enumerate() {
+        for id in seen_by(bot) {
+            if let Some(other) = home.insert(id.clone(), i) {
+                assert_eq!(other, i, "call {id} reached two replicas");
+            }
+        }
+    }
+    assert_eq!(home.len(), 30, "every call's exchanges were seen");
     for agent in agents {
         agent.shutdown().await;
     }

@@ -480,7 +480,7 @@ pub fn render(c: &Comparison) -> String {
         );
         row(&mut out, "webhooks failed", d.webhooks.failed.to_string(), r.webhooks.failed.to_string(), String::new());
     }
-    render_costs(&mut out, r, c.calls);
+    render_costs(&mut out, r, d, c.calls);
     if let (Some(db), Some(rb)) = (&d.bodies, &r.bodies) {
         for (what, dt, rt) in [("request", &db.request, &rb.request), ("response", &db.response, &rb.response)] {
             let mb = rt.bytes as f64 / 1e6;
@@ -508,9 +508,16 @@ pub fn render(c: &Comparison) -> String {
 
 /// The cost model block: each relay process's cost per frame, per webhook and per open call, and
 /// what this run's call count and 1,000 calls come to at those rates.
-fn render_costs(out: &mut String, relay: &Side, calls: usize) {
+fn render_costs(out: &mut String, relay: &Side, direct: &Side, calls: usize) {
     use std::fmt::Write as _;
     let _ = writeln!(out, "cost model (CPU per relayed media frame and per webhook; memory per open call):");
+    if let Some(bot) = direct.costs.get("bot") {
+        let _ = writeln!(
+            out,
+            "  {:<6} {:>7.1} us/frame {:>8.1} us/webhook   (the bot itself, direct: the scale)",
+            "bot", bot.cpu_us_per_frame, bot.cpu_us_per_webhook
+        );
+    }
     for name in ["edge", "agent"] {
         let Some(cost) = relay.costs.get(name) else { continue };
         let _ = writeln!(

@@ -39,6 +39,27 @@ pub fn incoming_call_event(correlation_id: &str) -> String {
     .to_string()
 }
 
+/// The same IncomingCall as an Event Grid subscription with the CloudEvents 1.0 delivery schema
+/// sends it: one JSON object per request (`application/cloudevents+json`), not an array.
+pub fn incoming_call_cloud_event(correlation_id: &str) -> String {
+    serde_json::json!({
+        "id": format!("evt-{correlation_id}"),
+        "source": "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.Communication/CommunicationServices/acs",
+        "specversion": "1.0",
+        "type": "Microsoft.Communication.IncomingCall",
+        "subject": "/caller/4:+15551230000/recipient/8:acs:bot",
+        "time": "2026-11-26T09:00:00Z",
+        "data": {
+            "to": { "kind": "communicationUser", "rawId": "8:acs:bot" },
+            "from": { "kind": "phoneNumber", "rawId": "4:+15551230000" },
+            "callerDisplayName": "Test Caller",
+            "incomingCallContext": "eyJhbGciOiJub25lIn0.test-context",
+            "correlationId": correlation_id
+        }
+    })
+    .to_string()
+}
+
 /// A Call Automation mid-call callback (CloudEvents schema, JSON array).
 pub fn callback_event(kind: &str, call_connection_id: &str, correlation_id: &str) -> String {
     serde_json::json!([{
