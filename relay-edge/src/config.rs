@@ -133,6 +133,10 @@ pub struct EdgeConfig {
     #[arg(long, env = "RELAY_EDGE_WS_WRITE_TIMEOUT", value_parser = duration_arg)]
     #[serde(default, with = "relay_runtime::config::duration")]
     pub ws_write_timeout: Option<Duration>,
+    /// A gap between two media frames longer than this counts as a glitch (e.g. `60ms`).
+    #[arg(long, env = "RELAY_EDGE_MEDIA_GLITCH_GAP", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub media_glitch_gap: Option<Duration>,
     /// Largest request head, in bytes (larger: 431).
     #[arg(long, env = "RELAY_EDGE_MAX_HEADER_BYTES")]
     pub max_header_bytes: Option<usize>,
@@ -261,6 +265,8 @@ pub struct EdgeSettings {
     pub max_ws_write_buffer_bytes: usize,
     /// See [`relay_tunnel::websocket::DEFAULT_WS_WRITE_TIMEOUT`].
     pub ws_write_timeout: Duration,
+    /// See [`relay_tunnel::quality::DEFAULT_GLITCH_GAP`].
+    pub media_glitch_gap: Duration,
     /// See [`DEFAULT_MAX_HEADER_BYTES`].
     pub max_header_bytes: usize,
     /// See [`DEFAULT_MAX_EXCHANGES_PER_AGENT`].
@@ -386,6 +392,7 @@ impl EdgeConfig {
             max_ws_message_bytes,
             max_ws_write_buffer_bytes: relay_tunnel::websocket::default_write_buffer(max_ws_message_bytes),
             ws_write_timeout: relay_tunnel::websocket::DEFAULT_WS_WRITE_TIMEOUT,
+            media_glitch_gap: self.media_glitch_gap.unwrap_or(relay_tunnel::quality::DEFAULT_GLITCH_GAP),
             max_header_bytes: self.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES),
             max_exchanges_per_agent: self.max_exchanges_per_agent.unwrap_or(DEFAULT_MAX_EXCHANGES_PER_AGENT),
             // 0 disables the limit.

@@ -56,6 +56,103 @@ fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
 }
 
+/// Labels of `relay_edge_media_calls_ended_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndLabels {
+    /// How the call's media session ended (`closed`, `caller-lost`, `bot-lost`, `idle`, ...).
+    pub end: &'static str,
+}
+
+type DirectionHistograms = Family<DirectionLabels, Histogram, fn() -> Histogram>;
+
+fn gap_histogram() -> Histogram {
+    // 10 ms to ~20 s: a steady call's longest gap and jitter sit at 20 ms and below; a pause or
+    // an outage shows where it falls.
+    Histogram::new(exponential_buckets(0.01, 2.0, 12))
+}
+
+/// Per-call media quality, aggregated without a per-call label (the session's log line and the
+/// live call list have each call's own figures). Direction `in` is the caller's audio towards
+/// the bot, `out` the bot's towards the caller.
+#[derive(Debug)]
+pub struct MediaMetrics {
+    /// Media frames relayed, counted when their call ends.
+    pub frames: Family<DirectionLabels, Counter>,
+    /// Gaps between frames over `media_glitch_gap`.
+    pub glitches: Family<DirectionLabels, Counter>,
+    /// Each finished call's longest gap between frames.
+    pub longest_gap: DirectionHistograms,
+    /// Each finished call's interarrival jitter against the 20 ms frame interval.
+    pub jitter: DirectionHistograms,
+    /// From the upgrade to the caller's first frame.
+    pub first_frame: Histogram,
+    /// Finished media sessions, by how they ended.
+    pub ended: Family<EndLabels, Counter>,
+}
+
+impl MediaMetrics {
+    fn new() -> Self {
+        Self {
+            frames: Family::default(),
+            glitches: Family::default(),
+            longest_gap: Family::new_with_constructor(gap_histogram),
+            jitter: Family::new_with_constructor(gap_histogram),
+            first_frame: duration_histogram(),
+            ended: Family::default(),
+        }
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "relay_edge_media_frames",
+            "Media frames relayed by finished calls, by direction",
+            self.frames.clone(),
+        );
+        registry.register(
+            "relay_edge_media_glitches",
+            "Gaps between media frames longer than media_glitch_gap, by direction",
+            self.glitches.clone(),
+        );
+        registry.register(
+            "relay_edge_media_longest_gap_seconds",
+            "Each finished call's longest gap between media frames, by direction",
+            self.longest_gap.clone(),
+        );
+        registry.register(
+            "relay_edge_media_jitter_seconds",
+            "Each finished call's interarrival jitter against ACS's 20 ms frame interval, by direction",
+            self.jitter.clone(),
+        );
+        registry.register(
+            "relay_edge_media_first_frame_seconds",
+            "Time from a media upgrade to the caller's first frame",
+            self.first_frame.clone(),
+        );
+        registry.register(
+            "relay_edge_media_calls_ended",
+            "Finished media sessions, by how they ended",
+            self.ended.clone(),
+        );
+    }
+
+    /// Counts one finished call's media.
+    pub fn call_ended(&self, quality: &relay_tunnel::quality::Quality, end: &'static str) {
+        self.ended.get_or_create(&EndLabels { end }).inc();
+        for (direction, flow) in [("in", &quality.from_socket), ("out", &quality.to_socket)] {
+            let labels = DirectionLabels { direction };
+            self.frames.get_or_create(&labels).inc_by(flow.frames);
+            self.glitches.get_or_create(&labels).inc_by(flow.glitches);
+            if flow.frames > 1 {
+                self.longest_gap.get_or_create(&labels).observe(flow.longest_gap_ms / 1000.0);
+                self.jitter.get_or_create(&labels).observe(flow.jitter_ms / 1000.0);
+            }
+        }
+        if let Some(first) = quality.from_socket.first_frame_ms {
+            self.first_frame.observe(first / 1000.0);
+        }
+    }
+}
+
 /// Every metric the edge keeps.
 #[derive(Debug)]
 pub struct EdgeMetrics {
@@ -78,6 +175,8 @@ pub struct EdgeMetrics {
     pub websocket_idle_closes: Counter,
     /// Call keys found but not pinned because they do not look like an ACS correlation id.
     pub affinity_keys_refused: Counter,
+    /// Per-call media quality.
+    pub media: MediaMetrics,
     /// Tunnel handshakes refused (not TLS, no or a bad certificate, unknown protocol, timeout).
     pub tunnel_handshakes_refused: Counter,
 }
@@ -95,6 +194,8 @@ impl Default for EdgeMetrics {
         let websocket_idle_closes = Counter::default();
         let affinity_keys_refused = Counter::default();
         let tunnel_handshakes_refused = Counter::default();
+        let media = MediaMetrics::new();
+        media.register(&mut registry);
         registry.register(
             "relay_edge_tunnel_handshakes_refused",
             "Tunnel handshakes refused: not TLS, a missing, bad or expired certificate, a timeout",
@@ -149,6 +250,7 @@ impl Default for EdgeMetrics {
             websocket_idle_closes,
             affinity_keys_refused,
             tunnel_handshakes_refused,
+            media,
         }
     }
 }

@@ -14,7 +14,8 @@ use relay_proto::{ExchangeKind, HeaderList, WsReply, code};
 use relay_transport::BiStream;
 use relay_tunnel::body::{RelayBody, empty, full};
 use relay_tunnel::exchange::{self, ReplyError};
-use relay_tunnel::websocket::{PumpReport, SessionLimits, SideEnd, pump, websocket_config};
+use relay_tunnel::quality::SessionQuality;
+use relay_tunnel::websocket::{PumpReport, SessionLimits, SideEnd, pump_measured, websocket_config};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -194,26 +195,56 @@ impl Session {
         if let Some(call) = &self.call_key {
             affinity.session(call, true, std::time::Instant::now());
         }
-        let report = pump(ws, self.stream, limits).await;
+        let quality = Arc::new(SessionQuality::new(settings.media_glitch_gap));
+        let report = pump_measured(ws, self.stream, limits, quality).await;
         metrics.websocket_sessions.dec();
         if let Some(call) = &self.call_key {
             affinity.session(call, false, std::time::Instant::now());
         }
         count_session_end(metrics, &self.route, &report, self.started);
         drop(self.in_flight);
+        let (caller, bot) = (&report.quality.from_socket, &report.quality.to_socket);
         info!(
             target: crate::ACCESS_LOG,
             request_id = self.request_id,
             route = %self.route,
             status = 101,
+            call = self.call_key.as_deref().unwrap_or("-"),
+            agent = %self.agent,
+            duration_ms = self.started.elapsed().as_millis() as u64,
             messages_in = report.to_tunnel,
             messages_out = report.to_socket,
+            frames_in = caller.frames,
+            frames_out = bot.frames,
+            glitches_in = caller.glitches,
+            glitches_out = bot.glitches,
+            longest_gap_in_ms = caller.longest_gap_ms.round() as u64,
+            longest_gap_out_ms = bot.longest_gap_ms.round() as u64,
+            jitter_in_ms = format_args!("{:.1}", caller.jitter_ms),
+            jitter_out_ms = format_args!("{:.1}", bot.jitter_ms),
+            first_frame_ms = caller.first_frame_ms.map_or(-1, |ms| ms.round() as i64),
+            end = end_of(&report),
             client_end = ?report.socket_side,
             bot_end = ?report.tunnel_side,
-            duration_ms = self.started.elapsed().as_millis() as u64,
-            agent = %self.agent,
             "websocket session"
         );
+    }
+}
+
+/// How a media session ended, in one word for its log line and the ended-calls counter: what
+/// the edge did to it (`idle`, `too-big`, `stalled`, `protocol-violation`), who vanished without
+/// a close (`caller-lost`, `bot-lost`), or `closed` with a close handshake.
+pub(crate) fn end_of(report: &PumpReport) -> &'static str {
+    match (&report.socket_side, &report.tunnel_side) {
+        (SideEnd::Idle, _) | (_, SideEnd::Idle) => "idle",
+        (SideEnd::TooBig, _) | (_, SideEnd::TooBig) => "too-big",
+        (SideEnd::Stalled, _) | (_, SideEnd::Stalled) => "stalled",
+        (SideEnd::Violation(..), _) | (_, SideEnd::Violation(..)) => "protocol-violation",
+        (SideEnd::Malformed(_), _) | (_, SideEnd::Malformed(_)) => "relay-error",
+        (SideEnd::Lost(_), _) => "caller-lost",
+        (_, SideEnd::Lost(_)) => "bot-lost",
+        (SideEnd::LingerExpired, _) | (_, SideEnd::LingerExpired) => "close-unanswered",
+        (SideEnd::Closed(_), SideEnd::Closed(_)) => "closed",
     }
 }
 
@@ -235,4 +266,5 @@ fn count_session_end(metrics: &EdgeMetrics, route: &str, report: &PumpReport, st
         .exchange_duration
         .get_or_create(&RouteLabels { route: route.to_owned() })
         .observe(started.elapsed().as_secs_f64());
+    metrics.media.call_ended(&report.quality, end_of(report));
 }

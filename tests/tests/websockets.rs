@@ -228,3 +228,53 @@ over_both_transports! {
         stack.shutdown().await;
     }
 }
+
+over_both_transports! {
+    /// The edge measures each call's media as it passes: a caller that pauses mid-call leaves one
+    /// glitch in the caller's direction, and how each call ended is counted, all without a
+    /// per-call label.
+    multi_thread async fn each_call_s_media_quality_and_end_show_in_the_edge_metrics() {
+        // A glitch threshold far above any scheduling hiccup of a busy test machine, and a pause
+        // far above it: exactly one glitch, whatever else runs. (The 200 ms / 60 ms case is
+        // measured on the paused clock in relay-tunnel's tests.)
+        let stack = Stack::start_with(|s| s.media_glitch_gap = Duration::from_millis(300)).await.unwrap();
+        let admin = stack.edge.admin_addr().unwrap();
+        let metric = |name: &'static str| async move {
+            relay_testkit::procs::metric(admin, name).await.unwrap_or(-1.0)
+        };
+
+        let mut call = MediaCall::connect(stack.public(), "/ws", "quality-1").await.unwrap();
+        for round in 0..2 {
+            for i in 0..5 {
+                call.socket().send(Message::Text(format!("frame {round}-{i}").into())).await.unwrap();
+                assert!(matches!(next_non_control(&mut call).await, Message::Text(_)));
+            }
+            if round == 0 {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+            }
+        }
+        call.close(1000, "done").await.unwrap();
+        let counted = eventually(Duration::from_secs(5), || async {
+            metric("relay_edge_media_calls_ended_total{end=\"closed\"}").await == 1.0
+        })
+        .await;
+        assert!(counted, "the closed call is counted");
+        assert_eq!(metric("relay_edge_media_glitches_total{direction=\"in\"}").await, 1.0);
+        assert_eq!(metric("relay_edge_media_frames_total{direction=\"in\"}").await, 10.0);
+        assert_eq!(metric("relay_edge_media_frames_total{direction=\"out\"}").await, 10.0);
+        let longest = metric("relay_edge_media_longest_gap_seconds_sum{direction=\"in\"}").await;
+        assert!((0.65..3.0).contains(&longest), "the longest gap is the pause: {longest}");
+
+        // A caller that vanishes without a close is counted as lost.
+        let mut dropped = MediaCall::connect(stack.public(), "/ws", "quality-2").await.unwrap();
+        dropped.socket().send(Message::Text("one".into())).await.unwrap();
+        assert!(matches!(next_non_control(&mut dropped).await, Message::Text(_)));
+        drop(dropped);
+        let lost = eventually(Duration::from_secs(10), || async {
+            metric("relay_edge_media_calls_ended_total{end=\"caller-lost\"}").await == 1.0
+        })
+        .await;
+        assert!(lost, "the dropped call is counted as caller-lost");
+        stack.shutdown().await;
+    }
+}

@@ -11,7 +11,8 @@
 //! * [`pairing`]: the agent redeems a token; the edge serves the request.
 //! * [`body`] and [`websocket`]: what follows an exchange's answer, the same code at both ends:
 //!   HTTP bodies streamed without holding them whole, WebSocket messages pumped with
-//!   backpressure both ways.
+//!   backpressure both ways, and [`quality`]: each session's media quality, measured as it
+//!   passes.
 //!
 //! Every head frame is bounded by [`HEAD_LIMIT`]. The binaries keep only policy (admission,
 //! affinity, the agent set, forwarding to the bot, process life); everything here runs over any
@@ -21,6 +22,7 @@ pub mod body;
 pub mod control;
 pub mod exchange;
 pub mod pairing;
+pub mod quality;
 pub mod websocket;
 
 use relay_transport::{FrameReadError, FrameWriteError, read_frame, write_frame};

@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 
 use crate::CLOSE_LINGER;
+use crate::quality::{Quality, SessionQuality};
 
 /// Bytes a [`WsFrame`] adds around a message: enum tag, length varint, slack.
 const FRAME_OVERHEAD: usize = 16;
@@ -64,6 +65,8 @@ pub struct PumpReport {
     pub socket_side: SideEnd,
     /// How the tunnel → socket direction ended.
     pub tunnel_side: SideEnd,
+    /// The session's media quality at its end.
+    pub quality: Quality,
 }
 
 impl PumpReport {
@@ -249,10 +252,12 @@ struct Shared {
     last_activity: AtomicU64,
     to_tunnel: AtomicU64,
     to_socket: AtomicU64,
+    /// Sizes and arrival times of the data messages each way.
+    quality: std::sync::Arc<SessionQuality>,
 }
 
 impl Shared {
-    fn new(limits: &SessionLimits) -> Self {
+    fn new(limits: &SessionLimits, quality: std::sync::Arc<SessionQuality>) -> Self {
         Self {
             frame_limit: limits.max_message.saturating_add(FRAME_OVERHEAD),
             write_timeout: limits.write_timeout,
@@ -263,6 +268,7 @@ impl Shared {
             last_activity: AtomicU64::new(0),
             to_tunnel: AtomicU64::new(0),
             to_socket: AtomicU64::new(0),
+            quality,
         }
     }
 
@@ -303,9 +309,24 @@ pub async fn pump<S>(ws: WebSocketStream<S>, stream: BiStream, limits: SessionLi
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let quality = std::sync::Arc::new(SessionQuality::new(crate::quality::DEFAULT_GLITCH_GAP));
+    pump_measured(ws, stream, limits, quality).await
+}
+
+/// [`pump`], recording the session's media quality into `quality`, which a caller may read while
+/// the session runs (a live call list).
+pub async fn pump_measured<S>(
+    ws: WebSocketStream<S>,
+    stream: BiStream,
+    limits: SessionLimits,
+    quality: std::sync::Arc<SessionQuality>,
+) -> PumpReport
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let (mut sink, source) = ws.split();
     let BiStream { mut send, mut recv } = stream;
-    let shared = Shared::new(&limits);
+    let shared = Shared::new(&limits, quality);
     let socket_to_tunnel = socket_to_tunnel(&shared, source, &mut send);
     let tunnel_to_socket = tunnel_to_socket(&shared, &mut sink, &mut recv);
     let (socket_side, tunnel_side) = {
@@ -343,6 +364,7 @@ where
         to_socket: shared.to_socket.load(Ordering::Relaxed),
         socket_side,
         tunnel_side,
+        quality: shared.quality.snapshot(),
     }
 }
 
@@ -374,7 +396,15 @@ where
                 return SideEnd::Lost("socket ended without a close frame".into());
             }
         };
-        let is_data = matches!(msg, Message::Text(_) | Message::Binary(_));
+        let data_len = match &msg {
+            Message::Text(text) => Some(text.len()),
+            Message::Binary(bytes) => Some(bytes.len()),
+            _ => None,
+        };
+        if let Some(len) = data_len {
+            shared.quality.socket_frame(len);
+        }
+        let is_data = data_len.is_some();
         match &msg {
             // Answered on this hop; forwarded at most once per interval so the far end still
             // learns the peer is alive.
@@ -450,7 +480,14 @@ where
             failed => return tunnel_failed(sink, recv, failed.err()).await,
         };
         let closing = close_code(&frame);
-        let is_data = matches!(frame, WsFrame::Text(_) | WsFrame::Binary(_));
+        let data_len = match &frame {
+            WsFrame::Text(bytes) | WsFrame::Binary(bytes) => Some(bytes.len()),
+            _ => None,
+        };
+        if let Some(len) = data_len {
+            shared.quality.tunnel_frame(len);
+        }
+        let is_data = data_len.is_some();
         let Ok(msg) = to_message(frame) else {
             recv.stop(code::MALFORMED_FRAME);
             let _ = sink.send(close_message(CloseCode::Invalid, "invalid UTF-8 in text message")).await;
