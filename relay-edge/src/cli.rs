@@ -86,6 +86,16 @@ enum Command {
     },
     /// Run the edge.
     Run(Box<RunArgs>),
+    /// List the calls open now on a running edge (from its admin listener): each call's id,
+    /// agent, transport, age, frames and rate each way, glitches so far and last frame's age.
+    Calls {
+        /// The edge's admin listener (an unspecified address means this host).
+        #[arg(long, env = "RELAY_EDGE_ADMIN_LISTEN", default_value = crate::config::DEFAULT_ADMIN_LISTEN)]
+        admin_listen: std::net::SocketAddr,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a running edge through its admin listener: exit 0 if `/healthz` (or, with
     /// `--ready`, `/readyz`) answers 200. For container health checks; the images have no shell.
     Health {
@@ -197,6 +207,17 @@ async fn run(prepared: Prepared) -> anyhow::Result<()> {
         Command::Health { admin_listen, ready } => {
             let path = if ready { "/readyz" } else { "/healthz" };
             relay_runtime::admin::probe(relay_runtime::admin::local(admin_listen), path).await?;
+        }
+        Command::Calls { admin_listen, json } => {
+            let addr = relay_runtime::admin::local(admin_listen);
+            let body = relay_runtime::admin::fetch(addr, crate::calls::CALLS_PATH).await?;
+            let calls: Vec<crate::calls::CallView> =
+                serde_json::from_slice(&body).with_context(|| format!("{addr} answered something other than a call list"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&calls)?);
+            } else {
+                print!("{}", crate::calls::render(&calls));
+            }
         }
         Command::Agents { state_dir, json } => {
             print!("{}", crate::listing::list(&state_dir, json, SystemTime::now())?);

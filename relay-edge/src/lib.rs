@@ -16,6 +16,7 @@ pub mod admission;
 pub mod affinity;
 pub mod agents;
 mod answer;
+pub mod calls;
 pub mod cli;
 pub mod config;
 mod forward;
@@ -214,12 +215,14 @@ impl Edge {
             relay_runtime::open_file_limit(),
         ));
         let max_connections = connections.max_total();
+        let open_calls = Arc::new(calls::OpenCalls::default());
         let relay = Arc::new(relay::Relay {
             settings,
             agents: agents.clone(),
             affinity: affinity_table,
             metrics: metrics.clone(),
             tasks: tasks.clone(),
+            calls: open_calls.clone(),
         });
         let front = Arc::new(public::PublicService {
             relay,
@@ -236,7 +239,9 @@ impl Edge {
             // The same answer as the public `/readyz`: an agent to send to, and not draining.
             let (ready_agents, ready_draining) = (agents.clone(), draining.clone());
             let ready = move || !ready_draining.is_cancelled() && ready_agents.ready();
-            tasks.spawn(admin.serve(move || metrics.encode(), ready, shutdown.clone()));
+            let list: relay_runtime::admin::Document = Arc::new(move || open_calls.json());
+            let documents = vec![(calls::CALLS_PATH, list)];
+            tasks.spawn(admin.serve_with(move || metrics.encode(), ready, documents, shutdown.clone()));
         }
         warn_open_routes(&front.relay.settings);
         tasks.spawn(front.run(public));

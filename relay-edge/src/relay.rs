@@ -31,6 +31,8 @@ pub(crate) struct Relay {
     pub affinity: Arc<AffinityTable>,
     pub metrics: Arc<EdgeMetrics>,
     pub tasks: TaskTracker,
+    /// Media sessions open now, for the live call list.
+    pub calls: Arc<crate::calls::OpenCalls>,
 }
 
 impl Relay {

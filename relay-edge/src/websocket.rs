@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{info, warn};
 
 use crate::agents::InFlight;
+use crate::calls::NewCall;
 use crate::answer;
 use crate::metrics::{EdgeMetrics, RouteLabels};
 use crate::relay::Relay;
@@ -196,7 +197,16 @@ impl Session {
             affinity.session(call, true, std::time::Instant::now());
         }
         let quality = Arc::new(SessionQuality::new(settings.media_glitch_gap));
+        let listed = self.relay.calls.list(NewCall {
+            request_id: self.request_id,
+            call: self.call_key.clone(),
+            agent: self.agent.clone(),
+            transport: self.in_flight.agent().conn.transport(),
+            route: self.route.clone(),
+            quality: quality.clone(),
+        });
         let report = pump_measured(ws, self.stream, limits, quality).await;
+        drop(listed);
         metrics.websocket_sessions.dec();
         if let Some(call) = &self.call_key {
             affinity.session(call, false, std::time::Instant::now());

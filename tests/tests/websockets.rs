@@ -278,3 +278,43 @@ over_both_transports! {
         stack.shutdown().await;
     }
 }
+
+over_both_transports! {
+    /// `relay-edge calls` lists each open call from the running edge's admin listener, with its
+    /// agent, transport and frames so far, and the call leaves the list when it ends.
+    multi_thread async fn open_calls_are_listed_live_with_their_media_so_far() {
+        let stack = Stack::start().await.unwrap();
+        let admin = stack.edge.admin_addr().unwrap();
+        let mut call = MediaCall::connect(stack.public(), "/ws", "live-call-1").await.unwrap();
+        for i in 0..5 {
+            call.socket().send(Message::Text(format!("frame {i}").into())).await.unwrap();
+            assert!(matches!(next_non_control(&mut call).await, Message::Text(_)));
+        }
+        let body = relay_runtime::admin::fetch(admin, "/calls").await.unwrap();
+        let listed: Vec<relay_edge::calls::CallView> = serde_json::from_slice(&body).unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        let open = &listed[0];
+        assert_eq!(open.call.as_deref(), Some("live-call-1"));
+        assert_eq!(open.transport, relay_testkit::transport::current().as_str());
+        assert_eq!((open.caller.frames, open.bot.frames), (5, 5));
+
+        // The command line prints the same list as a table (and as JSON with --json).
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_e2e-edge"))
+            .args(["calls", "--admin-listen", &admin.to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let table = String::from_utf8_lossy(&out.stdout);
+        let line = table.lines().find(|l| l.starts_with("live-call-1")).unwrap_or_else(|| panic!("{table}"));
+        assert!(line.contains("5/5"), "{line}");
+
+        call.close(1000, "done").await.unwrap();
+        let gone = eventually(Duration::from_secs(5), || async {
+            let body = relay_runtime::admin::fetch(admin, "/calls").await.unwrap_or_default();
+            serde_json::from_slice::<Vec<relay_edge::calls::CallView>>(&body).is_ok_and(|l| l.is_empty())
+        })
+        .await;
+        assert!(gone, "a finished call leaves the list");
+        stack.shutdown().await;
+    }
+}

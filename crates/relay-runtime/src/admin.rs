@@ -21,6 +21,15 @@ type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
 /// Says whether the process can do its job now (`/readyz`).
 type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
 
+/// A JSON document served at a path of its own (the edge's live call list at `/calls`).
+pub type Document = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// What the admin listener serves besides its fixed paths.
+#[derive(Clone, Default)]
+struct Extra {
+    documents: Arc<Vec<(&'static str, Document)>>,
+}
+
 /// How long a health probe waits for its answer. Orchestrators give a probe a few seconds; the
 /// answer is local and takes a millisecond.
 pub const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -61,6 +70,14 @@ pub fn local(addr: std::net::SocketAddr) -> std::net::SocketAddr {
 
 /// GETs `path` from the admin listener at `addr` and succeeds on 200.
 pub async fn probe(addr: std::net::SocketAddr, path: &str) -> Result<(), ProbeError> {
+    fetch(addr, path).await.map(|_| ())
+}
+
+/// Largest answer [`fetch`] reads: a live call list of thousands of calls fits many times over.
+pub const MAX_FETCH_BYTES: usize = 64 * 1024 * 1024;
+
+/// GETs `path` from the admin listener at `addr` and returns its body on 200.
+pub async fn fetch(addr: std::net::SocketAddr, path: &str) -> Result<Bytes, ProbeError> {
     let attempt = async {
         let unreachable = |reason: String| ProbeError::Unreachable { addr, reason };
         let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| unreachable(e.to_string()))?;
@@ -74,7 +91,11 @@ pub async fn probe(addr: std::net::SocketAddr, path: &str) -> Result<(), ProbeEr
             .map_err(|e| unreachable(e.to_string()))?;
         let response = sender.send_request(request).await.map_err(|e| unreachable(e.to_string()))?;
         match response.status() {
-            StatusCode::OK => Ok(()),
+            StatusCode::OK => {
+                let limited = http_body_util::Limited::new(response.into_body(), MAX_FETCH_BYTES);
+                let body = http_body_util::BodyExt::collect(limited).await.map_err(|e| unreachable(e.to_string()))?;
+                Ok(body.to_bytes())
+            }
             status => Err(ProbeError::Status { path: path.to_owned(), status }),
         }
     };
@@ -112,7 +133,19 @@ impl AdminListener {
         ready: impl Fn() -> bool + Send + Sync + 'static,
         shutdown: CancellationToken,
     ) {
-        serve_metrics(self.listener, Arc::new(metrics), Arc::new(ready), shutdown).await;
+        self.serve_with(metrics, ready, Vec::new(), shutdown).await;
+    }
+
+    /// [`AdminListener::serve`], and each of `documents` (JSON) at its path.
+    pub async fn serve_with(
+        self,
+        metrics: impl Fn() -> String + Send + Sync + 'static,
+        ready: impl Fn() -> bool + Send + Sync + 'static,
+        documents: Vec<(&'static str, Document)>,
+        shutdown: CancellationToken,
+    ) {
+        let extra = Extra { documents: Arc::new(documents) };
+        serve_metrics(self.listener, Arc::new(metrics), Arc::new(ready), extra, shutdown).await;
     }
 }
 
@@ -127,18 +160,24 @@ pub struct BindError {
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` from `listener` until `shutdown`.
-async fn serve_metrics(listener: TcpListener, metrics: MetricsText, ready: Readiness, shutdown: CancellationToken) {
+async fn serve_metrics(
+    listener: TcpListener,
+    metrics: MetricsText,
+    ready: Readiness,
+    extra: Extra,
+    shutdown: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         let Ok((stream, _)) = accepted else { continue };
-        let (metrics, ready) = (metrics.clone(), ready.clone());
+        let (metrics, ready, extra) = (metrics.clone(), ready.clone(), extra.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                let (metrics, ready) = (metrics.clone(), ready.clone());
-                async move { Ok::<_, Infallible>(answer(&req, &metrics, &ready)) }
+                let (metrics, ready, extra) = (metrics.clone(), ready.clone(), extra.clone());
+                async move { Ok::<_, Infallible>(answer(&req, &metrics, &ready, &extra)) }
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
@@ -151,13 +190,21 @@ fn text(status: StatusCode, body: &'static [u8]) -> Response<Full<Bytes>> {
     response
 }
 
-fn answer(req: &Request<Incoming>, metrics: &MetricsText, ready: &Readiness) -> Response<Full<Bytes>> {
-    match req.uri().path() {
+fn answer(req: &Request<Incoming>, metrics: &MetricsText, ready: &Readiness, extra: &Extra) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    match path {
         "/metrics" => {}
         "/healthz" => return text(StatusCode::OK, b"ok\n"),
         "/readyz" if ready() => return text(StatusCode::OK, b"ready\n"),
         "/readyz" => return text(StatusCode::SERVICE_UNAVAILABLE, b"not ready\n"),
-        _ => return text(StatusCode::NOT_FOUND, b"not found\n"),
+        _ => {
+            let Some((_, document)) = extra.documents.iter().find(|(at, _)| *at == path) else {
+                return text(StatusCode::NOT_FOUND, b"not found\n");
+            };
+            let mut response = Response::new(Full::new(Bytes::from(document())));
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            return response;
+        }
     }
     let mut response = Response::new(Full::new(Bytes::from(metrics())));
     response.headers_mut().insert(

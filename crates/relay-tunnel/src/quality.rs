@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// ACS sends one media frame every 20 ms each way for the whole call.
 pub const ACS_FRAME_INTERVAL: Duration = Duration::from_millis(20);
@@ -78,7 +78,7 @@ impl Flow {
 }
 
 /// One direction's figures at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct FlowQuality {
     /// Data messages (text and binary; pings and pongs are not media).
     pub frames: u64,
@@ -100,7 +100,7 @@ pub struct FlowQuality {
 }
 
 /// A session's figures at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Quality {
     /// Milliseconds since the session started.
     pub age_ms: f64,
