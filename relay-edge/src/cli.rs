@@ -211,8 +211,8 @@ async fn run(prepared: Prepared) -> anyhow::Result<()> {
         Command::Calls { admin_listen, json } => {
             let addr = relay_runtime::admin::local(admin_listen);
             let body = relay_runtime::admin::fetch(addr, crate::calls::CALLS_PATH).await?;
-            let calls: Vec<crate::calls::CallView> =
-                serde_json::from_slice(&body).with_context(|| format!("{addr} answered something other than a call list"))?;
+            let calls: Vec<crate::calls::CallView> = serde_json::from_slice(&body)
+                .with_context(|| format!("{addr} answered something other than a call list"))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&calls)?);
             } else {

@@ -22,8 +22,8 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{info, warn};
 
 use crate::agents::InFlight;
-use crate::calls::NewCall;
 use crate::answer;
+use crate::calls::NewCall;
 use crate::metrics::{EdgeMetrics, RouteLabels};
 use crate::relay::Relay;
 use crate::routes::Route;
