@@ -60,13 +60,7 @@ struct RunArgs {
     settings: AgentConfig,
 }
 
-/// A command ready to run: `run` with its configuration read (which sizes the runtime).
-enum Prepared {
-    /// `run`, configured.
-    Serve(Box<crate::config::AgentSettings>),
-    /// Any other command.
-    Command(Command),
-}
+type Prepared = relay_runtime::Prepared<crate::config::AgentSettings, Command>;
 
 /// Reads `run`'s configuration before the runtime starts, so that it can size the runtime.
 fn prepare(command: Command) -> anyhow::Result<(relay_runtime::Workers, Prepared)> {
@@ -79,22 +73,20 @@ fn prepare(command: Command) -> anyhow::Result<(relay_runtime::Workers, Prepared
                 config.bundle_pem = std::env::var("RELAY_AGENT_BUNDLE").ok();
             }
             let settings = config.resolve()?;
-            Ok((relay_runtime::Workers::from_setting(settings.worker_threads), Prepared::Serve(Box::new(settings))))
+            let threads = settings.worker_threads;
+            Ok(Prepared::serve(settings, threads))
         }
-        // One-shot commands do one thing at a time.
-        command => Ok((relay_runtime::Workers::Exactly(1), Prepared::Command(command))),
+        command => Ok(Prepared::once(command)),
     }
 }
 
-async fn run(prepared: Prepared) -> anyhow::Result<()> {
-    let command = match prepared {
-        Prepared::Serve(settings) => {
-            let grace = settings.drain_timeout;
-            relay_runtime::serve_until_signalled(Agent::start(*settings), grace, Agent::drain).await?;
-            return Ok(());
-        }
-        Prepared::Command(command) => command,
-    };
+/// `run`: the agent until SIGTERM, then its drain.
+async fn serve(settings: crate::config::AgentSettings) -> anyhow::Result<()> {
+    let grace = settings.drain_timeout;
+    Ok(relay_runtime::serve_until_signalled(Agent::start(settings), grace, Agent::drain).await?)
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Pair { state_dir, token, transport, quic_fallback_after } => {
             let transport = PairTransport {
@@ -127,5 +119,5 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    relay_runtime::main_from("relay-agent", args, |cli: Cli| prepare(cli.command), run)
+    relay_runtime::main_from("relay-agent", args, |cli: Cli| prepare(cli.command), |p| p.run(serve, run))
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::SystemTime;
 
 use crate::Edge;
-use crate::config::{EdgeConfig, parse_duration};
+use crate::config::{EdgeConfig, EdgeSettings, parse_duration};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use relay_pki::{DEFAULT_BUNDLE_VALIDITY, DEFAULT_TOKEN_TTL, EdgeState};
@@ -126,13 +126,7 @@ fn parse_edge_addr(text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A command ready to run: `run` with its configuration read (which sizes the runtime).
-enum Prepared {
-    /// `run`, configured.
-    Serve(Box<crate::config::EdgeSettings>),
-    /// Any other command.
-    Command(Command),
-}
+type Prepared = relay_runtime::Prepared<EdgeSettings, Command>;
 
 /// Reads `run`'s configuration before the runtime starts, so that it can size the runtime.
 fn prepare(command: Command) -> anyhow::Result<(relay_runtime::Workers, Prepared)> {
@@ -140,22 +134,20 @@ fn prepare(command: Command) -> anyhow::Result<(relay_runtime::Workers, Prepared
         Command::Run(args) => {
             relay_runtime::init_logging();
             let settings = EdgeConfig::layered(args.config.as_deref(), &args.settings)?.resolve()?;
-            Ok((relay_runtime::Workers::from_setting(settings.worker_threads), Prepared::Serve(Box::new(settings))))
+            let threads = settings.worker_threads;
+            Ok(Prepared::serve(settings, threads))
         }
-        // One-shot commands do one thing at a time.
-        command => Ok((relay_runtime::Workers::Exactly(1), Prepared::Command(command))),
+        command => Ok(Prepared::once(command)),
     }
 }
 
-async fn run(prepared: Prepared) -> anyhow::Result<()> {
-    let command = match prepared {
-        Prepared::Serve(settings) => {
-            let grace = settings.drain_timeout;
-            relay_runtime::serve_until_signalled(Edge::start(*settings), grace, Edge::drain).await?;
-            return Ok(());
-        }
-        Prepared::Command(command) => command,
-    };
+/// `run`: the edge until SIGTERM, then its drain.
+async fn serve(settings: EdgeSettings) -> anyhow::Result<()> {
+    let grace = settings.drain_timeout;
+    Ok(relay_runtime::serve_until_signalled(Edge::start(settings), grace, Edge::drain).await?)
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Init { state_dir, if_missing: true, .. } if EdgeState::open(&state_dir).is_ok() => {
             eprintln!("{} is initialised already; nothing changed", state_dir.display());
@@ -233,5 +225,5 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    relay_runtime::main_from("relay-edge", args, |cli: Cli| prepare(cli.command), run)
+    relay_runtime::main_from("relay-edge", args, |cli: Cli| prepare(cli.command), |p| p.run(serve, run))
 }

@@ -31,8 +31,8 @@ fn seen_by(bot: &EchoBot) -> Vec<String> {
     ids
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_exchange_of_a_call_lands_on_one_agent_and_a_call_moves_when_its_agent_leaves() {
+/// An edge with three agents (bot replicas), each forwarding to its own bot.
+async fn three_replicas() -> (Stack, Vec<EchoBot>, Vec<Agent>) {
     let stack = Stack::start_without_agent(|_| {}).await.unwrap();
     let mut bots = Vec::new();
     let mut agents = Vec::new();
@@ -44,6 +44,12 @@ async fn every_exchange_of_a_call_lands_on_one_agent_and_a_call_moves_when_its_a
         bots.push(bot);
     }
     stack.wait_connected(3).await.unwrap();
+    (stack, bots, agents)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_exchange_of_a_call_lands_on_one_agent_and_a_call_moves_when_its_agent_leaves() {
+    let (stack, bots, mut agents) = three_replicas().await;
     let public = stack.public();
 
     for call in 0..50 {
@@ -124,17 +130,7 @@ async fn every_exchange_of_a_call_lands_on_one_agent_and_a_call_moves_when_its_a
 /// object, not an array; the call's callbacks (arrays) and media must still follow it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_whose_incoming_call_is_a_cloud_event_object_stays_on_one_agent() {
-    let stack = Stack::start_without_agent(|_| {}).await.unwrap();
-    let mut bots = Vec::new();
-    let mut agents = Vec::new();
-    for i in 0..3 {
-        let bot = EchoBot::start().await.unwrap();
-        let mut settings = stack.agent_settings(&stack.pair_agent(&format!("replica-{i}")).await.unwrap()).unwrap();
-        settings.upstream = relay_agent::config::parse_upstream(&bot.url()).unwrap();
-        agents.push(Agent::start(settings).await.unwrap());
-        bots.push(bot);
-    }
-    stack.wait_connected(3).await.unwrap();
+    let (stack, bots, agents) = three_replicas().await;
     let public = stack.public();
 
     for call in 0..30 {

@@ -63,6 +63,40 @@ impl Workers {
     }
 }
 
+/// A command line ready to run: the long-running service with its settings read (they size the
+/// runtime), or a one-shot command.
+#[derive(Debug)]
+pub enum Prepared<S, C> {
+    /// `run`, configured.
+    Serve(Box<S>),
+    /// Any other command.
+    Once(C),
+}
+
+impl<S, C> Prepared<S, C> {
+    /// The service with `settings`, on `worker_threads` threads (0: one per CPU).
+    pub fn serve(settings: S, worker_threads: usize) -> (Workers, Self) {
+        (Workers::from_setting(worker_threads), Self::Serve(Box::new(settings)))
+    }
+
+    /// A one-shot command: it does one thing at a time, on one thread.
+    pub fn once(command: C) -> (Workers, Self) {
+        (Workers::Exactly(1), Self::Once(command))
+    }
+
+    /// Runs the service with `serve`, or the command with `once`.
+    pub async fn run<Fs, Fo>(self, serve: impl FnOnce(S) -> Fs, once: impl FnOnce(C) -> Fo) -> anyhow::Result<()>
+    where
+        Fs: Future<Output = anyhow::Result<()>>,
+        Fo: Future<Output = anyhow::Result<()>>,
+    {
+        match self {
+            Self::Serve(settings) => serve(*settings).await,
+            Self::Once(command) => once(command).await,
+        }
+    }
+}
+
 /// [`main`] with the arguments given (the first one names the program), for a binary that
 /// embeds another's command line, as `relay-bench` embeds the edge's and the agent's.
 pub fn main_from<C, W, P, F, Fut, I, T>(program: &str, args: I, prepare: P, run: F) -> ExitCode

@@ -19,6 +19,17 @@ pub const PCM_FRAME_BYTES: usize = 640;
 /// The interval between media frames.
 pub const FRAME_INTERVAL: Duration = Duration::from_millis(20);
 
+/// The `data` of an IncomingCall event, the same in both Event Grid delivery schemas.
+fn incoming_call_data(correlation_id: &str) -> serde_json::Value {
+    serde_json::json!({
+        "to": { "kind": "communicationUser", "rawId": "8:acs:bot" },
+        "from": { "kind": "phoneNumber", "rawId": "4:+15551230000" },
+        "callerDisplayName": "Test Caller",
+        "incomingCallContext": "eyJhbGciOiJub25lIn0.test-context",
+        "correlationId": correlation_id
+    })
+}
+
 /// An Event Grid `Microsoft.Communication.IncomingCall` event (Event Grid schema, JSON array).
 pub fn incoming_call_event(correlation_id: &str) -> String {
     serde_json::json!([{
@@ -26,13 +37,7 @@ pub fn incoming_call_event(correlation_id: &str) -> String {
         "topic": "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.Communication/CommunicationServices/acs",
         "subject": "/caller/4:+15551230000/recipient/8:acs:bot",
         "eventType": "Microsoft.Communication.IncomingCall",
-        "data": {
-            "to": { "kind": "communicationUser", "rawId": "8:acs:bot" },
-            "from": { "kind": "phoneNumber", "rawId": "4:+15551230000" },
-            "callerDisplayName": "Test Caller",
-            "incomingCallContext": "eyJhbGciOiJub25lIn0.test-context",
-            "correlationId": correlation_id
-        },
+        "data": incoming_call_data(correlation_id),
         "dataVersion": "1.0",
         "eventTime": "2026-11-26T09:00:00Z"
     }])
@@ -49,13 +54,7 @@ pub fn incoming_call_cloud_event(correlation_id: &str) -> String {
         "type": "Microsoft.Communication.IncomingCall",
         "subject": "/caller/4:+15551230000/recipient/8:acs:bot",
         "time": "2026-11-26T09:00:00Z",
-        "data": {
-            "to": { "kind": "communicationUser", "rawId": "8:acs:bot" },
-            "from": { "kind": "phoneNumber", "rawId": "4:+15551230000" },
-            "callerDisplayName": "Test Caller",
-            "incomingCallContext": "eyJhbGciOiJub25lIn0.test-context",
-            "correlationId": correlation_id
-        }
+        "data": incoming_call_data(correlation_id)
     })
     .to_string()
 }
