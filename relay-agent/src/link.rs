@@ -170,8 +170,14 @@ impl Link {
                 Err(session) => return session,
             };
         if !client.held.claim(&edge_instance) {
-            debug!(edge = %self.target, addr = %self.addr, %edge_instance, "reached an edge instance already held; closing this connection");
-            conn.close_and_flush(code::OK, "already connected to this edge instance").await;
+            debug!(edge = %self.target, addr = %self.addr, %edge_instance, "reached an edge instance already held; retiring this connection");
+            // The edge counted this connection as soon as it welcomed it, and may already have
+            // sent an exchange down it: retire it like a moved link (tell the edge to send
+            // nothing new, answer what it sent, then close), so no webhook sent in that window
+            // fails. Closing at once answered such a webhook 502.
+            let retired = CancellationToken::new();
+            retired.cancel();
+            self.moving.spawn(serve(client.clone(), conn, control, retired));
             return Session::Duplicate;
         }
         *welcomed_once = true;
@@ -329,7 +335,11 @@ async fn serve(
     retire: CancellationToken,
 ) -> Session {
     let this = &client;
-    this.count_connection(true, conn.transport());
+    // A connection retired from the start (a duplicate) never serves as one of the agent's.
+    let counted = !retire.is_cancelled();
+    if counted {
+        this.count_connection(true, conn.transport());
+    }
     // The control stream stays open for the life of the connection; renewals use it.
     let renewal = AbortOnDrop(tokio::spawn(crate::control::run(client.clone(), control, retire.clone())));
     let here = TaskTracker::new();
@@ -363,7 +373,9 @@ async fn serve(
         }
     };
     drop(renewal);
-    this.count_connection(false, conn.transport());
+    if counted {
+        this.count_connection(false, conn.transport());
+    }
     session
 }
 
