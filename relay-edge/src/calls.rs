@@ -14,16 +14,7 @@ pub const CALLS_PATH: &str = "/calls";
 /// The open sessions, by request id.
 #[derive(Debug, Default)]
 pub struct OpenCalls {
-    calls: Mutex<BTreeMap<u64, OpenCall>>,
-}
-
-#[derive(Debug)]
-struct OpenCall {
-    call: Option<String>,
-    agent: String,
-    transport: &'static str,
-    route: String,
-    quality: Arc<SessionQuality>,
+    calls: Mutex<BTreeMap<u64, NewCall>>,
 }
 
 /// One open call as listed.
@@ -82,17 +73,11 @@ pub struct NewCall {
 impl OpenCalls {
     /// Lists `call` until the returned guard drops.
     pub fn list(self: &Arc<Self>, call: NewCall) -> Listed {
-        let open = OpenCall {
-            call: call.call,
-            agent: call.agent,
-            transport: call.transport,
-            route: call.route,
-            quality: call.quality,
-        };
+        let request_id = call.request_id;
         if let Ok(mut calls) = self.calls.lock() {
-            calls.insert(call.request_id, open);
+            calls.insert(request_id, call);
         }
-        Listed { calls: self.clone(), request_id: call.request_id }
+        Listed { calls: self.clone(), request_id }
     }
 
     /// Every open call now, oldest first.

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::client::{TestBody, full, hash_body, pattern_stream, send};
+use crate::procs::resident_kib;
 use anyhow::{Context, bail};
 use http::{Method, Request, StatusCode, header};
 use serde::Serialize;
@@ -48,15 +49,6 @@ pub struct BodyReport {
 /// Resets the peak resident set of `pid` to its current resident set.
 fn reset_peak(pid: u32) -> std::io::Result<()> {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
-}
-
-/// The resident set now and its peak (`VmRSS`, `VmHWM`) of `pid`, in KiB.
-fn resident_kib(pid: u32) -> Option<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib = |key: &str| -> Option<u64> {
-        status.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse().ok())
-    };
-    Some((kib("VmRSS:")?, kib("VmHWM:")?))
 }
 
 /// Runs `transfer` with the peak memory of `procs` reset before and read after.

@@ -105,9 +105,7 @@ impl Proc {
 
     /// The process's resident memory now, in KiB (`VmRSS` in `/proc/PID/status`).
     pub fn rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-        line.split_whitespace().nth(1)?.parse().ok()
+        resident_kib(self.pid()?).map(|(now, _)| now)
     }
 
     /// Everything the process printed so far.
@@ -131,6 +129,15 @@ impl Proc {
     pub async fn wait_exit(&mut self, deadline: Duration) -> Option<ExitStatus> {
         tokio::time::timeout(deadline, self.child.wait()).await.ok().and_then(Result::ok)
     }
+}
+
+/// The resident set now and its peak (`VmRSS`, `VmHWM` in `/proc/PID/status`) of `pid`, in KiB.
+pub fn resident_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        status.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse().ok())
+    };
+    Some((kib("VmRSS:")?, kib("VmHWM:")?))
 }
 
 /// The value of `key=value` in a tracing log line (`Some(addr)` unwrapped).
