@@ -239,9 +239,13 @@ impl Edge {
             // The same answer as the public `/readyz`: an agent to send to, and not draining.
             let (ready_agents, ready_draining) = (agents.clone(), draining.clone());
             let ready = move || !ready_draining.is_cancelled() && ready_agents.ready();
-            let list: relay_runtime::admin::Document = Arc::new(move || open_calls.json());
-            let documents = vec![(calls::CALLS_PATH, list)];
-            tasks.spawn(admin.serve_with(move || metrics.encode(), ready, documents, shutdown.clone()));
+            let list: relay_runtime::admin::Route =
+                Arc::new(move |asked: relay_runtime::admin::RouteRequest<'_>| match asked.rest {
+                    "" => relay_runtime::admin::RouteAnswer::Json(open_calls.json()),
+                    _ => relay_runtime::admin::RouteAnswer::NotFound("no such document".into()),
+                });
+            let routes = vec![(calls::CALLS_PATH, list)];
+            tasks.spawn(admin.serve_with(move || metrics.encode(), ready, routes, shutdown.clone()));
         }
         warn_open_routes(&front.relay.settings);
         tasks.spawn(front.run(public));
