@@ -48,6 +48,44 @@ enum Command {
         #[arg(long)]
         ready: bool,
     },
+    /// List the last exchanges the agent relayed (needs `inspect = true`), or show one whole.
+    Inspect {
+        /// An exchange's id from the list: show it whole (head, body, the bot's answer).
+        id: Option<u64>,
+        /// The agent's admin listener.
+        #[arg(long, env = "RELAY_AGENT_ADMIN_LISTEN", default_value = crate::config::DEFAULT_ADMIN_LISTEN)]
+        admin_listen: std::net::SocketAddr,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send an inspected exchange to the bot again (or to another URL) and print the answer.
+    Replay {
+        /// The exchange's id from `relay-agent inspect`.
+        id: u64,
+        /// Base URL to send it to (default: the bot the agent forwards to).
+        #[arg(long, value_name = "URL")]
+        to: Option<String>,
+        /// A header to add, `Name: value` (redacted credentials are not sent); repeatable.
+        #[arg(long = "header", value_name = "HEADER")]
+        headers: Vec<String>,
+        /// The agent's admin listener.
+        #[arg(long, env = "RELAY_AGENT_ADMIN_LISTEN", default_value = crate::config::DEFAULT_ADMIN_LISTEN)]
+        admin_listen: std::net::SocketAddr,
+    },
+    /// Record one whole call (webhooks, media frames each way, with timing) to a JSON-lines
+    /// file, for `relay-bench replay` (needs `inspect = true`).
+    Record {
+        /// The call's correlation id; without it, the next call that arrives.
+        #[arg(long, value_name = "CORRELATION-ID")]
+        call: Option<String>,
+        /// The file to write (created; not overwritten).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// The agent's admin listener.
+        #[arg(long, env = "RELAY_AGENT_ADMIN_LISTEN", default_value = crate::config::DEFAULT_ADMIN_LISTEN)]
+        admin_listen: std::net::SocketAddr,
+    },
 }
 
 /// Settings for `run`: the file, then `RELAY_AGENT_*`, then flags, each over the one before.
@@ -107,6 +145,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Health { admin_listen, ready } => {
             let path = if ready { "/readyz" } else { "/healthz" };
             relay_runtime::admin::probe(relay_runtime::admin::local(admin_listen), path).await?;
+        }
+        Command::Inspect { id, admin_listen, json } => {
+            print!("{}", crate::commands::inspect(admin_listen, id, json).await?);
+        }
+        Command::Replay { id, to, headers, admin_listen } => {
+            print!("{}", crate::commands::replay(admin_listen, id, to.as_deref(), &headers).await?);
+        }
+        Command::Record { call, out, admin_listen } => {
+            eprintln!("{}", crate::commands::record(admin_listen, call.as_deref(), &out).await?);
         }
         Command::Run(_) => anyhow::bail!("run is prepared before the runtime starts"),
     }

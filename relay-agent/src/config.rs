@@ -70,6 +70,35 @@ pub const DEFAULT_QUIC_FALLBACK_AFTER: Duration = Duration::from_secs(3);
 /// firewall change is picked up within a coffee break; tests set a few seconds.
 pub const DEFAULT_QUIC_PROBE_INTERVAL: Duration = Duration::from_secs(300);
 
+/// Webhook exchanges the inspection list keeps (the newest; older ones are dropped). A hundred
+/// covers several calls' worth of callbacks (a call makes five to fifteen) while bounding the
+/// list to [`DEFAULT_INSPECT_BODY_BYTES`] x 2 x 100 = 12.5 MiB at most.
+pub const DEFAULT_INSPECT_EXCHANGES: usize = 100;
+
+/// Bytes of each request and response body an inspection or recording keeps. ACS's IncomingCall
+/// event alone is several KiB (its context carries SIP headers and custom context), so a
+/// 10 KiB cap would cut exactly the event a bot developer wants to see; 64 KiB holds any ACS
+/// event whole.
+pub const DEFAULT_INSPECT_BODY_BYTES: usize = 64 * 1024;
+
+/// Bytes one recording may hold before it is ended. A call's media is about 50 frames of ~1 KiB
+/// each way per second, 360 MiB an hour as JSON lines; 512 MiB records any ordinary call whole
+/// and bounds a forgotten one.
+pub const DEFAULT_RECORD_MAX_BYTES: u64 = 512 * 1024 * 1024;
+
+/// How long one recording may run, waiting for its call included. Two hours bounds a
+/// forgotten `relay-agent record` without cutting any ordinary call.
+pub const DEFAULT_RECORD_MAX_DURATION: Duration = Duration::from_secs(2 * 60 * 60);
+
+/// After a call's media session ends, how long a recording waits for the call's last callbacks
+/// (ACS posts `CallDisconnected` within a second or two) before it ends; a `CallDisconnected`
+/// ends it at once.
+pub const DEFAULT_RECORD_LINGER: Duration = Duration::from_secs(5);
+
+/// Recordings that may run at once: each holds a channel of frames and a reader; four lets a
+/// team record a few calls side by side and bounds what a loop of `record` calls can take.
+pub const DEFAULT_MAX_RECORDINGS: usize = 4;
+
 /// Agent settings as they appear in a file, the environment (`RELAY_AGENT_*`) or on `run`'s
 /// command line; every field optional. Each setting is declared here once: its doc comment is
 /// its help.
@@ -169,6 +198,56 @@ pub struct AgentConfig {
     #[arg(long, env = "RELAY_AGENT_QUIC_PROBE_INTERVAL", value_parser = duration_arg)]
     #[serde(default, with = "relay_runtime::config::duration")]
     pub quic_probe_interval: Option<Duration>,
+    /// Keep the last webhook exchanges for `relay-agent inspect` and `replay`, and allow
+    /// `relay-agent record`, through the admin listener. Off by default: callbacks carry phone
+    /// numbers and media carries the caller's voice.
+    #[arg(long, env = "RELAY_AGENT_INSPECT", num_args = 0..=1, default_missing_value = "true")]
+    pub inspect: Option<bool>,
+    /// Exchanges the inspection list keeps (default 100).
+    #[arg(long, env = "RELAY_AGENT_INSPECT_EXCHANGES")]
+    pub inspect_exchanges: Option<usize>,
+    /// Bytes of each body an inspection or recording keeps (default 65536).
+    #[arg(long, env = "RELAY_AGENT_INSPECT_BODY_BYTES")]
+    pub inspect_body_bytes: Option<usize>,
+    /// More header names whose values are redacted (besides Authorization, cookies and API
+    /// keys), e.g. the bot's own shared-secret header.
+    #[arg(long, env = "RELAY_AGENT_REDACT_HEADERS", value_delimiter = ',')]
+    pub redact_headers: Option<Vec<String>>,
+    /// Bytes one recording may hold before it ends (default 512 MiB).
+    #[arg(long, env = "RELAY_AGENT_RECORD_MAX_BYTES")]
+    pub record_max_bytes: Option<u64>,
+    /// How long one recording may run (e.g. `2h`).
+    #[arg(long, env = "RELAY_AGENT_RECORD_MAX_DURATION", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub record_max_duration: Option<Duration>,
+    /// After a recorded call's media ends, how long to wait for its last callbacks (e.g. `5s`).
+    #[arg(long, env = "RELAY_AGENT_RECORD_LINGER", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub record_linger: Option<Duration>,
+    /// Recordings that may run at once (default 4).
+    #[arg(long, env = "RELAY_AGENT_MAX_RECORDINGS")]
+    pub max_recordings: Option<usize>,
+}
+
+/// What the agent keeps of the exchanges it relays, when asked to (`inspect = true`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InspectSettings {
+    /// Whether inspection and recording are on.
+    pub enabled: bool,
+    /// See [`DEFAULT_INSPECT_EXCHANGES`].
+    pub exchanges: usize,
+    /// See [`DEFAULT_INSPECT_BODY_BYTES`].
+    pub body_bytes: usize,
+    /// Header names redacted besides [`relay_record::redact::DEFAULT_REDACTED_HEADERS`].
+    pub redact_headers: Vec<String>,
+    /// See [`DEFAULT_RECORD_MAX_BYTES`].
+    pub record_max_bytes: u64,
+    /// See [`DEFAULT_RECORD_MAX_DURATION`].
+    pub record_max_duration: Duration,
+    /// See [`DEFAULT_RECORD_LINGER`].
+    pub record_linger: Duration,
+    /// See [`DEFAULT_MAX_RECORDINGS`].
+    pub max_recordings: usize,
 }
 
 /// Where the agent's key and certificate come from.
@@ -233,6 +312,8 @@ pub struct AgentSettings {
     pub quic_fallback_after: Duration,
     /// See [`DEFAULT_QUIC_PROBE_INTERVAL`].
     pub quic_probe_interval: Duration,
+    /// Inspection and recording.
+    pub inspect: InspectSettings,
 }
 
 /// Checks and normalises the bot's base URL.
@@ -343,6 +424,23 @@ impl AgentConfig {
             settings.transport =
                 TransportChoice::parse(text).map_err(|message| ConfigError::Invalid { key: "transport", message })?;
         }
+        for (key, value) in [
+            ("inspect_exchanges", settings.inspect.exchanges),
+            ("inspect_body_bytes", settings.inspect.body_bytes),
+            ("max_recordings", settings.inspect.max_recordings),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid { key, message: "must be at least 1".into() });
+            }
+        }
+        for name in &settings.inspect.redact_headers {
+            if http::HeaderName::from_bytes(name.trim().as_bytes()).is_err() {
+                return Err(ConfigError::Invalid {
+                    key: "redact_headers",
+                    message: format!("{name:?} is not a header name"),
+                });
+            }
+        }
         if settings.reconnect_initial > settings.reconnect_max {
             return Err(ConfigError::Invalid {
                 key: "reconnect_initial",
@@ -377,6 +475,16 @@ impl AgentConfig {
             transport: TransportChoice::default(),
             quic_fallback_after: self.quic_fallback_after.unwrap_or(DEFAULT_QUIC_FALLBACK_AFTER),
             quic_probe_interval: self.quic_probe_interval.unwrap_or(DEFAULT_QUIC_PROBE_INTERVAL),
+            inspect: InspectSettings {
+                enabled: self.inspect.unwrap_or(false),
+                exchanges: self.inspect_exchanges.unwrap_or(DEFAULT_INSPECT_EXCHANGES),
+                body_bytes: self.inspect_body_bytes.unwrap_or(DEFAULT_INSPECT_BODY_BYTES),
+                redact_headers: self.redact_headers.clone().unwrap_or_default(),
+                record_max_bytes: self.record_max_bytes.unwrap_or(DEFAULT_RECORD_MAX_BYTES),
+                record_max_duration: self.record_max_duration.unwrap_or(DEFAULT_RECORD_MAX_DURATION),
+                record_linger: self.record_linger.unwrap_or(DEFAULT_RECORD_LINGER),
+                max_recordings: self.max_recordings.unwrap_or(DEFAULT_MAX_RECORDINGS),
+            },
         }
     }
 }
@@ -415,6 +523,26 @@ mod tests {
         let text = format!("{base}worker_threads = 0\n");
         let settings = AgentConfig::parse(&text, Path::new("f")).unwrap().resolve().unwrap();
         assert_eq!(relay_runtime::Workers::from_setting(settings.worker_threads), relay_runtime::Workers::PerCpu);
+    }
+
+    #[test]
+    fn inspection_is_off_unless_asked_and_its_bounds_are_checked() {
+        let base = "state_dir = \"/s\"\nupstream = \"http://127.0.0.1:1\"\n";
+        let settings = AgentConfig::parse(base, Path::new("f")).unwrap().resolve().unwrap();
+        assert!(!settings.inspect.enabled);
+        assert_eq!(settings.inspect.body_bytes, DEFAULT_INSPECT_BODY_BYTES);
+        let text = format!("{base}inspect = true\ninspect_exchanges = 5\nredact_headers = [\"X-Bot-Secret\"]\n");
+        let settings = AgentConfig::parse(&text, Path::new("f")).unwrap().resolve().unwrap();
+        assert!(settings.inspect.enabled);
+        assert_eq!((settings.inspect.exchanges, settings.inspect.redact_headers.len()), (5, 1));
+        for bad in ["inspect_body_bytes = 0", "redact_headers = [\"bad header\"]", "max_recordings = 0"] {
+            let err = AgentConfig::parse(&format!("{base}{bad}\n"), Path::new("f"))
+                .and_then(AgentConfig::resolve)
+                .unwrap_err()
+                .to_string();
+            let key = bad.split(' ').next().unwrap();
+            assert!(err.contains(key) && !err.contains('\n'), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use http::header::{self, HeaderName};
 use http::{Method, Request, Uri};
+use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -14,18 +15,22 @@ use relay_proto::{ExchangeHead, ExchangeKind, Failure, FailureKind, HttpReply, R
 use relay_transport::BiStream;
 use relay_tunnel::body::{RelayBody, body_from_stream, copy_body_to_stream};
 use relay_tunnel::exchange;
-use relay_tunnel::websocket::{SessionLimits, pump};
+use relay_tunnel::quality::{DEFAULT_GLITCH_GAP, SessionQuality};
+use relay_tunnel::websocket::{FrameTap, SessionLimits, pump_tapped};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tracing::{debug, info, warn};
 
 use crate::config::AgentSettings;
 use crate::metrics::{AgentMetrics, status_class};
+use crate::observe::{Answer, Observer};
 
 /// Forwards exchanges to one bot.
 pub(crate) struct Forwarder {
     settings: std::sync::Arc<AgentSettings>,
     client: Client<HttpConnector, RelayBody>,
     metrics: std::sync::Arc<AgentMetrics>,
+    /// Inspection and recordings (nothing while inspection is off).
+    observer: std::sync::Arc<Observer>,
 }
 
 fn path_and_query(head: &ExchangeHead) -> &str {
@@ -46,12 +51,16 @@ impl Forwarder {
         }
     }
 
-    pub fn new(settings: std::sync::Arc<AgentSettings>, metrics: std::sync::Arc<AgentMetrics>) -> Self {
+    pub fn new(
+        settings: std::sync::Arc<AgentSettings>,
+        metrics: std::sync::Arc<AgentMetrics>,
+        observer: std::sync::Arc<Observer>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(settings.bot_timeout));
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        Self { settings, client, metrics }
+        Self { settings, client, metrics, observer }
     }
 
     fn bot_uri(&self, head: &ExchangeHead, scheme: &str) -> Result<Uri, String> {
@@ -86,14 +95,22 @@ impl Forwarder {
             self.metrics.exchange("http", "malformed", started.elapsed().as_secs_f64());
             return;
         };
+        let watch = self.observer.begin(&head);
         let BiStream { mut send, recv } = stream;
-        let request = request.map(|()| body_from_stream(recv));
+        let body = match &watch {
+            Some(watch) => watch.request.tap(body_from_stream(recv)).boxed_unsync(),
+            None => body_from_stream(recv),
+        };
+        let request = request.map(|()| body);
         let answer = tokio::time::timeout(self.settings.bot_timeout, self.client.request(request)).await;
         let response = match answer {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => {
                 let detail = error_chain(&e);
                 warn!(request_id, path = %path_of(&head), "bot unreachable: {detail}");
+                if let Some(watch) = watch {
+                    watch.finish(Answer { failure: Some(format!("bot unreachable: {detail}")), ..Answer::default() });
+                }
                 let failure = Failure { kind: FailureKind::BotUnreachable, detail };
                 exchange::reply_final(&mut send, &HttpReply::Failed(failure)).await;
                 self.metrics.exchange("http", "bot-unreachable", started.elapsed().as_secs_f64());
@@ -102,22 +119,39 @@ impl Forwarder {
             Err(_) => {
                 warn!(request_id, path = %path_of(&head), "bot did not answer within {:?}", self.settings.bot_timeout);
                 let detail = format!("no answer within {:?}", self.settings.bot_timeout);
+                if let Some(watch) = watch {
+                    watch.finish(Answer { failure: Some(format!("bot timeout: {detail}")), ..Answer::default() });
+                }
                 let failure = Failure { kind: FailureKind::BotTimeout, detail };
                 exchange::reply_final(&mut send, &HttpReply::Failed(failure)).await;
                 self.metrics.exchange("http", "bot-timeout", started.elapsed().as_secs_f64());
                 return;
             }
         };
+        let answered_at = Instant::now();
         let (parts, body) = response.into_parts();
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
-        let reply = HttpReply::Response(ResponseHead { status: parts.status.as_u16(), headers: to_wire(&headers) });
+        let wire = to_wire(&headers);
+        let shown = watch.as_ref().map(|_| wire.clone());
+        let reply = HttpReply::Response(ResponseHead { status: parts.status.as_u16(), headers: wire });
         if let Err(e) = exchange::reply(&mut send, &reply).await {
             warn!(request_id, "could not return the bot's answer to the edge: {e}");
             send.reset(code::ABORTED);
             return;
         }
-        let copied = copy_body_to_stream(body, &mut send, None).await;
+        let copied = match &watch {
+            Some(watch) => copy_body_to_stream(watch.response.tap(body), &mut send, None).await,
+            None => copy_body_to_stream(body, &mut send, None).await,
+        };
+        if let Some(watch) = watch {
+            watch.finish(Answer {
+                status: Some(parts.status.as_u16()),
+                headers: shown.as_deref(),
+                failure: copied.as_ref().err().map(|e| format!("response body not fully relayed: {e}")),
+                answered_at: Some(answered_at),
+            });
+        }
         self.metrics.exchange("http", status_class(parts.status.as_u16()), started.elapsed().as_secs_f64());
         match copied {
             // The edge logs every exchange at info; the agent's line is detail for debugging.
@@ -212,9 +246,24 @@ impl Forwarder {
                 return;
             }
         };
+        let watch = self.observer.begin(&head);
         let (ws, accepted) = match self.open_bot_socket(request, request_id).await {
             Ok(opened) => opened,
             Err(refused) => {
+                if let Some(watch) = watch {
+                    let _ = watch.upgraded(match &refused {
+                        WsReply::Rejected { head, .. } => Answer {
+                            status: Some(head.status),
+                            headers: Some(&head.headers),
+                            answered_at: Some(Instant::now()),
+                            ..Answer::default()
+                        },
+                        WsReply::Failed(failure) => {
+                            Answer { failure: Some(failure.detail.clone()), ..Answer::default() }
+                        }
+                        WsReply::Accepted { .. } => Answer::default(),
+                    });
+                }
                 let outcome = match &refused {
                     WsReply::Rejected { head, .. } => status_class(head.status),
                     WsReply::Failed(Failure { kind: FailureKind::BotTimeout, .. }) => "bot-timeout".into(),
@@ -229,8 +278,20 @@ impl Forwarder {
             warn!(request_id, "edge went away before the upgrade completed: {e}");
             return;
         }
+        let tap = watch.and_then(|watch| {
+            let headers = match &accepted {
+                WsReply::Accepted { headers, .. } => Some(headers.as_slice()),
+                _ => None,
+            };
+            watch.upgraded(Answer { status: Some(101), headers, answered_at: Some(Instant::now()), failure: None })
+        });
         self.metrics.websocket_sessions.inc();
-        let report = pump(ws, stream, self.session_limits()).await;
+        let quality = std::sync::Arc::new(SessionQuality::new(DEFAULT_GLITCH_GAP));
+        let frames = tap.clone().map(|tap| tap as std::sync::Arc<dyn FrameTap>);
+        let report = pump_tapped(ws, stream, self.session_limits(), quality, frames).await;
+        if let Some(tap) = tap {
+            tap.closed(format!("{:?}", report.tunnel_side), format!("{:?}", report.socket_side));
+        }
         self.metrics.websocket_sessions.dec();
         self.metrics.exchange("websocket", "101", started.elapsed().as_secs_f64());
         info!(

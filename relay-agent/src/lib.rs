@@ -7,12 +7,16 @@
 
 mod backoff;
 pub mod cli;
+mod commands;
 pub mod config;
 mod control;
 mod forward;
+pub mod inspect;
 mod link;
 pub mod metrics;
+mod observe;
 pub mod pairing;
+mod record;
 mod replicas;
 mod tunnel;
 
@@ -76,6 +80,13 @@ impl Agent {
         let (connected_tx, connected) = watch::channel(0);
         let (drain_acks_tx, drain_acks) = watch::channel(0);
         let metrics = Arc::new(metrics::AgentMetrics::default());
+        let observer = Arc::new(observe::Observer::new(
+            &settings.inspect,
+            &name,
+            settings.upstream.to_string().trim_end_matches('/').to_owned(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
         let admin_addr = match settings.admin_listen {
             Some(addr) => {
                 let admin =
@@ -85,13 +96,20 @@ impl Agent {
                 // Ready while at least one edge replica has welcomed us and no drain started.
                 let (ready_connected, ready_draining) = (connected.clone(), draining.clone());
                 let ready = move || !ready_draining.is_cancelled() && *ready_connected.borrow() > 0;
-                tasks.spawn(admin.serve(move || text_metrics.encode(), ready, shutdown.clone()));
+                if settings.inspect.enabled && !bound.ip().is_loopback() {
+                    tracing::warn!(
+                        admin = %bound,
+                        "inspection is on and the admin listener is not on loopback: whoever reaches it can read callbacks and record calls"
+                    );
+                }
+                let routes = observer.routes();
+                tasks.spawn(admin.serve_with(move || text_metrics.encode(), ready, routes, shutdown.clone()));
                 Some(bound)
             }
             None => None,
         };
         let client = Arc::new(tunnel::TunnelClient {
-            forwarder: Arc::new(forward::Forwarder::new(settings.clone(), metrics.clone())),
+            forwarder: Arc::new(forward::Forwarder::new(settings.clone(), metrics.clone(), observer)),
             metrics: metrics.clone(),
             state_dir,
             settings,

@@ -66,6 +66,10 @@ pub struct AgentMetrics {
     /// Extra dials of an edge address looking for replicas behind it, by what they found
     /// (`new`, `known`).
     pub replica_probes: Family<OutcomeLabels, Counter>,
+    /// Call recordings running now.
+    pub recordings: Gauge,
+    /// Recording lines (media frames, mostly) left out because a reader fell behind.
+    pub recording_lines_dropped: Counter,
 }
 
 impl Default for AgentMetrics {
@@ -118,8 +122,18 @@ impl Default for AgentMetrics {
             "Connections made to find edge replicas behind one address, by whether they found a new one",
             replica_probes.clone(),
         );
+        let recordings = Gauge::default();
+        let recording_lines_dropped = Counter::default();
+        registry.register("relay_agent_recordings", "Call recordings running now", recordings.clone());
+        registry.register(
+            "relay_agent_recording_lines_dropped",
+            "Recording lines left out because the recording's reader fell behind",
+            recording_lines_dropped.clone(),
+        );
         Self {
             registry,
+            recordings,
+            recording_lines_dropped,
             exchanges,
             websocket_sessions,
             connected,

@@ -14,8 +14,9 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("crates/relay-transport", &["relay-proto", "relay-pki"]),
     ("crates/relay-tunnel", &["relay-proto", "relay-transport"]),
     ("crates/relay-runtime", &["relay-proto", "relay-transport", "relay-tunnel"]),
+    ("crates/relay-record", &[]),
     ("relay-edge", &["relay-proto", "relay-pki", "relay-guard", "relay-transport", "relay-tunnel", "relay-runtime"]),
-    ("relay-agent", &["relay-proto", "relay-pki", "relay-transport", "relay-tunnel", "relay-runtime"]),
+    ("relay-agent", &["relay-proto", "relay-pki", "relay-transport", "relay-tunnel", "relay-runtime", "relay-record"]),
 ];
 
 /// Crates whose modules are checked for cycles (the tools too).
@@ -26,6 +27,7 @@ const CRATES: &[&str] = &[
     "crates/relay-transport",
     "crates/relay-tunnel",
     "crates/relay-runtime",
+    "crates/relay-record",
     "relay-edge",
     "relay-agent",
     "crates/relay-testkit",

@@ -37,6 +37,42 @@ enum Command {
     Compare(CompareArgs),
     /// Attack a fresh edge + agent as a hostile caller would, and report what it cost the edge.
     Hostile(HostileArgs),
+    /// Drive one simulated ACS call at a target (an edge or a bot): IncomingCall, CallConnected,
+    /// a media session at 50 frames a second, CallDisconnected. Exits 1 unless every webhook got
+    /// 200 and every frame came back (against an echo bot).
+    Call {
+        /// `HOST:PORT` serving `/api/incomingCall`, `/api/callbacks/*` and `/ws`.
+        #[arg(long)]
+        target: String,
+        /// The call's correlation id.
+        #[arg(long, default_value = "5b2f8c1e-7d43-4a9e-b0c6-2e81f9d4a735")]
+        call: String,
+        /// AudioData frames the caller sends (50 a second).
+        #[arg(long, default_value_t = 150)]
+        frames: u64,
+    },
+    /// Play a call recorded by `relay-agent record` against a bot, with its timing, and report
+    /// where the bot's answers differ from the recorded ones. Exits 1 when they differ.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReplayArgs {
+    /// The recording (JSON lines from `relay-agent record`).
+    file: PathBuf,
+    /// The bot's base URL, e.g. `http://127.0.0.1:8080`.
+    #[arg(long)]
+    target: String,
+    /// A header to add to every request, `Name: value` (redacted credentials are not sent);
+    /// repeatable.
+    #[arg(long = "header", value_name = "HEADER")]
+    headers: Vec<String>,
+    /// How long the bot has to answer each webhook and upgrade (e.g. `30s`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    answer_timeout: Option<Duration>,
+    /// How long after a session's last recorded event the bot may still send or close (e.g. `5s`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    linger: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -237,6 +273,39 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     media.callbacks_failed,
                     hooks.failed
                 );
+            }
+        }
+        Command::Call { target, call, frames } => {
+            let addr: SocketAddr = tokio::net::lookup_host(&target)
+                .await
+                .with_context(|| format!("cannot resolve --target {target}"))?
+                .next()
+                .with_context(|| format!("--target {target} resolves to no address"))?;
+            let done = relay_testkit::acs::simulated_call(addr, &call, frames).await?;
+            let statuses: Vec<String> = done.webhooks.iter().map(|(_, s)| s.to_string()).collect();
+            println!(
+                "call {call}: webhooks answered {}; media {} frames sent, {} echoed intact, closed 1000",
+                statuses.join(" "),
+                done.media.sent,
+                done.media.received
+            );
+            if done.webhooks.iter().any(|(_, s)| *s != 200) || !done.media.intact() {
+                bail!("the call did not go through intact");
+            }
+        }
+        Command::Replay(args) => {
+            let recording = relay_record::Recording::from_path(&args.file)
+                .with_context(|| format!("cannot play {}", args.file.display()))?;
+            let mut options = relay_record::PlayOptions::new(&args.target)?;
+            for header in &args.headers {
+                options.header(header)?;
+            }
+            options.answer_timeout = args.answer_timeout.unwrap_or(options.answer_timeout);
+            options.linger = args.linger.unwrap_or(options.linger);
+            let report = relay_record::play(&recording, &options).await;
+            print!("{}", report.render());
+            if !report.matches() {
+                bail!("the bot answered differently from the recording");
             }
         }
         Command::Hostile(args) => {

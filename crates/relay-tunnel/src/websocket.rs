@@ -30,6 +30,23 @@ const FRAME_OVERHEAD: usize = 16;
 /// Longest close reason RFC 6455 allows (125-byte control payload less the 2-byte code).
 const MAX_CLOSE_REASON: usize = 123;
 
+/// Which way a message crossed the pump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crossing {
+    /// From the socket onto the tunnel (on the agent: from the bot).
+    SocketToTunnel,
+    /// From the tunnel onto the socket (on the agent: from the caller).
+    TunnelToSocket,
+}
+
+/// Sees every message a session relays, each way, as it passes (a call recording). It runs on
+/// the pump's task for each message, so it must be quick and must not block: copy what it needs
+/// and hand it on.
+pub trait FrameTap: Send + Sync {
+    /// `frame` crossed the pump `crossing`.
+    fn frame(&self, crossing: Crossing, frame: &WsFrame);
+}
+
 /// How one side of a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SideEnd {
@@ -254,10 +271,16 @@ struct Shared {
     to_socket: AtomicU64,
     /// Sizes and arrival times of the data messages each way.
     quality: std::sync::Arc<SessionQuality>,
+    /// Sees each message relayed, when the session is being recorded.
+    tap: Option<std::sync::Arc<dyn FrameTap>>,
 }
 
 impl Shared {
-    fn new(limits: &SessionLimits, quality: std::sync::Arc<SessionQuality>) -> Self {
+    fn new(
+        limits: &SessionLimits,
+        quality: std::sync::Arc<SessionQuality>,
+        tap: Option<std::sync::Arc<dyn FrameTap>>,
+    ) -> Self {
         Self {
             frame_limit: limits.max_message.saturating_add(FRAME_OVERHEAD),
             write_timeout: limits.write_timeout,
@@ -269,6 +292,13 @@ impl Shared {
             to_tunnel: AtomicU64::new(0),
             to_socket: AtomicU64::new(0),
             quality,
+            tap,
+        }
+    }
+
+    fn tap(&self, crossing: Crossing, frame: &WsFrame) {
+        if let Some(tap) = &self.tap {
+            tap.frame(crossing, frame);
         }
     }
 
@@ -324,9 +354,23 @@ pub async fn pump_measured<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    pump_tapped(ws, stream, limits, quality, None).await
+}
+
+/// [`pump_measured`], showing each relayed message to `tap` when there is one.
+pub async fn pump_tapped<S>(
+    ws: WebSocketStream<S>,
+    stream: BiStream,
+    limits: SessionLimits,
+    quality: std::sync::Arc<SessionQuality>,
+    tap: Option<std::sync::Arc<dyn FrameTap>>,
+) -> PumpReport
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let (mut sink, source) = ws.split();
     let BiStream { mut send, mut recv } = stream;
-    let shared = Shared::new(&limits, quality);
+    let shared = Shared::new(&limits, quality, tap);
     let socket_to_tunnel = socket_to_tunnel(&shared, source, &mut send);
     let tunnel_to_socket = tunnel_to_socket(&shared, &mut sink, &mut recv);
     let (socket_side, tunnel_side) = {
@@ -426,6 +470,7 @@ where
             send.reset(code::ABORTED);
             return end;
         }
+        shared.tap(Crossing::SocketToTunnel, &frame);
         if is_data {
             shared.touch();
         }
@@ -480,6 +525,7 @@ where
             failed => return tunnel_failed(sink, recv, failed.err()).await,
         };
         let closing = close_code(&frame);
+        shared.tap(Crossing::TunnelToSocket, &frame);
         let data_len = match &frame {
             WsFrame::Text(bytes) | WsFrame::Binary(bytes) => Some(bytes.len()),
             _ => None,

@@ -1,0 +1,451 @@
+//! Whole-call recordings. `relay-agent record` asks the admin listener for `/record?call=ID` (or
+//! `/record` for the next call that arrives) and is sent the call as JSON lines while it happens:
+//! its webhooks with the bot's answers, each media session's upgrade, every frame each way with
+//! its time offset, and how each session ended ([`relay_record::format`]). A recording ends when
+//! the call does (`CallDisconnected`, or its media ended and no callback came for the linger),
+//! at its size or duration bound, when the agent stops, or when its reader goes away. Frames are
+//! handed over without waiting: a reader that falls behind loses frames, counted, rather than
+//! slow the call or grow the agent.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::StatusCode;
+use relay_proto::WsFrame;
+use relay_record::format::{CloseInfo, End, FORMAT_VERSION, MediaClose};
+use relay_record::{Entry, Frame, FrameData, MediaOpen, Meta, Side, Webhook};
+use relay_runtime::admin::{Route, RouteAnswer, RouteRequest};
+use relay_tunnel::websocket::{Crossing, FrameTap};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::InspectSettings;
+use crate::metrics::AgentMetrics;
+
+/// Where the admin listener serves recordings.
+pub const RECORD_PATH: &str = "/record";
+
+/// Lines a recording may hold queued for its reader: about 20 s of a call's media (100 frames a
+/// second). A reader that falls further behind loses frames rather than grow the agent.
+pub const RECORD_QUEUE_LINES: usize = 2048;
+
+/// How long the last line of a recording may wait for room in the queue.
+const END_LINE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest call id a recording may be asked for (ACS correlation ids are 36-byte GUIDs).
+const MAX_CALL_ID_LEN: usize = 128;
+
+/// ACS's event type for a new call, in both Event Grid schemas.
+pub(crate) const INCOMING_CALL: &str = "Microsoft.Communication.IncomingCall";
+
+/// ACS's callback for a call that ended.
+pub(crate) const CALL_DISCONNECTED: &str = "Microsoft.Communication.CallDisconnected";
+
+/// The events in a webhook body: each one's type and call correlation id. Event Grid posts an
+/// array (its own schema and CloudEvents batches); a CloudEvents single delivery is one object.
+pub(crate) fn events(body: &[u8]) -> Vec<(String, Option<String>)> {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else { return Vec::new() };
+    let events = match value {
+        serde_json::Value::Array(events) => events,
+        event => vec![event],
+    };
+    events
+        .iter()
+        .map(|event| {
+            let kind =
+                event.get("type").or_else(|| event.get("eventType")).and_then(|t| t.as_str()).unwrap_or_default();
+            let call = event.pointer("/data/correlationId").and_then(|c| c.as_str()).map(str::to_owned);
+            (kind.to_owned(), call)
+        })
+        .collect()
+}
+
+/// Which call a recording is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Want {
+    /// This correlation id.
+    Call(String),
+    /// The next call whose IncomingCall arrives.
+    Next,
+}
+
+/// One running recording.
+#[derive(Debug)]
+struct Recording {
+    want: Mutex<Want>,
+    created: Instant,
+    /// The start the offsets count from: the first recorded exchange's.
+    t0: OnceLock<Instant>,
+    /// Taken when the recording ends, which ends the reader's stream.
+    lines: Mutex<Option<mpsc::Sender<Bytes>>>,
+    bytes: AtomicU64,
+    max_bytes: u64,
+    dropped: AtomicU64,
+    /// Set when the size bound was reached.
+    full: CancellationToken,
+    open_media: AtomicUsize,
+    media_ended: AtomicBool,
+    sessions: AtomicU64,
+    disconnected: AtomicBool,
+    /// Milliseconds from `created` to the last exchange of the call.
+    last_activity_ms: AtomicU64,
+    changed: Notify,
+}
+
+impl Recording {
+    fn call(&self) -> Option<String> {
+        match &*self.want.lock().ok()? {
+            Want::Call(call) => Some(call.clone()),
+            Want::Next => None,
+        }
+    }
+
+    fn is_for(&self, call: Option<&str>) -> bool {
+        call.is_some_and(|call| self.call().as_deref() == Some(call))
+    }
+
+    /// Makes a recording of the next call record `call`; false if it already records one.
+    fn claim(&self, call: &str) -> bool {
+        let Ok(mut want) = self.want.lock() else { return false };
+        if *want != Want::Next {
+            return false;
+        }
+        *want = Want::Call(call.to_owned());
+        true
+    }
+
+    /// Milliseconds from the recording's start to `at` (the first call makes `at` the start).
+    fn at_ms(&self, at: Instant) -> f64 {
+        let t0 = *self.t0.get_or_init(|| at);
+        at.saturating_duration_since(t0).as_secs_f64() * 1000.0
+    }
+
+    /// Queues one line for the reader, or counts it dropped when the reader is behind or the
+    /// size bound is reached.
+    fn write(&self, entry: &Entry, metrics: &AgentMetrics) {
+        if self.full.is_cancelled() {
+            return;
+        }
+        let line = entry.line();
+        let len = line.len() as u64;
+        if self.bytes.load(Ordering::Relaxed).saturating_add(len) > self.max_bytes {
+            self.full.cancel();
+            return;
+        }
+        let Ok(lines) = self.lines.lock() else { return };
+        let Some(lines) = lines.as_ref() else { return };
+        match lines.try_send(line) {
+            Ok(()) => {
+                self.bytes.fetch_add(len, Ordering::Relaxed);
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                metrics.recording_lines_dropped.inc();
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_activity_ms.store(ms, Ordering::Relaxed);
+        self.changed.notify_one();
+    }
+}
+
+/// The recordings running now.
+#[derive(Debug)]
+pub(crate) struct Recorders {
+    settings: InspectSettings,
+    agent: String,
+    redacted: Vec<String>,
+    active: Mutex<Vec<Arc<Recording>>>,
+    count: AtomicUsize,
+    shutdown: CancellationToken,
+    metrics: Arc<AgentMetrics>,
+}
+
+impl Recorders {
+    pub fn new(
+        settings: InspectSettings,
+        agent: String,
+        redacted: Vec<String>,
+        metrics: Arc<AgentMetrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self { settings, agent, redacted, active: Mutex::default(), count: AtomicUsize::new(0), shutdown, metrics }
+    }
+
+    /// Whether any recording runs (the only check the data path makes when none does).
+    pub fn any(&self) -> bool {
+        self.count.load(Ordering::Relaxed) > 0
+    }
+
+    fn active(&self) -> Vec<Arc<Recording>> {
+        if !self.any() {
+            return Vec::new();
+        }
+        self.active.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    fn meta(&self, call: &str) -> Entry {
+        let started_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Entry::Recording(Meta {
+            version: FORMAT_VERSION,
+            call: call.to_owned(),
+            agent: self.agent.clone(),
+            started_unix_ms,
+            redacted_headers: self.redacted.clone(),
+        })
+    }
+
+    /// A webhook of `hook.call` finished: recordings of that call get it; a recording of the
+    /// next call takes the call it starts (`IncomingCall`).
+    pub fn webhook(&self, hook: &Webhook, started: Instant, events: &[(String, Option<String>)]) {
+        let active = self.active();
+        if active.is_empty() {
+            return;
+        }
+        let incoming = events.iter().find_map(|(kind, call)| (kind == INCOMING_CALL).then_some(call.clone())).flatten();
+        let disconnected = events.iter().any(|(kind, _)| kind == CALL_DISCONNECTED);
+        let call = hook.call.as_deref().or(incoming.as_deref());
+        for recording in active {
+            let claimed = match &incoming {
+                Some(call) if recording.claim(call) => {
+                    recording.write(&self.meta(call), &self.metrics);
+                    true
+                }
+                _ => false,
+            };
+            if !claimed && !recording.is_for(call) {
+                continue;
+            }
+            let mut entry = hook.clone();
+            entry.at_ms = recording.at_ms(started);
+            recording.write(&Entry::Webhook(Box::new(entry)), &self.metrics);
+            if disconnected {
+                recording.disconnected.store(true, Ordering::Relaxed);
+            }
+            recording.touch();
+        }
+    }
+
+    /// A media session of `call` opened: recordings of that call get its upgrade, and a tap
+    /// that hands them its frames.
+    pub fn media(&self, call: Option<&str>, open: &MediaOpen, started: Instant) -> Option<Arc<MediaTap>> {
+        let targets: Vec<(Arc<Recording>, u64)> = self
+            .active()
+            .into_iter()
+            .filter(|r| r.is_for(call))
+            .map(|recording| {
+                let session = recording.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+                let entry = MediaOpen { at_ms: recording.at_ms(started), session, ..open.clone() };
+                recording.write(&Entry::MediaOpen(entry), &self.metrics);
+                recording.open_media.fetch_add(1, Ordering::Relaxed);
+                recording.touch();
+                (recording, session)
+            })
+            .collect();
+        (!targets.is_empty()).then(|| Arc::new(MediaTap { targets, metrics: self.metrics.clone() }))
+    }
+
+    /// Starts a recording for `want`; its lines come on the returned channel.
+    fn start(self: &Arc<Self>, want: Want) -> Result<mpsc::Receiver<Bytes>, (StatusCode, String)> {
+        let (tx, rx) = mpsc::channel(RECORD_QUEUE_LINES);
+        let recording = Arc::new(Recording {
+            want: Mutex::new(want.clone()),
+            created: Instant::now(),
+            t0: OnceLock::new(),
+            lines: Mutex::new(Some(tx)),
+            bytes: AtomicU64::new(0),
+            max_bytes: self.settings.record_max_bytes,
+            dropped: AtomicU64::new(0),
+            full: CancellationToken::new(),
+            open_media: AtomicUsize::new(0),
+            media_ended: AtomicBool::new(false),
+            sessions: AtomicU64::new(0),
+            disconnected: AtomicBool::new(false),
+            last_activity_ms: AtomicU64::new(0),
+            changed: Notify::new(),
+        });
+        {
+            let mut active = self.active.lock().map_err(|_| (StatusCode::INTERNAL_SERVER_ERROR, "poisoned".into()))?;
+            if active.len() >= self.settings.max_recordings {
+                return Err((
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("{} recordings are running already (max_recordings)", active.len()),
+                ));
+            }
+            active.push(recording.clone());
+            self.count.store(active.len(), Ordering::Relaxed);
+        }
+        if let Want::Call(call) = &want {
+            recording.write(&self.meta(call), &self.metrics);
+        }
+        self.metrics.recordings.inc();
+        tokio::spawn(self.clone().watch(recording));
+        Ok(rx)
+    }
+
+    /// Ends `recording` when its call ends or a bound is reached, with its `end` line.
+    async fn watch(self: Arc<Self>, recording: Arc<Recording>) {
+        let deadline = tokio::time::Instant::from_std(recording.created + self.settings.record_max_duration);
+        let closed = recording.lines.lock().ok().and_then(|l| l.clone());
+        let reason = loop {
+            let fixed = recording.call().is_some();
+            let idle = fixed && recording.open_media.load(Ordering::Relaxed) == 0;
+            if idle && recording.disconnected.load(Ordering::Relaxed) {
+                break "call disconnected".to_owned();
+            }
+            let mut wake = deadline;
+            if idle && recording.media_ended.load(Ordering::Relaxed) {
+                let last = Duration::from_millis(recording.last_activity_ms.load(Ordering::Relaxed));
+                let linger_end = tokio::time::Instant::from_std(recording.created + last + self.settings.record_linger);
+                if tokio::time::Instant::now() >= linger_end {
+                    break format!("media ended and no callback came for {:?}", self.settings.record_linger);
+                }
+                wake = wake.min(linger_end);
+            }
+            tokio::select! {
+                () = async { if let Some(lines) = &closed { lines.closed().await } } => break "reader went away".to_owned(),
+                () = self.shutdown.cancelled() => break "agent stopping".to_owned(),
+                () = recording.full.cancelled() => break format!("size bound of {} bytes reached", recording.max_bytes),
+                () = recording.changed.notified() => {}
+                () = tokio::time::sleep_until(wake) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        break format!("duration bound of {:?} reached", self.settings.record_max_duration);
+                    }
+                }
+            }
+        };
+        drop(closed);
+        if let Ok(mut active) = self.active.lock() {
+            active.retain(|r| !Arc::ptr_eq(r, &recording));
+            self.count.store(active.len(), Ordering::Relaxed);
+        }
+        self.metrics.recordings.dec();
+        let lines = recording.lines.lock().ok().and_then(|mut l| l.take());
+        if let Some(lines) = lines {
+            let at_ms = recording.t0.get().map_or(0.0, |t0| t0.elapsed().as_secs_f64() * 1000.0);
+            let dropped = recording.dropped.load(Ordering::Relaxed);
+            let end = Entry::End(End { at_ms, reason: reason.clone(), dropped });
+            let _ = tokio::time::timeout(END_LINE_TIMEOUT, lines.send(end.line())).await;
+        }
+        tracing::info!(call = ?recording.call(), reason, "recording ended");
+    }
+
+    /// The admin route: `/record?call=ID` or `/record` (the next call).
+    pub fn route(self: Arc<Self>) -> Route {
+        Arc::new(move |asked: RouteRequest<'_>| {
+            if !asked.rest.is_empty() {
+                return RouteAnswer::NotFound("no such path".into());
+            }
+            let want = match call_asked(asked.query) {
+                Ok(Some(call)) => Want::Call(call),
+                Ok(None) => Want::Next,
+                Err(why) => return RouteAnswer::Refused(StatusCode::BAD_REQUEST, why),
+            };
+            match self.start(want) {
+                Ok(lines) => RouteAnswer::Lines(lines),
+                Err((status, why)) => RouteAnswer::Refused(status, why),
+            }
+        })
+    }
+}
+
+/// The call id in a `/record` query (`call=ID`), checked: ids are GUID-like.
+fn call_asked(query: Option<&str>) -> Result<Option<String>, String> {
+    let Some(query) = query else { return Ok(None) };
+    let mut call = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("call", id)) => call = Some(id),
+            _ => return Err(format!("unknown parameter {pair:?} (expected call=ID)")),
+        }
+    }
+    let Some(call) = call else { return Ok(None) };
+    let shaped = !call.is_empty()
+        && call.len() <= MAX_CALL_ID_LEN
+        && call.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if !shaped {
+        return Err(format!("{call:?} is not a call id (letters, digits, - _ . :, at most {MAX_CALL_ID_LEN})"));
+    }
+    Ok(Some(call.to_owned()))
+}
+
+/// Hands a media session's frames to the recordings of its call.
+#[derive(Debug)]
+pub(crate) struct MediaTap {
+    targets: Vec<(Arc<Recording>, u64)>,
+    metrics: Arc<AgentMetrics>,
+}
+
+impl MediaTap {
+    /// The session ended: each recording gets how, and may end after the linger.
+    pub fn closed(&self, caller_end: String, bot_end: String) {
+        let now = Instant::now();
+        for (recording, session) in &self.targets {
+            let entry = MediaClose {
+                at_ms: recording.at_ms(now),
+                session: *session,
+                caller_end: caller_end.clone(),
+                bot_end: bot_end.clone(),
+            };
+            recording.write(&Entry::MediaClose(entry), &self.metrics);
+            recording.open_media.fetch_sub(1, Ordering::Relaxed);
+            recording.media_ended.store(true, Ordering::Relaxed);
+            recording.touch();
+        }
+    }
+}
+
+impl FrameTap for MediaTap {
+    fn frame(&self, crossing: Crossing, frame: &WsFrame) {
+        let from = match crossing {
+            // On the agent the tunnel is the caller's side and the socket the bot's.
+            Crossing::TunnelToSocket => Side::Caller,
+            Crossing::SocketToTunnel => Side::Bot,
+        };
+        let data = match frame {
+            WsFrame::Text(bytes) => FrameData::Text(String::from_utf8_lossy(bytes).into_owned()),
+            WsFrame::Binary(bytes) => FrameData::binary(bytes),
+            WsFrame::Ping(bytes) => FrameData::Ping(relay_record::format::base64_encode(bytes)),
+            WsFrame::Pong(_) => return,
+            WsFrame::Close(close) => {
+                FrameData::Close(close.as_ref().map(|c| CloseInfo { code: c.code, reason: c.reason.clone() }))
+            }
+        };
+        let now = Instant::now();
+        for (recording, session) in &self.targets {
+            let entry = Frame { at_ms: recording.at_ms(now), session: *session, from, data: data.clone() };
+            recording.write(&Entry::Frame(entry), &self.metrics);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_found_in_event_grid_arrays_and_cloud_event_objects() {
+        let grid = br#"[{"eventType":"Microsoft.Communication.IncomingCall","data":{"correlationId":"c-1"}}]"#;
+        assert_eq!(events(grid), vec![(INCOMING_CALL.to_owned(), Some("c-1".to_owned()))]);
+        let cloud = br#"{"type":"Microsoft.Communication.CallDisconnected","data":{"correlationId":"c-2"}}"#;
+        assert_eq!(events(cloud), vec![(CALL_DISCONNECTED.to_owned(), Some("c-2".to_owned()))]);
+        assert!(events(b"not json").is_empty());
+    }
+
+    #[test]
+    fn a_recording_is_asked_for_by_a_plain_call_id_or_for_the_next_call() {
+        assert_eq!(call_asked(None), Ok(None));
+        assert_eq!(call_asked(Some("call=7e1f-aa")), Ok(Some("7e1f-aa".to_owned())));
+        assert!(call_asked(Some("call=a%20b")).is_err());
+        assert!(call_asked(Some("cal=x")).is_err());
+        assert!(call_asked(Some(&format!("call={}", "a".repeat(200)))).is_err());
+    }
+}
