@@ -121,14 +121,14 @@ impl Tally {
             None => "cut short (no end line)".to_owned(),
         };
         format!(
-            "recorded call {} to {}: {} webhooks, {} media sessions, {} caller frames, {} bot frames, {} KiB; ended: {ended}",
+            "recorded call {} to {} ({} KiB): webhooks {}, media sessions {}, frames {} from the caller and {} from the bot; ended: {ended}",
             self.call.as_deref().unwrap_or("(none arrived)"),
             out.display(),
+            self.bytes / 1024,
             self.webhooks,
             self.sessions,
             self.caller_frames,
             self.bot_frames,
-            self.bytes / 1024,
         )
     }
 }

@@ -148,11 +148,25 @@ fn size(bytes: u64) -> String {
     if bytes < 10 * 1024 { format!("{bytes} B") } else { format!("{} KiB", bytes / 1024) }
 }
 
+/// Widest path column in the list: longer paths are cut with an ellipsis.
+const MAX_PATH_COLUMN: usize = 64;
+
+/// `text` cut to `width` characters, with an ellipsis when cut.
+fn cut(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_owned();
+    }
+    let mut short: String = text.chars().take(width.saturating_sub(1)).collect();
+    short.push('…');
+    short
+}
+
 /// The list for a terminal, oldest first.
 pub fn render_list(list: &[ExchangeSummary]) -> String {
     use std::fmt::Write as _;
+    let path_width = list.iter().map(|e| e.path.chars().count()).max().unwrap_or(0).clamp(4, MAX_PATH_COLUMN);
     let mut out = format!(
-        "{:>5}  {:<12}  {:<6}  {:<32}  {:>6}  {:>8}  {:>9}  {:>9}  {}\n",
+        "{:>5}  {:<12}  {:<6}  {:<path_width$}  {:>6}  {:>8}  {:>9}  {:>9}  {}\n",
         "ID", "TIME (UTC)", "METHOD", "PATH", "STATUS", "BOT MS", "IN", "OUT", "CALL"
     );
     for e in list {
@@ -164,11 +178,11 @@ pub fn render_list(list: &[ExchangeSummary]) -> String {
         let method = if e.websocket { "WS" } else { e.method.as_str() };
         let _ = writeln!(
             out,
-            "{:>5}  {:<12}  {:<6}  {:<32}  {:>6}  {:>8.1}  {:>9}  {:>9}  {}",
+            "{:>5}  {:<12}  {:<6}  {:<path_width$}  {:>6}  {:>8.1}  {:>9}  {:>9}  {}",
             e.id,
             time_of_day(e.unix_ms),
             method,
-            e.path,
+            cut(&e.path, path_width),
             status,
             e.answer_ms,
             size(e.request_bytes),
@@ -248,5 +262,24 @@ mod tests {
         assert_eq!(kept, vec![(2, "/b".to_owned()), (3, "/c".to_owned())]);
         assert!(inspector.get(1).is_none());
         assert_eq!(inspector.get(3).map(|h| h.path.clone()).as_deref(), Some("/c"));
+    }
+
+    #[test]
+    fn the_table_keeps_its_columns_for_long_paths() {
+        let summary = |id: u64, path: &str| {
+            ExchangeSummary::from(&Webhook {
+                id: Some(id),
+                method: "POST".into(),
+                path: path.into(),
+                status: Some(200),
+                ..Default::default()
+            })
+        };
+        let list = [summary(1, "/a"), summary(2, &format!("/api/callbacks/{}", "x".repeat(100)))];
+        let table = render_list(&list);
+        // Every column has one width: both rows are as long, the header longer by "CALL" over "-".
+        let widths: Vec<usize> = table.lines().map(|l| l.chars().count()).collect();
+        assert_eq!(widths, vec![widths[1] + 3, widths[1], widths[1]], "{table}");
+        assert!(table.contains('…') && widths[1] < 150, "{table}");
     }
 }

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use relay_proto::code;
+use relay_proto::{LABEL_HOLDS, code};
 use relay_transport::{DialError, Transport, TunnelConnection, dial_tunnel, host_of};
 use relay_tunnel::control::{self, AgentControl, GreetError, Welcome};
 use tokio::sync::mpsc;
@@ -164,17 +164,23 @@ impl Link {
         lost: &mut Option<Greeted>,
     ) -> Session {
         let client = &self.client;
-        let (control, Welcome { agent_name, edge_instance, .. }, connection) =
+        let (control, Welcome { agent_name, edge_instance, .. }, connection, counted) =
             match greet(client, &conn, lost.as_ref()).await {
                 Ok(welcomed) => welcomed,
                 Err(session) => return session,
             };
         if !client.held.claim(&edge_instance) {
             debug!(edge = %self.target, addr = %self.addr, %edge_instance, "reached an edge instance already held; retiring this connection");
-            // The edge counted this connection as soon as it welcomed it, and may already have
-            // sent an exchange down it: retire it like a moved link (tell the edge to send
-            // nothing new, answer what it sent, then close), so no webhook sent in that window
-            // fails. Closing at once answered such a webhook 502.
+            if !counted {
+                // A probe the edge knew for one: it routes nothing here and waits for the close.
+                conn.close_and_flush(code::OK, "already connected to this edge instance").await;
+                return Session::Duplicate;
+            }
+            // The edge counted this connection as soon as it welcomed it (the instance was not
+            // held yet when the hello was sent), and may already have sent an exchange down it:
+            // retire it like a moved link (tell the edge to send nothing new, answer what it
+            // sent, then close), so no webhook sent in that window fails. Closing at once
+            // answered such a webhook 502.
             let retired = CancellationToken::new();
             retired.cancel();
             self.moving.spawn(serve(client.clone(), conn, control, retired));
@@ -221,7 +227,7 @@ impl Link {
             };
             // The QUIC connection replaces this one: the edge must not take it for a probe.
             let (quic_control, quic_connection) = match greet(client, &quic, Some(current)).await {
-                Ok((control, welcome, connection)) if welcome.edge_instance == current.instance => {
+                Ok((control, welcome, connection, _)) if welcome.edge_instance == current.instance => {
                     (control, connection)
                 }
                 Ok(_) => {
@@ -307,21 +313,35 @@ impl Link {
     }
 }
 
-/// Says hello on a new connection and waits for the edge's welcome.
 /// Says hello on a new connection (naming the connection it replaces, if any) and waits for the
-/// edge's welcome; also returns the id the hello gave this connection.
+/// edge's welcome; also returns the id the hello gave this connection, and whether the edge
+/// counts it as one of the agent's connections (it does not when the hello said the agent
+/// already holds the instance that answered: a probe for other replicas).
 async fn greet(
     client: &TunnelClient,
     conn: &Arc<dyn TunnelConnection>,
     replaces: Option<&Greeted>,
-) -> Result<(AgentControl, Welcome, String), Session> {
+) -> Result<(AgentControl, Welcome, String, bool), Session> {
     let connection = format!("{:016x}", fastrand::u64(..));
     let hello = client.hello(replaces, &connection);
+    let declared_held = hello.labels.iter().find(|(k, _)| k == LABEL_HOLDS).map(|(_, v)| v.clone()).unwrap_or_default();
     match control::greet(conn, hello, client.settings.tunnel.handshake_timeout).await {
-        Ok((control, welcome)) => Ok((control, welcome, connection)),
+        Ok((control, welcome)) => {
+            let replaced = replaces.map(|old| old.instance.as_str());
+            let counted = edge_counts(&declared_held, replaced, &welcome.edge_instance);
+            Ok((control, welcome, connection, counted))
+        }
         Err(GreetError::Lost(reason)) => Err(Session::Failed(format!("the edge refused us: {reason}"))),
         Err(other) => Err(Session::Failed(other.to_string())),
     }
+}
+
+/// Whether the edge instance `instance` counts a connection whose hello declared `held` (comma-
+/// separated instances) and replaced `replaced`: it takes one that says it holds the instance
+/// already for a probe, routes nothing to it and waits for its close, unless the connection
+/// replaces one to that very instance.
+fn edge_counts(held: &str, replaced: Option<&str>, instance: &str) -> bool {
+    replaced == Some(instance) || !held.split(',').any(|h| h == instance)
 }
 
 /// Serves a welcomed connection: accepts one stream per exchange until the connection ends.
@@ -393,5 +413,18 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_edge_counts_a_connection_unless_its_hello_said_the_instance_was_held() {
+        assert!(edge_counts("", None, "e1"), "a first connection");
+        assert!(edge_counts("e2,e3", None, "e1"), "a new replica");
+        assert!(!edge_counts("e2,e1", None, "e1"), "a probe that found a held instance");
+        assert!(edge_counts("e1", Some("e1"), "e1"), "a connection replacing one to that instance");
     }
 }

@@ -276,9 +276,10 @@ pub struct SimulatedCall {
 /// Drives one ACS call at `addr` (an edge, or a bot directly) as ACS would: IncomingCall,
 /// `CallConnected`, a media session of `frames` AudioData frames at 50 a second closed with
 /// 1000, then `CallDisconnected`. Webhooks go to `/api/incomingCall` and
-/// `/api/callbacks/conn-ID`, media to `/ws`.
+/// `/api/callbacks/conn-X` (X: the correlation id up to its first `-`), media to `/ws`.
 pub async fn simulated_call(addr: SocketAddr, correlation_id: &str, frames: u64) -> anyhow::Result<SimulatedCall> {
-    let connection = format!("/api/callbacks/conn-{correlation_id}");
+    let call_connection = format!("conn-{}", correlation_id.split('-').next().unwrap_or(correlation_id));
+    let connection = format!("/api/callbacks/{call_connection}");
     let mut call = SimulatedCall::default();
     let mut post = async |path: &str, body: String| -> anyhow::Result<()> {
         let answer = crate::client::send_collect(addr, crate::client::post_json(addr, path, &body)).await?;
@@ -286,11 +287,11 @@ pub async fn simulated_call(addr: SocketAddr, correlation_id: &str, frames: u64)
         Ok(())
     };
     post("/api/incomingCall", incoming_call_event(correlation_id)).await?;
-    post(&connection, callback_event("CallConnected", &format!("conn-{correlation_id}"), correlation_id)).await?;
+    post(&connection, callback_event("CallConnected", &call_connection, correlation_id)).await?;
     let mut media = MediaCall::connect(addr, "/ws", correlation_id).await?;
     let stats = media.stream_audio(frames, Duration::from_secs(5)).await?;
     media.close(1000, "call ended").await?;
-    post(&connection, callback_event("CallDisconnected", &format!("conn-{correlation_id}"), correlation_id)).await?;
+    post(&connection, callback_event("CallDisconnected", &call_connection, correlation_id)).await?;
     call.media = stats;
     Ok(call)
 }
