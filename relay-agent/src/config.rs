@@ -81,9 +81,9 @@ pub const DEFAULT_INSPECT_EXCHANGES: usize = 100;
 /// event whole.
 pub const DEFAULT_INSPECT_BODY_BYTES: usize = 64 * 1024;
 
-/// Bytes one recording may hold before it is ended. A call's media is about 50 frames of ~1 KiB
-/// each way per second, 360 MiB an hour as JSON lines; 512 MiB records any ordinary call whole
-/// and bounds a forgotten one.
+/// Bytes one recording may hold before it is ended. A call's media is 50 frames of ~1 KiB each
+/// way per second, about 390 MiB an hour as JSON lines (measured: 323 KiB for 3 s); 512 MiB
+/// records any ordinary call whole and bounds a forgotten one.
 pub const DEFAULT_RECORD_MAX_BYTES: u64 = 512 * 1024 * 1024;
 
 /// How long one recording may run, waiting for its call included. Two hours bounds a
@@ -94,6 +94,19 @@ pub const DEFAULT_RECORD_MAX_DURATION: Duration = Duration::from_secs(2 * 60 * 6
 /// (ACS posts `CallDisconnected` within a second or two) before it ends; a `CallDisconnected`
 /// ends it at once.
 pub const DEFAULT_RECORD_LINGER: Duration = Duration::from_secs(5);
+
+/// Calls a recording directory keeps: the newest hundred (the oldest file goes first), a few
+/// days of a small bot's calls, so the one that went wrong is still there when someone looks.
+pub const DEFAULT_RECORD_DIR_MAX_CALLS: usize = 100;
+
+/// Bytes a recording directory may hold: a minute of call is about 6.5 MiB as JSON lines, so
+/// 2 GiB is about five hours of calls, and bounds the disk whatever the calls' length.
+pub const DEFAULT_RECORD_DIR_MAX_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+
+/// A started recording whose call has no media open and sends nothing for this long ends: a
+/// call whose media never came (the bot did not answer it) or a stray late callback. Two minutes
+/// is longer than any ringing or answer an ACS call waits through.
+pub const DEFAULT_RECORD_IDLE: Duration = Duration::from_secs(120);
 
 /// Recordings that may run at once: each holds a channel of frames and a reader; four lets a
 /// team record a few calls side by side and bounds what a loop of `record` calls can take.
@@ -227,6 +240,19 @@ pub struct AgentConfig {
     /// Recordings that may run at once (default 4).
     #[arg(long, env = "RELAY_AGENT_MAX_RECORDINGS")]
     pub max_recordings: Option<usize>,
+    /// Record every call into this directory, one JSON-lines file per call (needs `inspect`).
+    #[arg(long, env = "RELAY_AGENT_RECORD_DIR")]
+    pub record_dir: Option<PathBuf>,
+    /// Calls the recording directory keeps; the oldest file goes first (default 100).
+    #[arg(long, env = "RELAY_AGENT_RECORD_DIR_MAX_CALLS")]
+    pub record_dir_max_calls: Option<usize>,
+    /// Bytes the recording directory may hold (default 2 GiB).
+    #[arg(long, env = "RELAY_AGENT_RECORD_DIR_MAX_BYTES")]
+    pub record_dir_max_bytes: Option<u64>,
+    /// A started recording whose call has no media open and sends nothing this long ends (e.g. `2m`).
+    #[arg(long, env = "RELAY_AGENT_RECORD_IDLE", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub record_idle: Option<Duration>,
 }
 
 /// What the agent keeps of the exchanges it relays, when asked to (`inspect = true`).
@@ -248,6 +274,14 @@ pub struct InspectSettings {
     pub record_linger: Duration,
     /// See [`DEFAULT_MAX_RECORDINGS`].
     pub max_recordings: usize,
+    /// Where every call is recorded, when set.
+    pub record_dir: Option<PathBuf>,
+    /// See [`DEFAULT_RECORD_DIR_MAX_CALLS`].
+    pub record_dir_max_calls: usize,
+    /// See [`DEFAULT_RECORD_DIR_MAX_BYTES`].
+    pub record_dir_max_bytes: u64,
+    /// See [`DEFAULT_RECORD_IDLE`].
+    pub record_idle: Duration,
 }
 
 /// Where the agent's key and certificate come from.
@@ -428,10 +462,17 @@ impl AgentConfig {
             ("inspect_exchanges", settings.inspect.exchanges),
             ("inspect_body_bytes", settings.inspect.body_bytes),
             ("max_recordings", settings.inspect.max_recordings),
+            ("record_dir_max_calls", settings.inspect.record_dir_max_calls),
         ] {
             if value == 0 {
                 return Err(ConfigError::Invalid { key, message: "must be at least 1".into() });
             }
+        }
+        if settings.inspect.record_dir.is_some() && !settings.inspect.enabled {
+            return Err(ConfigError::Invalid {
+                key: "record_dir",
+                message: "recording every call needs inspect = true (recordings hold callbacks and audio)".into(),
+            });
         }
         for name in &settings.inspect.redact_headers {
             if http::HeaderName::from_bytes(name.trim().as_bytes()).is_err() {
@@ -484,6 +525,10 @@ impl AgentConfig {
                 record_max_duration: self.record_max_duration.unwrap_or(DEFAULT_RECORD_MAX_DURATION),
                 record_linger: self.record_linger.unwrap_or(DEFAULT_RECORD_LINGER),
                 max_recordings: self.max_recordings.unwrap_or(DEFAULT_MAX_RECORDINGS),
+                record_dir: self.record_dir.clone(),
+                record_dir_max_calls: self.record_dir_max_calls.unwrap_or(DEFAULT_RECORD_DIR_MAX_CALLS),
+                record_dir_max_bytes: self.record_dir_max_bytes.unwrap_or(DEFAULT_RECORD_DIR_MAX_BYTES),
+                record_idle: self.record_idle.unwrap_or(DEFAULT_RECORD_IDLE),
             },
         }
     }
@@ -535,7 +580,12 @@ mod tests {
         let settings = AgentConfig::parse(&text, Path::new("f")).unwrap().resolve().unwrap();
         assert!(settings.inspect.enabled);
         assert_eq!((settings.inspect.exchanges, settings.inspect.redact_headers.len()), (5, 1));
-        for bad in ["inspect_body_bytes = 0", "redact_headers = [\"bad header\"]", "max_recordings = 0"] {
+        for bad in [
+            "inspect_body_bytes = 0",
+            "redact_headers = [\"bad header\"]",
+            "max_recordings = 0",
+            "record_dir = \"/tmp/calls\"",
+        ] {
             let err = AgentConfig::parse(&format!("{base}{bad}\n"), Path::new("f"))
                 .and_then(AgentConfig::resolve)
                 .unwrap_err()

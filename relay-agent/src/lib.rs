@@ -38,6 +38,14 @@ pub enum StartError {
     /// The state directory holds no usable pairing.
     #[error(transparent)]
     State(#[from] AgentStateError),
+    /// The call recording directory could not be made.
+    #[error("cannot use {} for call recordings: {source}", path.display())]
+    RecordDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The admin listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -80,6 +88,9 @@ impl Agent {
         let (connected_tx, connected) = watch::channel(0);
         let (drain_acks_tx, drain_acks) = watch::channel(0);
         let metrics = Arc::new(metrics::AgentMetrics::default());
+        if let Some(dir) = &settings.inspect.record_dir {
+            record::make_dir(dir).map_err(|source| StartError::RecordDir { path: dir.clone(), source })?;
+        }
         let observer = Arc::new(observe::Observer::new(
             &settings.inspect,
             &name,

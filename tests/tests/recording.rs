@@ -162,3 +162,62 @@ async fn a_recording_asked_for_with_inspection_off_or_a_bad_call_id_is_refused_i
     agent.shutdown().await;
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_recording_directory_every_call_is_recorded_and_the_oldest_go_first() {
+    let stack = Stack::start_without_agent(|_| {}).await.unwrap();
+    let state = stack.pair_agent("agent-1").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let calls_dir = dir.path().join("calls");
+    let mut settings = stack.agent_settings(&state).unwrap();
+    settings.inspect.enabled = true;
+    settings.inspect.record_dir = Some(calls_dir.clone());
+    settings.inspect.record_dir_max_calls = 2;
+    let agent = Agent::start(settings).await.unwrap();
+    stack.wait_connected(1).await.unwrap();
+
+    let calls = [
+        "0a1b2c3d-0000-4000-8000-000000000001",
+        "0a1b2c3d-0000-4000-8000-000000000002",
+        "0a1b2c3d-0000-4000-8000-000000000003",
+    ];
+    for call in calls {
+        let done = acs::simulated_call(stack.public(), call, 5).await.unwrap();
+        assert!(done.media.intact(), "{:?}", done.media);
+        // Each call's recording ends with its CallDisconnected before the next starts.
+        let ended = || async { agent.metrics_text().contains("relay_agent_recordings 0") };
+        assert!(eventually(DEADLINE, ended).await, "{call}'s recording did not end");
+    }
+    let files = || {
+        let mut files: Vec<std::path::PathBuf> =
+            std::fs::read_dir(&calls_dir).unwrap().flatten().map(|e| e.path()).collect();
+        files.sort();
+        files
+    };
+    // The files are written by their own tasks: wait until each has its last line.
+    let written = || async { files().iter().all(|f| Recording::from_path(f).is_ok_and(|r| r.end().is_some())) };
+    assert!(eventually(DEADLINE, written).await, "{:?}", files());
+    let files = files();
+    assert_eq!(files.len(), 2, "the directory keeps the newest two: {files:?}");
+    for (file, call) in files.iter().zip(&calls[1..]) {
+        assert!(file.to_string_lossy().ends_with(&format!("-{call}.jsonl")), "{file:?}");
+        let recording = Recording::from_path(file).unwrap();
+        assert_eq!(recording.meta.call, *call);
+        assert_eq!(recording.webhooks().count(), 3);
+        let data = recording.frames(1, Side::Bot).filter(|f| matches!(f.data, FrameData::Text(_))).count();
+        assert_eq!(data, 5);
+        assert_eq!(recording.end().map(|e| e.reason.as_str()), Some("call disconnected"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(file).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&calls_dir).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+    agent.shutdown().await;
+    stack.shutdown().await;
+}
