@@ -211,6 +211,10 @@ pub struct AgentConfig {
     #[arg(long, env = "RELAY_AGENT_QUIC_PROBE_INTERVAL", value_parser = duration_arg)]
     #[serde(default, with = "relay_runtime::config::duration")]
     pub quic_probe_interval: Option<Duration>,
+    /// A gap between two media frames longer than this is a glitch (e.g. `60ms`).
+    #[arg(long, env = "RELAY_AGENT_MEDIA_GLITCH_GAP", value_parser = duration_arg)]
+    #[serde(default, with = "relay_runtime::config::duration")]
+    pub media_glitch_gap: Option<Duration>,
     /// Keep the last webhook exchanges for `relay-agent inspect` and `replay`, and allow
     /// `relay-agent record`, through the admin listener. Off by default: callbacks carry phone
     /// numbers and media carries the caller's voice.
@@ -346,6 +350,8 @@ pub struct AgentSettings {
     pub quic_fallback_after: Duration,
     /// See [`DEFAULT_QUIC_PROBE_INTERVAL`].
     pub quic_probe_interval: Duration,
+    /// See [`relay_tunnel::quality::DEFAULT_GLITCH_GAP`].
+    pub media_glitch_gap: Duration,
     /// Inspection and recording.
     pub inspect: InspectSettings,
 }
@@ -516,6 +522,7 @@ impl AgentConfig {
             transport: TransportChoice::default(),
             quic_fallback_after: self.quic_fallback_after.unwrap_or(DEFAULT_QUIC_FALLBACK_AFTER),
             quic_probe_interval: self.quic_probe_interval.unwrap_or(DEFAULT_QUIC_PROBE_INTERVAL),
+            media_glitch_gap: self.media_glitch_gap.unwrap_or(relay_tunnel::quality::DEFAULT_GLITCH_GAP),
             inspect: InspectSettings {
                 enabled: self.inspect.unwrap_or(false),
                 exchanges: self.inspect_exchanges.unwrap_or(DEFAULT_INSPECT_EXCHANGES),

@@ -15,7 +15,7 @@ use relay_proto::{ExchangeHead, ExchangeKind, Failure, FailureKind, HttpReply, R
 use relay_transport::BiStream;
 use relay_tunnel::body::{RelayBody, body_from_stream, copy_body_to_stream};
 use relay_tunnel::exchange;
-use relay_tunnel::quality::{DEFAULT_GLITCH_GAP, SessionQuality};
+use relay_tunnel::quality::SessionQuality;
 use relay_tunnel::websocket::{FrameTap, SessionLimits, pump_tapped};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tracing::{debug, info, warn};
@@ -286,7 +286,7 @@ impl Forwarder {
             watch.upgraded(Answer { status: Some(101), headers, answered_at: Some(Instant::now()), failure: None })
         });
         self.metrics.websocket_sessions.inc();
-        let quality = std::sync::Arc::new(SessionQuality::new(DEFAULT_GLITCH_GAP));
+        let quality = std::sync::Arc::new(SessionQuality::new(self.settings.media_glitch_gap));
         let frames = tap.clone().map(|tap| tap as std::sync::Arc<dyn FrameTap>);
         let report = pump_tapped(ws, stream, self.session_limits(), quality, frames).await;
         if let Some(tap) = tap {
@@ -294,11 +294,22 @@ impl Forwarder {
         }
         self.metrics.websocket_sessions.dec();
         self.metrics.exchange("websocket", "101", started.elapsed().as_secs_f64());
+        self.metrics.media(&report.quality);
+        // The bot's side of the call's media, next to the bot: `from_bot` gaps are the bot's own;
+        // the edge's session line has the same figures as the caller gets them.
+        let (to_bot, from_bot) = (&report.quality.to_socket, &report.quality.from_socket);
         info!(
             request_id,
             path = %path_of(&head),
             messages_to_bot = report.to_socket,
             messages_from_bot = report.to_tunnel,
+            frames_to_bot = to_bot.frames,
+            frames_from_bot = from_bot.frames,
+            glitches_to_bot = to_bot.glitches,
+            glitches_from_bot = from_bot.glitches,
+            longest_gap_to_bot_ms = to_bot.longest_gap_ms.round() as u64,
+            longest_gap_from_bot_ms = from_bot.longest_gap_ms.round() as u64,
+            jitter_from_bot_ms = format_args!("{:.1}", from_bot.jitter_ms),
             bot_end = ?report.socket_side,
             edge_end = ?report.tunnel_side,
             duration_ms = started.elapsed().as_millis() as u64,

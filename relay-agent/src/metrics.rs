@@ -24,6 +24,14 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// Labels with a media direction only: `to_bot` (the caller's audio, as it reaches the bot) or
+/// `from_bot` (the bot's, as the bot sends it).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// Which way.
+    pub direction: &'static str,
+}
+
 /// Labels with a tunnel transport only.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransportLabels {
@@ -70,6 +78,12 @@ pub struct AgentMetrics {
     pub recordings: Gauge,
     /// Recording lines (media frames, mostly) left out because a reader fell behind.
     pub recording_lines_dropped: Counter,
+    /// Media frames between the agent and the bot, counted when their call ends.
+    pub media_frames: Family<DirectionLabels, Counter>,
+    /// Gaps between media frames longer than `media_glitch_gap`, as the agent sees them next to
+    /// the bot: `from_bot` ones are the bot's own; the edge's `out` glitches beyond them come
+    /// from the path between.
+    pub media_glitches: Family<DirectionLabels, Counter>,
 }
 
 impl Default for AgentMetrics {
@@ -130,8 +144,22 @@ impl Default for AgentMetrics {
             "Recording lines left out because the recording's reader fell behind",
             recording_lines_dropped.clone(),
         );
+        let media_frames = Family::<DirectionLabels, Counter>::default();
+        let media_glitches = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "relay_agent_media_frames",
+            "Media frames between the agent and the bot by finished calls, by direction (to_bot, from_bot)",
+            media_frames.clone(),
+        );
+        registry.register(
+            "relay_agent_media_glitches",
+            "Gaps between media frames longer than media_glitch_gap next to the bot, by direction",
+            media_glitches.clone(),
+        );
         Self {
             registry,
+            media_frames,
+            media_glitches,
             recordings,
             recording_lines_dropped,
             exchanges,
@@ -151,6 +179,15 @@ impl AgentMetrics {
     pub fn exchange(&self, kind: &'static str, outcome: impl Into<String>, seconds: f64) {
         self.exchanges.get_or_create(&ExchangeLabels { kind, outcome: outcome.into() }).inc();
         self.exchange_duration.get_or_create(&KindLabels { kind }).observe(seconds);
+    }
+
+    /// Counts a finished media session's frames and glitches each way.
+    pub fn media(&self, quality: &relay_tunnel::quality::Quality) {
+        for (direction, flow) in [("to_bot", &quality.to_socket), ("from_bot", &quality.from_socket)] {
+            let labels = DirectionLabels { direction };
+            self.media_frames.get_or_create(&labels).inc_by(flow.frames);
+            self.media_glitches.get_or_create(&labels).inc_by(flow.glitches);
+        }
     }
 
     /// The Prometheus text exposition.

@@ -264,6 +264,18 @@ over_both_transports! {
         assert_eq!(metric("relay_edge_media_frames_total{direction=\"out\"}").await, 10.0);
         let longest = metric("relay_edge_media_longest_gap_seconds_sum{direction=\"in\"}").await;
         assert!((0.65..3.0).contains(&longest), "the longest gap is the pause: {longest}");
+        // The agent sees the same call next to the bot: the pause reached the bot as one gap, and
+        // the echo bot's answers carry it back.
+        let agent_admin = stack.agents()[0].admin_addr().unwrap();
+        for direction in ["to_bot", "from_bot"] {
+            let frames = format!("relay_agent_media_frames_total{{direction=\"{direction}\"}}");
+            let glitches = format!("relay_agent_media_glitches_total{{direction=\"{direction}\"}}");
+            let at_agent = |name: String| async move { relay_testkit::procs::metric(agent_admin, &name).await };
+            // The agent counts when its own pump ends, which may be just after the edge's.
+            let counted = eventually(Duration::from_secs(5), || async { at_agent(frames.clone()).await == Some(10.0) });
+            assert!(counted.await, "{direction}");
+            assert!(at_agent(glitches).await.is_some_and(|g| g >= 1.0), "{direction}: the pause is a glitch");
+        }
 
         // A caller that vanishes without a close is counted as lost.
         let mut dropped = MediaCall::connect(stack.public(), "/ws", "quality-2").await.unwrap();

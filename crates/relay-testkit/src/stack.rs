@@ -116,6 +116,11 @@ impl Stack {
         Ok(())
     }
 
+    /// The agents this stack started, in order.
+    pub fn agents(&self) -> &[Agent] {
+        &self.agents
+    }
+
     /// Stops every agent this stack started.
     pub async fn stop_agents(&mut self) {
         for agent in self.agents.drain(..) {
