@@ -141,11 +141,7 @@ pub async fn record(admin: SocketAddr, call: Option<&str>, out: &Path) -> anyhow
         Some(call) => format!("{RECORD_PATH}?call={call}"),
         None => RECORD_PATH.to_owned(),
     };
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let file = options.open(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let file = relay_record::format::create_file(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut file = std::io::BufWriter::new(file);
     let mut body = match relay_runtime::admin::stream(relay_runtime::admin::local(admin), &path).await {
         Ok(body) => body,

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::InspectSettings;
 use crate::inspect::{EXCHANGES_PATH, Inspector};
 use crate::metrics::AgentMetrics;
-use crate::record::{MediaTap, RECORD_PATH, Recorders, events};
+use crate::record::{MediaTap, RECORD_PATH, Recorders, events, unix_ms_now};
 
 /// The header ACS's media upgrade carries its call's correlation id in.
 const CORRELATION_HEADER: &str = "x-ms-call-correlation-id";
@@ -80,9 +80,7 @@ impl Observer {
     /// Starts watching an exchange, when inspection is on.
     pub fn begin(&self, head: &ExchangeHead) -> Option<ExchangeWatch<'_>> {
         let on = self.on.as_ref()?;
-        let unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let unix_ms = unix_ms_now();
         let headers = on.redactor.headers(head.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())));
         let call = head
             .affinity_key
@@ -150,7 +148,8 @@ impl ExchangeWatch<'_> {
         self.fill(answer);
         self.hook.body = self.request.body();
         self.hook.response_body = self.response.body();
-        let found = events(&self.request.bytes());
+        // ACS events are JSON, so UTF-8: a body kept as base64 holds none.
+        let found = self.hook.body.text.as_deref().map(|text| events(text.as_bytes())).unwrap_or_default();
         if self.hook.call.is_none() {
             self.hook.call = found.iter().find_map(|(_, call)| call.clone());
         }

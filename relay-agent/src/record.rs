@@ -74,6 +74,13 @@ pub(crate) fn events(body: &[u8]) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
+/// Milliseconds since the Unix epoch now, as recordings and the inspection list show times.
+pub(crate) fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Which call a recording is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Want {
@@ -193,7 +200,7 @@ impl Recorders {
     }
 
     /// Whether any recording runs (the only check the data path makes when none does).
-    pub fn any(&self) -> bool {
+    fn any(&self) -> bool {
         self.count.load(Ordering::Relaxed) > 0
     }
 
@@ -205,14 +212,11 @@ impl Recorders {
     }
 
     fn meta(&self, call: &str) -> Entry {
-        let started_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         Entry::Recording(Meta {
             version: FORMAT_VERSION,
             call: call.to_owned(),
             agent: self.agent.clone(),
-            started_unix_ms,
+            started_unix_ms: unix_ms_now(),
             redacted_headers: self.redacted.clone(),
         })
     }
@@ -433,11 +437,7 @@ async fn write_file(dir: PathBuf, path: PathBuf, bounds: (usize, u64), mut lines
     use tokio::io::AsyncWriteExt;
     let made = tokio::task::spawn_blocking(move || {
         prune(&dir, bounds.0.saturating_sub(1), bounds.1);
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        options.open(&path).map(|file| (file, path))
+        relay_record::format::create_file(&path).map(|file| (file, path))
     })
     .await;
     let (file, path) = match made {

@@ -28,11 +28,8 @@ async fn stack_with_agent(tweak: impl FnOnce(&mut relay_agent::config::InspectSe
 
 /// Runs the agent's command line (the binary the tests build from the shipped entry point).
 async fn agent_cli(args: Vec<String>) -> std::process::Output {
-    tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_e2e-agent")).args(&args).output().unwrap()
-    })
-    .await
-    .unwrap()
+    let agent = std::path::Path::new(env!("CARGO_BIN_EXE_e2e-agent"));
+    relay_testkit::procs::run_to_end(agent, &args).await.unwrap()
 }
 
 async fn list(admin: SocketAddr) -> Vec<ExchangeSummary> {

@@ -126,11 +126,8 @@ async fn a_recording_asked_for_with_inspection_off_or_a_bad_call_id_is_refused_i
     let admin = agent.admin_addr().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("call.jsonl");
-    let run = |args: Vec<String>| {
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_e2e-agent")).args(&args).output().unwrap()
-        })
-    };
+    let agent_cli = std::path::Path::new(env!("CARGO_BIN_EXE_e2e-agent"));
+    let run = async |args: Vec<String>| relay_testkit::procs::run_to_end(agent_cli, &args).await;
     let base = vec![
         "record".to_owned(),
         "--out".into(),

@@ -311,10 +311,9 @@ over_both_transports! {
         assert_eq!((open.caller.frames, open.bot.frames), (5, 5));
 
         // The command line prints the same list as a table (and as JSON with --json).
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_e2e-edge"))
-            .args(["calls", "--admin-listen", &admin.to_string()])
-            .output()
-            .unwrap();
+        let edge_cli = std::path::Path::new(env!("CARGO_BIN_EXE_e2e-edge"));
+        let args = ["calls".to_owned(), "--admin-listen".into(), admin.to_string()];
+        let out = relay_testkit::procs::run_to_end(edge_cli, &args).await.unwrap();
         assert!(out.status.success(), "{out:?}");
         let table = String::from_utf8_lossy(&out.stdout);
         let line = table.lines().find(|l| l.starts_with("live-call-1")).unwrap_or_else(|| panic!("{table}"));

@@ -46,11 +46,6 @@ impl Capture {
         }
     }
 
-    /// The kept bytes until now.
-    pub fn bytes(&self) -> Vec<u8> {
-        self.0.lock().map(|kept| kept.bytes.clone()).unwrap_or_default()
-    }
-
     /// Wraps `body` so that what it yields is recorded here.
     pub fn tap<B>(&self, body: B) -> Tap<B> {
         Tap { inner: body, capture: self.clone() }

@@ -275,6 +275,16 @@ pub struct End {
     pub dropped: u64,
 }
 
+/// Creates a new recording file at `path`: never over an existing one (an earlier recording is
+/// never lost), readable by its owner only (0600: it holds callbacks and the caller's audio).
+pub fn create_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
+}
+
 /// Standard base64 with padding.
 pub fn base64_encode(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)

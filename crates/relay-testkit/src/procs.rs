@@ -23,6 +23,15 @@ pub const PROC_DEADLINE: Duration = Duration::from_secs(20);
 /// benchmark's processes log a line per exchange for minutes. Past this, the oldest half goes.
 const LOG_LIMIT: usize = 4 * 1024 * 1024;
 
+/// Runs `program` with `args` to its end and returns what it printed and how it exited, on a
+/// blocking thread, so a test's runtime keeps serving the edge or agent the command talks to.
+pub async fn run_to_end(program: &Path, args: &[String]) -> std::io::Result<std::process::Output> {
+    let (program, args) = (program.to_owned(), args.to_vec());
+    tokio::task::spawn_blocking(move || std::process::Command::new(program).args(args).output())
+        .await
+        .map_err(std::io::Error::other)?
+}
+
 /// A running child process with its output captured.
 #[derive(Debug)]
 pub struct Proc {
