@@ -86,6 +86,23 @@ impl Observer {
             .affinity_key
             .clone()
             .or_else(|| headers.iter().find(|(n, _)| n == CORRELATION_HEADER).map(|(_, v)| v.clone()));
+        let started = Instant::now();
+        on.recorders.began(call.as_deref(), started);
+        let request = Capture::new(on.body_bytes);
+        if on.recorders.waiting_for_next() {
+            let recorders = on.recorders.clone();
+            let length = head
+                .headers
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, value)| std::str::from_utf8(value).ok()?.trim().parse().ok());
+            request.on_end(length, move |body| {
+                // ACS events are JSON, so UTF-8: a body kept as base64 holds none.
+                if let Some(text) = &body.text {
+                    recorders.request_ended(text.as_bytes(), started);
+                }
+            });
+        }
         let hook = Webhook {
             unix_ms,
             call,
@@ -95,13 +112,7 @@ impl Observer {
             headers,
             ..Webhook::default()
         };
-        Some(ExchangeWatch {
-            on,
-            started: Instant::now(),
-            hook,
-            request: Capture::new(on.body_bytes),
-            response: Capture::new(on.body_bytes),
-        })
+        Some(ExchangeWatch { on, started, hook, request, response: Capture::new(on.body_bytes) })
     }
 }
 

@@ -5,10 +5,12 @@
 //! every call is recorded the same way into a file of its own, and the directory keeps the
 //! newest calls within its bounds. A recording ends when the call does (`CallDisconnected`, or
 //! its media ended and no callback came for the linger, or nothing came for the idle time), at
-//! its size or duration bound, when the agent stops, or when its reader goes away. Frames are
+//! its size or duration bound (or the recording directory's byte bound), when the agent stops, or when its reader goes away. Frames are
 //! handed over without waiting: a reader that falls behind loses frames, counted, rather than
 //! slow the call or grow the agent.
 
+use std::collections::{HashSet, VecDeque};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -42,6 +44,17 @@ const RECORD_FILE_BUFFER: usize = 64 * 1024;
 /// How often a recording file is flushed while its call runs, so it can be read (`tail -f`)
 /// with at most this much missing.
 const RECORD_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Bytes a recording file is written between two checks of the recording directory's byte bound
+/// (about 75 s of one call; less under a small bound, see `DirFile::check_every`): often enough
+/// that the directory overshoots by a few MiB per recorded call at most, rare enough that a
+/// hundred recorded calls list it about once a second.
+const DIR_CHECK_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Calls remembered whose directory recording a size bound stopped, so that their later
+/// exchanges do not start a new file (which would push older recordings out to make room for
+/// the rest of a call already cut): a thousand 36-byte ids, about a day of a busy bot's cut calls.
+const CUT_CALLS_REMEMBERED: usize = 1024;
 
 /// How long the last line of a recording may wait for room in the queue.
 const END_LINE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -104,8 +117,10 @@ struct Recording {
     bytes: AtomicU64,
     max_bytes: u64,
     dropped: AtomicU64,
-    /// Set when the size bound was reached.
+    /// Set when the recording must stop before its call ends (a size bound was reached).
     full: CancellationToken,
+    /// Why, when it is not the recording's own size bound.
+    stopped_for: OnceLock<String>,
     open_media: AtomicUsize,
     media_ended: AtomicBool,
     sessions: AtomicU64,
@@ -184,6 +199,10 @@ pub(crate) struct Recorders {
     redacted: Vec<String>,
     active: Mutex<Vec<Arc<Recording>>>,
     count: AtomicUsize,
+    /// The recording directory's files being written now, which its bounds never remove.
+    writing: Arc<Mutex<HashSet<OsString>>>,
+    /// Calls whose directory recording a size bound stopped, newest last.
+    cut: Mutex<VecDeque<String>>,
     shutdown: CancellationToken,
     metrics: Arc<AgentMetrics>,
 }
@@ -196,7 +215,18 @@ impl Recorders {
         metrics: Arc<AgentMetrics>,
         shutdown: CancellationToken,
     ) -> Self {
-        Self { settings, agent, redacted, active: Mutex::default(), count: AtomicUsize::new(0), shutdown, metrics }
+        let writing = Arc::default();
+        Self {
+            settings,
+            agent,
+            redacted,
+            active: Mutex::default(),
+            count: AtomicUsize::new(0),
+            writing,
+            cut: Mutex::default(),
+            shutdown,
+            metrics,
+        }
     }
 
     /// Whether any recording runs (the only check the data path makes when none does).
@@ -221,8 +251,50 @@ impl Recorders {
         })
     }
 
+    /// An exchange of `call` began at `started`: the recording directory starts recording the
+    /// call, and recordings of it count their offsets from here at the latest, so an exchange
+    /// that ends after a later one still comes first.
+    pub fn began(self: &Arc<Self>, call: Option<&str>, started: Instant) {
+        let Some(call) = call else { return };
+        self.record_to_dir(call);
+        for recording in self.active().into_iter().filter(|r| r.is_for(Some(call))) {
+            recording.t0.get_or_init(|| started);
+        }
+    }
+
+    /// Whether a recording waits for the next call (so request bodies are worth reading early).
+    pub fn waiting_for_next(&self) -> bool {
+        self.active().iter().any(|r| r.call().is_none())
+    }
+
+    /// A request's body has passed (before the bot answers it): a recording waiting for the
+    /// next call takes the call an `IncomingCall` starts now, so that a media session the bot
+    /// opens before it answers the webhook is recorded too.
+    pub fn request_ended(self: &Arc<Self>, body: &[u8], started: Instant) {
+        if !self.waiting_for_next() {
+            return;
+        }
+        let incoming = events(body).into_iter().find_map(|(kind, call)| (kind == INCOMING_CALL).then_some(call));
+        if let Some(Some(call)) = incoming {
+            self.record_to_dir(&call);
+            for recording in self.active() {
+                self.claim(&recording, &call, started);
+            }
+        }
+    }
+
+    /// Makes `recording`, if it waits for the next call, record `call` from `started` on.
+    fn claim(&self, recording: &Recording, call: &str, started: Instant) -> bool {
+        if !recording.claim(call) {
+            return false;
+        }
+        recording.t0.get_or_init(|| started);
+        recording.write(&self.meta(call), &self.metrics);
+        true
+    }
+
     /// A webhook of `hook.call` finished: recordings of that call get it; a recording of the
-    /// next call takes the call it starts (`IncomingCall`).
+    /// next call takes the call it starts (`IncomingCall`), if it did not when the body passed.
     pub fn webhook(self: &Arc<Self>, hook: &Webhook, started: Instant, events: &[(String, Option<String>)]) {
         let incoming = events.iter().find_map(|(kind, call)| (kind == INCOMING_CALL).then_some(call.clone())).flatten();
         let disconnected = events.iter().any(|(kind, _)| kind == CALL_DISCONNECTED);
@@ -230,18 +302,8 @@ impl Recorders {
         if let Some(call) = call {
             self.record_to_dir(call);
         }
-        let active = self.active();
-        if active.is_empty() {
-            return;
-        }
-        for recording in active {
-            let claimed = match &incoming {
-                Some(call) if recording.claim(call) => {
-                    recording.write(&self.meta(call), &self.metrics);
-                    true
-                }
-                _ => false,
-            };
+        for recording in self.active() {
+            let claimed = incoming.as_deref().is_some_and(|call| self.claim(&recording, call, started));
             if !claimed && !recording.is_for(call) {
                 continue;
             }
@@ -300,11 +362,21 @@ impl Recorders {
         if open >= self.settings.record_dir_max_calls || active.iter().any(|r| r.to_dir && r.is_for(Some(call))) {
             return;
         }
+        if self.cut.lock().is_ok_and(|cut| cut.iter().any(|c| c == call)) {
+            return;
+        }
         let lines = self.begin(&mut active, Want::Call(call.to_owned()), true);
+        let recording = active.last().cloned();
         drop(active);
-        let path = dir.join(file_name(std::time::SystemTime::now(), call));
-        let bounds = (self.settings.record_dir_max_calls, self.settings.record_dir_max_bytes);
-        tokio::spawn(write_file(dir.clone(), path, bounds, lines));
+        let Some(recording) = recording else { return };
+        let file = DirFile {
+            dir: dir.clone(),
+            name: file_name(std::time::SystemTime::now(), call).into(),
+            max_calls: self.settings.record_dir_max_calls,
+            max_bytes: self.settings.record_dir_max_bytes,
+            writing: self.writing.clone(),
+        };
+        tokio::spawn(file.write(recording, lines));
     }
 
     /// Registers a new recording in `active` (whose lock the caller holds) and starts watching it.
@@ -320,6 +392,7 @@ impl Recorders {
             max_bytes: self.settings.record_max_bytes,
             dropped: AtomicU64::new(0),
             full: CancellationToken::new(),
+            stopped_for: OnceLock::new(),
             open_media: AtomicUsize::new(0),
             media_ended: AtomicBool::new(false),
             sessions: AtomicU64::new(0),
@@ -367,7 +440,8 @@ impl Recorders {
             tokio::select! {
                 () = async { if let Some(lines) = &closed { lines.closed().await } } => break "reader went away".to_owned(),
                 () = self.shutdown.cancelled() => break "agent stopping".to_owned(),
-                () = recording.full.cancelled() => break format!("size bound of {} bytes reached", recording.max_bytes),
+                () = recording.full.cancelled() => break recording.stopped_for.get().cloned()
+                    .unwrap_or_else(|| format!("size bound of {} bytes reached", recording.max_bytes)),
                 () = recording.changed.notified() => {}
                 () = tokio::time::sleep_until(wake) => {
                     if tokio::time::Instant::now() >= deadline {
@@ -377,6 +451,15 @@ impl Recorders {
             }
         };
         drop(closed);
+        if recording.to_dir
+            && recording.full.is_cancelled()
+            && let (Some(call), Ok(mut cut)) = (recording.call(), self.cut.lock())
+        {
+            if cut.len() >= CUT_CALLS_REMEMBERED {
+                cut.pop_front();
+            }
+            cut.push_back(call);
+        }
         if let Ok(mut active) = self.active.lock() {
             active.retain(|r| !Arc::ptr_eq(r, &recording));
             self.count.store(active.len(), Ordering::Relaxed);
@@ -432,56 +515,117 @@ fn file_name(at: std::time::SystemTime, call: &str) -> String {
     format!("{stamp}-{call}.jsonl")
 }
 
-/// Writes one recording's lines to `path` (a new file, 0600), after making room in `dir`.
-async fn write_file(dir: PathBuf, path: PathBuf, bounds: (usize, u64), mut lines: mpsc::Receiver<Bytes>) {
-    use tokio::io::AsyncWriteExt;
-    let made = tokio::task::spawn_blocking(move || {
-        prune(&dir, bounds.0.saturating_sub(1), bounds.1);
-        relay_record::format::create_file(&path).map(|file| (file, path))
-    })
-    .await;
-    let (file, path) = match made {
-        Ok(Ok(made)) => made,
-        Ok(Err(e)) => {
-            tracing::warn!("cannot create a call recording: {e}");
-            return;
+/// One recording's file in the recording directory, and the directory's bounds.
+struct DirFile {
+    dir: PathBuf,
+    name: OsString,
+    max_calls: usize,
+    max_bytes: u64,
+    writing: Arc<Mutex<HashSet<OsString>>>,
+}
+
+impl DirFile {
+    /// Makes room for the file (the oldest finished recordings go), then writes `lines` to it
+    /// (a new file, 0600) as they come. Every [`DIR_CHECK_BYTES`] written, the directory's byte
+    /// bound is checked again; when the recordings being written fill it on their own, this one
+    /// is stopped (its last line says why) rather than let the directory grow past it.
+    async fn write(self, recording: Arc<Recording>, mut lines: mpsc::Receiver<Bytes>) {
+        use tokio::io::AsyncWriteExt;
+        if let Ok(mut writing) = self.writing.lock() {
+            writing.insert(self.name.clone());
         }
-        Err(e) => {
-            tracing::warn!("cannot create a call recording: {e}");
-            return;
-        }
-    };
-    let mut out = tokio::io::BufWriter::with_capacity(RECORD_FILE_BUFFER, tokio::fs::File::from_std(file));
-    let mut flush = tokio::time::interval(RECORD_FLUSH_INTERVAL);
-    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let written = tokio::select! {
-            line = lines.recv() => match line {
-                Some(line) => out.write_all(&line).await,
-                None => break,
-            },
-            _ = flush.tick() => out.flush().await,
+        let path = self.dir.join(&self.name);
+        let made = tokio::task::spawn_blocking({
+            let (dir, path, writing) = (self.dir.clone(), path.clone(), self.writing.clone());
+            let (max_calls, max_bytes) = (self.max_calls.saturating_sub(1), self.max_bytes);
+            move || {
+                prune(&dir, max_calls, max_bytes, &writing);
+                relay_record::format::create_file(&path)
+            }
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .flatten();
+        let file = match made {
+            Ok(file) => file,
+            Err(e) => {
+                tracing::warn!("cannot create a call recording: {e}");
+                self.done();
+                return;
+            }
         };
-        if let Err(e) = written {
-            tracing::warn!(path = %path.display(), "call recording stopped: {e}");
-            return;
+        let mut out = tokio::io::BufWriter::with_capacity(RECORD_FILE_BUFFER, tokio::fs::File::from_std(file));
+        let mut flush = tokio::time::interval(RECORD_FLUSH_INTERVAL);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut unchecked: u64 = 0;
+        loop {
+            let written = tokio::select! {
+                line = lines.recv() => match line {
+                    Some(line) => {
+                        unchecked = unchecked.saturating_add(line.len() as u64);
+                        out.write_all(&line).await
+                    }
+                    None => break,
+                },
+                _ = flush.tick() => out.flush().await,
+            };
+            if let Err(e) = written {
+                tracing::warn!(path = %path.display(), "call recording stopped: {e}");
+                self.done();
+                return;
+            }
+            if unchecked >= self.check_every() {
+                unchecked = 0;
+                // What the buffer holds counts too.
+                if out.flush().await.is_ok() && !self.room().await {
+                    let why =
+                        format!("the recording directory reached record_dir_max_bytes ({} bytes)", self.max_bytes);
+                    tracing::warn!(path = %path.display(), "{why}: this call's recording stops");
+                    let _ = recording.stopped_for.set(why);
+                    recording.full.cancel();
+                }
+            }
         }
+        if let Err(e) = out.flush().await {
+            tracing::warn!(path = %path.display(), "call recording not fully written: {e}");
+        }
+        self.done();
     }
-    if let Err(e) = out.flush().await {
-        tracing::warn!(path = %path.display(), "call recording not fully written: {e}");
+
+    /// Bytes written between two checks of the byte bound: [`DIR_CHECK_BYTES`], or a sixteenth
+    /// of a bound so small that it would overshoot it by more than that.
+    fn check_every(&self) -> u64 {
+        (self.max_bytes / 16).clamp(1, DIR_CHECK_BYTES)
+    }
+
+    /// Removes the oldest finished recordings until the directory fits its byte bound; false
+    /// when the recordings being written exceed it on their own.
+    async fn room(&self) -> bool {
+        let (dir, writing, max_calls, max_bytes) =
+            (self.dir.clone(), self.writing.clone(), self.max_calls, self.max_bytes);
+        tokio::task::spawn_blocking(move || prune(&dir, max_calls, max_bytes, &writing) <= max_bytes)
+            .await
+            .unwrap_or(true)
+    }
+
+    fn done(&self) {
+        if let Ok(mut writing) = self.writing.lock() {
+            writing.remove(&self.name);
+        }
     }
 }
 
 /// Removes the oldest recordings in `dir` until at most `max_calls` remain and they hold at most
-/// `max_bytes`. Only files named like recordings (`*.jsonl`) are touched.
-fn prune(dir: &Path, max_calls: usize, max_bytes: u64) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    let mut files: Vec<(String, u64)> = entries
+/// `max_bytes`, and returns how many bytes the recordings left hold. Only files named like
+/// recordings (`*.jsonl`) are touched, and never one in `writing` (it counts, but stays).
+fn prune(dir: &Path, max_calls: usize, max_bytes: u64, writing: &Mutex<HashSet<OsString>>) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut files: Vec<(OsString, u64)> = entries
         .flatten()
         .filter_map(|entry| {
-            let name = entry.file_name().into_string().ok()?;
+            let name = entry.file_name();
             let meta = entry.metadata().ok()?;
-            (meta.is_file() && name.ends_with(".jsonl")).then_some((name, meta.len()))
+            (meta.is_file() && name.to_str()?.ends_with(".jsonl")).then_some((name, meta.len()))
         })
         .collect();
     files.sort();
@@ -491,11 +635,15 @@ fn prune(dir: &Path, max_calls: usize, max_bytes: u64) {
         if count <= max_calls && total <= max_bytes {
             break;
         }
+        if writing.lock().is_ok_and(|w| w.contains(&name)) {
+            continue;
+        }
         if std::fs::remove_file(dir.join(&name)).is_ok() {
             count -= 1;
             total = total.saturating_sub(len);
         }
     }
+    total
 }
 
 /// The call id in a `/record` query (`call=ID`), checked: ids are GUID-like.
@@ -582,6 +730,20 @@ mod tests {
     }
 
     #[test]
+    fn recordings_being_written_count_toward_the_bound_but_are_never_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (open, done, newer) =
+            ("20260101T000000.000Z-a.jsonl", "20260102T000000.000Z-b.jsonl", "20260103T000000.000Z-c.jsonl");
+        for (name, len) in [(open, 30), (done, 10), (newer, 30)] {
+            std::fs::write(dir.path().join(name), vec![b'x'; len]).unwrap();
+        }
+        let writing = Mutex::new(HashSet::from([OsString::from(open), OsString::from(newer)]));
+        assert_eq!(prune(dir.path(), 10, 50, &writing), 60, "only the finished one could go, and it was not enough");
+        assert!(dir.path().join(open).exists() && dir.path().join(newer).exists());
+        assert!(!dir.path().join(done).exists());
+    }
+
+    #[test]
     fn recording_files_sort_by_time_and_the_oldest_go_first() {
         let at = std::time::UNIX_EPOCH + Duration::from_millis(1_796_544_000_123);
         assert_eq!(file_name(at, "c-1"), "20261206T080000.123Z-c-1.jsonl");
@@ -600,9 +762,10 @@ mod tests {
             names.sort();
             names
         };
-        prune(dir.path(), 2, u64::MAX);
+        let none = Mutex::default();
+        assert_eq!(prune(dir.path(), 2, u64::MAX, &none), 40);
         assert_eq!(left(dir.path()), ["20260102T000000.000Z-b.jsonl", "20260103T000000.000Z-c.jsonl", "notes.txt"]);
-        prune(dir.path(), 10, 35);
+        assert_eq!(prune(dir.path(), 10, 35, &none), 30);
         assert_eq!(left(dir.path()), ["20260103T000000.000Z-c.jsonl", "notes.txt"]);
     }
 

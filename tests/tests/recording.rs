@@ -119,6 +119,63 @@ async fn a_recorded_call_replays_against_the_bot_with_the_same_answers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_of_the_next_call_keeps_media_that_opened_before_the_bot_answered_its_incoming_call() {
+    let stack = Stack::start_without_agent(|_| {}).await.unwrap();
+    let state = stack.pair_agent("agent-1").await.unwrap();
+    let mut settings = stack.agent_settings(&state).unwrap();
+    settings.inspect.enabled = true;
+    let agent = Agent::start(settings).await.unwrap();
+    stack.wait_connected(1).await.unwrap();
+    let admin = agent.admin_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("call.jsonl");
+    let args = ["record", "--out", file.to_str().unwrap(), "--admin-listen", &admin].map(Into::into);
+    let mut recorder =
+        Proc::spawn("record", &[], std::path::Path::new(env!("CARGO_BIN_EXE_e2e-agent")), &args).unwrap();
+    assert!(recorder.wait_line("waiting for the next call", DEADLINE).await.is_some(), "{}", recorder.log());
+    assert!(eventually(DEADLINE, || async { agent.metrics_text().contains("relay_agent_recordings 1") }).await);
+
+    // A bot that answers its IncomingCall only after 1.5 s (it answers the call in the handler,
+    // and ACS connects the media meanwhile).
+    let public = stack.public();
+    let incoming = tokio::spawn(async move {
+        let request = post_json(public, "/api/incomingCall?delay_ms=1500", &acs::incoming_call_event(CALL));
+        send_collect(public, request).await.map(|answer| answer.status())
+    });
+    // The recording takes the call as soon as the IncomingCall's body has passed to the bot.
+    let claimed = || async { std::fs::read_to_string(&file).is_ok_and(|text| text.contains(CALL)) };
+    assert!(eventually(DEADLINE, claimed).await, "{}", recorder.log());
+    assert!(!incoming.is_finished(), "the recording took the call before the bot answered its IncomingCall");
+    let mut media = acs::MediaCall::connect(public, "/ws", CALL).await.unwrap();
+    let stats = media.stream_audio(10, DEADLINE).await.unwrap();
+    assert!(stats.intact(), "{stats:?}");
+    media.close(1000, "call ended").await.unwrap();
+    assert!(!incoming.is_finished(), "the media session ran while the IncomingCall was unanswered");
+    assert_eq!(incoming.await.unwrap().unwrap(), 200);
+    let hangup = acs::callback_event("CallDisconnected", "conn-8d1e5a70", CALL);
+    let callbacks = "/api/callbacks/conn-8d1e5a70";
+    assert_eq!(send_collect(public, post_json(public, callbacks, &hangup)).await.unwrap().status(), 200);
+    let status = recorder.wait_exit(DEADLINE).await;
+    assert!(status.is_some_and(|s| s.success()), "{}", recorder.log());
+
+    let recording = Recording::from_path(&file).unwrap();
+    assert_eq!(recording.meta.call, CALL);
+    let hooks: Vec<_> = recording.webhooks().collect();
+    assert_eq!(hooks.len(), 2);
+    let sessions: Vec<_> = recording.sessions().collect();
+    assert_eq!(sessions.len(), 1, "the media session is in the recording");
+    assert!(hooks[0].at_ms < sessions[0].at_ms, "the IncomingCall comes first, as it began first");
+    let data = recording.frames(1, Side::Caller).filter(|f| matches!(f.data, FrameData::Text(_))).count();
+    assert_eq!(data, 10);
+
+    // Played back, the media again runs while the IncomingCall waits for its answer.
+    let report = play(&recording, &PlayOptions::new(&stack.bot.url()).unwrap()).await;
+    assert!(report.matches(), "{}", report.render());
+    agent.shutdown().await;
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recording_asked_for_with_inspection_off_or_a_bad_call_id_is_refused_in_one_line() {
     let stack = Stack::start_without_agent(|_| {}).await.unwrap();
     let state = stack.pair_agent("agent-1").await.unwrap();
@@ -215,6 +272,41 @@ async fn with_a_recording_directory_every_call_is_recorded_and_the_oldest_go_fir
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&calls_dir).unwrap().permissions().mode() & 0o777, 0o700);
     }
+    agent.shutdown().await;
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_fills_the_recording_directory_stops_being_recorded_and_the_file_says_why() {
+    const MAX_BYTES: u64 = 32 * 1024;
+    let stack = Stack::start_without_agent(|_| {}).await.unwrap();
+    let state = stack.pair_agent("agent-1").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let calls_dir = dir.path().join("calls");
+    let mut settings = stack.agent_settings(&state).unwrap();
+    settings.inspect.enabled = true;
+    settings.inspect.record_dir = Some(calls_dir.clone());
+    settings.inspect.record_dir_max_bytes = MAX_BYTES;
+    let agent = Agent::start(settings).await.unwrap();
+    stack.wait_connected(1).await.unwrap();
+
+    // 50 frames each way are about 90 KiB of recording: the call is relayed whole, its
+    // recording stops near the bound.
+    let done = acs::simulated_call(stack.public(), CALL, 50).await.unwrap();
+    assert!(done.media.intact(), "{:?}", done.media);
+    let file = || std::fs::read_dir(&calls_dir).unwrap().flatten().map(|e| e.path()).next();
+    let ended = || async { file().is_some_and(|f| Recording::from_path(&f).is_ok_and(|r| r.end().is_some())) };
+    assert!(eventually(DEADLINE, ended).await, "{:?}", file());
+    let file = file().unwrap();
+    let recording = Recording::from_path(&file).unwrap();
+    let reason = recording.end().map(|e| e.reason.clone()).unwrap_or_default();
+    assert!(reason.contains("record_dir_max_bytes"), "{reason}");
+    let len = std::fs::metadata(&file).unwrap().len();
+    // It may pass the bound by what is written between two checks (a sixteenth) and a line.
+    assert!(len <= MAX_BYTES + MAX_BYTES / 16 + 4096, "{len} bytes");
+    assert!(recording.frames(1, Side::Caller).count() < 50, "it stopped before the call's end");
+    let files = std::fs::read_dir(&calls_dir).unwrap().count();
+    assert_eq!(files, 1, "the rest of the call (its CallDisconnected) starts no new file");
     agent.shutdown().await;
     stack.shutdown().await;
 }
