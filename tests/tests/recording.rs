@@ -2,6 +2,7 @@
 //! every frame each way with its timing) as JSON lines while it happens, and the player replays
 //! the file against a bot and reports where the bot's answers differ from the recorded ones.
 
+use std::path::Path;
 use std::time::Duration;
 
 use relay_agent::Agent;
@@ -28,25 +29,37 @@ async fn simulated_call(stack: &Stack) {
     assert!(call.media.intact(), "{:?}", call.media);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_recorded_call_replays_against_the_bot_with_the_same_answers() {
+/// An edge, and an agent with inspection on (and `tweak`'s settings) connected to it.
+async fn stack_with_inspecting_agent(tweak: impl FnOnce(&mut relay_agent::config::InspectSettings)) -> (Stack, Agent) {
     let stack = Stack::start_without_agent(|_| {}).await.unwrap();
     let state = stack.pair_agent("agent-1").await.unwrap();
     let mut settings = stack.agent_settings(&state).unwrap();
     settings.inspect.enabled = true;
+    tweak(&mut settings.inspect);
     let agent = Agent::start(settings).await.unwrap();
     stack.wait_connected(1).await.unwrap();
-    let admin = agent.admin_addr().unwrap().to_string();
+    (stack, agent)
+}
 
+/// `relay-agent record --out FILE` (the shipped command line) recording the next call, once
+/// the agent counts it running.
+async fn record_next_call(agent: &Agent, file: &Path) -> Proc {
+    let admin = agent.admin_addr().unwrap().to_string();
+    let args = ["record", "--out", file.to_str().unwrap(), "--admin-listen", &admin].map(Into::into);
+    let recorder = Proc::spawn("record", &[], Path::new(env!("CARGO_BIN_EXE_e2e-agent")), &args).unwrap();
+    assert!(recorder.wait_line("waiting for the next call", DEADLINE).await.is_some(), "{}", recorder.log());
+    let running = || async { agent.metrics_text().contains("relay_agent_recordings 1") };
+    assert!(eventually(DEADLINE, running).await, "the recording is running");
+    recorder
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_call_replays_against_the_bot_with_the_same_answers() {
+    let (stack, agent) = stack_with_inspecting_agent(|_| {}).await;
     // Record the next call that arrives, with the shipped command line.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("call.jsonl");
-    let args = ["record", "--out", file.to_str().unwrap(), "--admin-listen", &admin].map(Into::into);
-    let mut recorder =
-        Proc::spawn("record", &[], std::path::Path::new(env!("CARGO_BIN_EXE_e2e-agent")), &args).unwrap();
-    assert!(recorder.wait_line("waiting for the next call", DEADLINE).await.is_some(), "{}", recorder.log());
-    let metrics = || async { agent.metrics_text().contains("relay_agent_recordings 1") };
-    assert!(eventually(DEADLINE, metrics).await, "the recording is running");
+    let mut recorder = record_next_call(&agent, &file).await;
 
     simulated_call(&stack).await;
     let status = recorder.wait_exit(DEADLINE).await;
@@ -120,20 +133,10 @@ async fn a_recorded_call_replays_against_the_bot_with_the_same_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recording_of_the_next_call_keeps_media_that_opened_before_the_bot_answered_its_incoming_call() {
-    let stack = Stack::start_without_agent(|_| {}).await.unwrap();
-    let state = stack.pair_agent("agent-1").await.unwrap();
-    let mut settings = stack.agent_settings(&state).unwrap();
-    settings.inspect.enabled = true;
-    let agent = Agent::start(settings).await.unwrap();
-    stack.wait_connected(1).await.unwrap();
-    let admin = agent.admin_addr().unwrap().to_string();
+    let (stack, agent) = stack_with_inspecting_agent(|_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("call.jsonl");
-    let args = ["record", "--out", file.to_str().unwrap(), "--admin-listen", &admin].map(Into::into);
-    let mut recorder =
-        Proc::spawn("record", &[], std::path::Path::new(env!("CARGO_BIN_EXE_e2e-agent")), &args).unwrap();
-    assert!(recorder.wait_line("waiting for the next call", DEADLINE).await.is_some(), "{}", recorder.log());
-    assert!(eventually(DEADLINE, || async { agent.metrics_text().contains("relay_agent_recordings 1") }).await);
+    let mut recorder = record_next_call(&agent, &file).await;
 
     // A bot that answers its IncomingCall only after 1.5 s (it answers the call in the handler,
     // and ACS connects the media meanwhile).
@@ -183,7 +186,7 @@ async fn a_recording_asked_for_with_inspection_off_or_a_bad_call_id_is_refused_i
     let admin = agent.admin_addr().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("call.jsonl");
-    let agent_cli = std::path::Path::new(env!("CARGO_BIN_EXE_e2e-agent"));
+    let agent_cli = Path::new(env!("CARGO_BIN_EXE_e2e-agent"));
     let run = async |args: Vec<String>| relay_testkit::procs::run_to_end(agent_cli, &args).await;
     let base = vec![
         "record".to_owned(),
@@ -219,16 +222,13 @@ async fn a_recording_asked_for_with_inspection_off_or_a_bad_call_id_is_refused_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_recording_directory_every_call_is_recorded_and_the_oldest_go_first() {
-    let stack = Stack::start_without_agent(|_| {}).await.unwrap();
-    let state = stack.pair_agent("agent-1").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let calls_dir = dir.path().join("calls");
-    let mut settings = stack.agent_settings(&state).unwrap();
-    settings.inspect.enabled = true;
-    settings.inspect.record_dir = Some(calls_dir.clone());
-    settings.inspect.record_dir_max_calls = 2;
-    let agent = Agent::start(settings).await.unwrap();
-    stack.wait_connected(1).await.unwrap();
+    let (stack, agent) = stack_with_inspecting_agent(|inspect| {
+        inspect.record_dir = Some(calls_dir.clone());
+        inspect.record_dir_max_calls = 2;
+    })
+    .await;
 
     let calls = [
         "0a1b2c3d-0000-4000-8000-000000000001",
@@ -279,16 +279,13 @@ async fn with_a_recording_directory_every_call_is_recorded_and_the_oldest_go_fir
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_that_fills_the_recording_directory_stops_being_recorded_and_the_file_says_why() {
     const MAX_BYTES: u64 = 32 * 1024;
-    let stack = Stack::start_without_agent(|_| {}).await.unwrap();
-    let state = stack.pair_agent("agent-1").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let calls_dir = dir.path().join("calls");
-    let mut settings = stack.agent_settings(&state).unwrap();
-    settings.inspect.enabled = true;
-    settings.inspect.record_dir = Some(calls_dir.clone());
-    settings.inspect.record_dir_max_bytes = MAX_BYTES;
-    let agent = Agent::start(settings).await.unwrap();
-    stack.wait_connected(1).await.unwrap();
+    let (stack, agent) = stack_with_inspecting_agent(|inspect| {
+        inspect.record_dir = Some(calls_dir.clone());
+        inspect.record_dir_max_bytes = MAX_BYTES;
+    })
+    .await;
 
     // 50 frames each way are about 90 KiB of recording: the call is relayed whole, its
     // recording stops near the bound.
