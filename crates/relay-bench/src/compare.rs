@@ -108,9 +108,10 @@ async fn spawn(exe: &Path, args: &[String], wanted: &str) -> anyhow::Result<(Pro
         .map_or_else(|_| "info".to_owned(), |level| format!("{level},relay_edge=info,relay_agent=info"));
     let proc = Proc::spawn_logging(&name, &[], exe, &os_args, &filter)
         .with_context(|| format!("cannot start {}", exe.display()))?;
-    // A start-up error is logged and the process exits: stop waiting at the first error line.
+    // A start-up error is logged and the process exits: stop waiting at the first error line,
+    // or when it exits without one (a command-line error).
     let settled = |log: &str| log.contains(wanted) || log.contains("ERROR");
-    relay_testkit::eventually(START_DEADLINE, || async { settled(&proc.log()) }).await;
+    relay_testkit::eventually(START_DEADLINE, || async { settled(&proc.log()) || proc.output_ended() }).await;
     let log = proc.log();
     match log.lines().find(|l| l.contains(wanted)) {
         Some(line) => Ok((proc, line.to_owned())),

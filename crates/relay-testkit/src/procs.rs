@@ -7,6 +7,7 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +39,9 @@ pub struct Proc {
     name: String,
     child: Child,
     log: Arc<Mutex<String>>,
+    /// How many of the output pipes have closed (both: the process has exited, or at least will
+    /// never print again).
+    pipes_closed: Arc<AtomicUsize>,
 }
 
 impl Proc {
@@ -71,6 +75,7 @@ impl Proc {
             .kill_on_drop(true);
         let mut child = command.spawn()?;
         let log = Arc::new(Mutex::new(String::new()));
+        let pipes_closed = Arc::new(AtomicUsize::new(0));
         for pipe in [
             child.stdout.take().map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
             child.stderr.take().map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
@@ -78,7 +83,7 @@ impl Proc {
         .into_iter()
         .flatten()
         {
-            let log = log.clone();
+            let (log, closed) = (log.clone(), pipes_closed.clone());
             tokio::spawn(async move {
                 let mut lines = BufReader::new(pipe).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
@@ -94,9 +99,10 @@ impl Proc {
                         log.push('\n');
                     }
                 }
+                closed.fetch_add(1, Ordering::SeqCst);
             });
         }
-        Ok(Self { name: name.to_owned(), child, log })
+        Ok(Self { name: name.to_owned(), child, log, pipes_closed })
     }
 
     /// The process id.
@@ -122,11 +128,18 @@ impl Proc {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
-    /// The first line containing `needle`, waiting up to `deadline` for it.
+    /// Whether the process will print nothing more: both its output pipes have closed (it has
+    /// exited, as one does on a command-line or start-up error).
+    pub fn output_ended(&self) -> bool {
+        self.pipes_closed.load(Ordering::SeqCst) >= 2
+    }
+
+    /// The first line containing `needle`, waiting up to `deadline` for it, or until the process
+    /// can print no more.
     pub async fn wait_line(&self, needle: &str, deadline: Duration) -> Option<String> {
         let found = |log: &str| log.lines().find(|l| l.contains(needle)).map(str::to_owned);
-        let seen = eventually(deadline, || async { found(&self.log()).is_some() }).await;
-        if seen { found(&self.log()) } else { None }
+        eventually(deadline, || async { self.output_ended() || found(&self.log()).is_some() }).await;
+        found(&self.log())
     }
 
     /// Kills the process and waits for it.
@@ -297,4 +310,21 @@ pub async fn metric(admin: SocketAddr, name: &str) -> Option<f64> {
     let response = send_collect(admin, req).await.ok()?;
     let text = String::from_utf8_lossy(response.body()).into_owned();
     text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn waiting_for_a_line_from_a_process_that_exited_ends_when_its_output_does() {
+        let args = ["-c", "echo started; exit 2"].map(OsString::from);
+        let mut proc = Proc::spawn("sh", &[], Path::new("sh"), &args).unwrap();
+        assert_eq!(proc.wait_line("started", PROC_DEADLINE).await.as_deref(), Some("started"));
+        let waited = std::time::Instant::now();
+        assert_eq!(proc.wait_line("never printed", PROC_DEADLINE).await, None);
+        assert!(waited.elapsed() < PROC_DEADLINE / 2, "not the whole deadline: {:?}", waited.elapsed());
+        assert!(proc.output_ended());
+        assert_eq!(proc.wait_exit(PROC_DEADLINE).await.and_then(|s| s.code()), Some(2));
+    }
 }
