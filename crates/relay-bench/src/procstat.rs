@@ -26,15 +26,8 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
     // Fields 14 (utime) and 15 (stime) of the whole line are 12 and 13 after the name.
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib = |key: &str| -> Option<u64> {
-        status.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse().ok())
-    };
-    Some(ProcSample {
-        cpu_seconds: (utime + stime) / USER_HZ,
-        rss_kib: kib("VmRSS:").unwrap_or(0),
-        peak_rss_kib: kib("VmHWM:").unwrap_or(0),
-    })
+    let (rss_kib, peak_rss_kib) = relay_testkit::procs::resident_kib(pid).unwrap_or_default();
+    Some(ProcSample { cpu_seconds: (utime + stime) / USER_HZ, rss_kib, peak_rss_kib })
 }
 
 #[cfg(test)]
